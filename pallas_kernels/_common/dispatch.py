@@ -1,0 +1,65 @@
+"""Choosing an implementation for a kernel call, and failing fast when it cannot run.
+
+Every op accepts ``implementation`` in ``IMPLEMENTATIONS``. ``"auto"`` picks by the default
+JAX backend (tpu -> ``pallas_tpu``, gpu -> ``pallas_gpu``, anything else -> ``xla``). An
+explicitly requested Pallas implementation on the wrong backend raises
+``ImplementationUnavailableError`` instead of falling back; ``interpret=True`` is the one
+exception: it runs a Pallas implementation in Pallas interpret mode on any backend (tests).
+"""
+
+import jax
+from jax.experimental.pallas import tpu as pltpu
+
+IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+
+_BACKEND_OF = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+_AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
+
+
+class ImplementationUnavailableError(RuntimeError):
+    """An explicitly requested implementation cannot run on the current backend."""
+
+
+def resolve_implementation(implementation: str, interpret: bool) -> str:
+    """Returns the concrete implementation name to run.
+
+    Args:
+      implementation: one of ``IMPLEMENTATIONS``.
+      interpret: run a Pallas implementation in Pallas interpret mode.
+
+    Returns:
+      ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"``.
+
+    Raises:
+      ValueError: ``implementation`` is unknown, or ``interpret=True`` is combined with an
+        implementation that is not an explicit Pallas one.
+      ImplementationUnavailableError: a Pallas implementation was requested on a backend that
+        cannot run it and ``interpret`` is False.
+    """
+    if implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+    if interpret and implementation not in _BACKEND_OF:
+        raise ValueError(
+            "interpret=True applies only to implementation='pallas_tpu' or 'pallas_gpu', "
+            f"got implementation={implementation!r}"
+        )
+    backend = jax.default_backend()
+    if implementation == "auto":
+        return _AUTO.get(backend, "xla")
+    needed = _BACKEND_OF.get(implementation)
+    if needed is not None and backend != needed and not interpret:
+        raise ImplementationUnavailableError(
+            f"implementation={implementation!r} needs the {needed!r} backend but JAX's default "
+            f"backend is {backend!r}; use implementation='auto' or 'xla', or pass "
+            "interpret=True to run the kernel in Pallas interpret mode"
+        )
+    return implementation
+
+
+def tpu_interpret(interpret: bool) -> pltpu.InterpretParams | bool:
+    """The ``interpret`` value for a TPU ``pallas_call``: TPU interpret mode or off.
+
+    TPU interpret mode simulates VMEM, DMAs and semaphores, which the generic interpreter
+    does not model.
+    """
+    return pltpu.InterpretParams() if interpret else False

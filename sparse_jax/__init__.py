@@ -1,0 +1,18 @@
+"""sparse_jax: the Spark Transformer (sparse FFN and attention by statistical top-k) in JAX."""
+
+from sparse_jax.config import ModelConfig, override
+from sparse_jax.model import Transformer, abstract_params, count_params, forward, init_params
+from sparse_jax.topk import statistical_threshold, statistical_topk, statistical_topk_mask
+
+__all__ = [
+    "ModelConfig",
+    "Transformer",
+    "abstract_params",
+    "count_params",
+    "forward",
+    "init_params",
+    "override",
+    "statistical_threshold",
+    "statistical_topk",
+    "statistical_topk_mask",
+]

