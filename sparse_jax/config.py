@@ -10,7 +10,7 @@ strings and applies ``dataclasses.replace`` (and so re-validates).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 FFNKind = Literal["gated", "spark"]
 AttnKind = Literal["dense", "spark"]
@@ -102,6 +102,12 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     topk_method: str = "statistical"
+
+    PER_LAYER_FIELDS: ClassVar[tuple[str, ...]] = (
+        "layer_types",
+        "ffn_sparse_layers",
+        "attn_sparse_layers",
+    )
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads"):
@@ -292,4 +298,8 @@ def override(cfg: Any, assignments: list[str] | tuple[str, ...]) -> Any:
                 f"{type(cfg).__name__} has no field {field!r}; known fields: {sorted(known)}"
             )
         changes[field] = parse_value(text, getattr(cfg, field), field)
+    if "num_layers" in changes:
+        # Per-layer tuples sized for the old depth are re-derived unless given too.
+        for field in getattr(cfg, "PER_LAYER_FIELDS", ()):
+            changes.setdefault(field, None)
     return dataclasses.replace(cfg, **changes)

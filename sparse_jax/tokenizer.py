@@ -1,13 +1,14 @@
 """SentencePiece subword tokenizer: train on a corpus, save, load, encode and decode.
 
 The tokenizer is a byte-fallback BPE model with fixed special ids (pad=0, bos=1, eos=2,
-unk=3), identity normalization and whitespace kept as written, so every string round-trips
-through ``decode(encode(text))`` exactly, including unicode outside the training corpus (it
-falls back to byte pieces). Training is deterministic: the same texts and arguments give the
-same model bytes, because the BPE trainer has no random step, the sentence sample is drawn by a
-seeded NumPy generator here rather than by SentencePiece, and the thread count (which is
-recorded in the model file) is fixed. The model is held as its serialized bytes, so ``save``
-writes exactly what was trained or loaded.
+unk=3), identity normalization and whitespace kept as written, so ``decode(encode(text))``
+returns ``text`` exactly, unicode outside the training corpus included (it falls back to byte
+pieces). The one exception is SentencePiece's own space mark U+2581 ("▁"), which decodes as a
+space. Training is deterministic: the same texts and arguments give the same model bytes,
+because the BPE trainer gives the same pieces on every run (the tests check it), the sentence
+sample is drawn by a seeded NumPy generator here rather than by SentencePiece, and the thread
+count (which is recorded in the model file) is fixed. The model is held as its serialized
+bytes, so ``save`` writes exactly what was trained or loaded.
 """
 
 from __future__ import annotations
@@ -26,8 +27,8 @@ EOS_ID = 2
 UNK_ID = 3
 FILENAME = "tokenizer.model"
 
-# Lines longer than this many characters are cut at spaces before training: SentencePiece
-# silently drops training sentences over ``max_sentence_length`` bytes (4192 by default).
+# Lines longer than this many characters are cut at spaces before training: the SentencePiece
+# trainer skips sentences over ``max_sentence_length`` bytes instead of using them.
 _MAX_TRAIN_CHARS = 1024
 _MAX_SENTENCE_BYTES = 4 * _MAX_TRAIN_CHARS
 
@@ -236,22 +237,42 @@ class Tokenizer:
 
         Raises:
           TypeError: if ``text`` is not a ``str``.
+          ValueError: if ``text`` is not valid Unicode (holds a lone surrogate).
         """
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
-        return self._sp.encode(text, add_bos=add_bos, add_eos=add_eos)
+        return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos)[0]
 
-    def encode_batch(self, texts: Sequence[str], num_threads: int = 1) -> list[list[int]]:
-        """Encodes many strings at once (SentencePiece's C++ batch path), without bos/eos.
+    def encode_batch(
+        self,
+        texts: Sequence[str],
+        add_bos: bool = False,
+        add_eos: bool = False,
+        num_threads: int = 1,
+    ) -> list[list[int]]:
+        """Encodes many strings at once through SentencePiece's C++ batch path.
 
         Args:
           texts: the strings to encode.
+          add_bos: prepend ``bos_id`` to each.
+          add_eos: append ``eos_id`` to each.
           num_threads: encoder threads.
 
         Returns:
           One id list per text.
+
+        Raises:
+          TypeError: if a text is not a ``str``.
+          ValueError: if a text is not valid Unicode (holds a lone surrogate).
         """
-        return self._sp.encode(list(texts), num_threads=num_threads)
+        texts = list(texts)
+        for text in texts:
+            if not isinstance(text, str):
+                raise TypeError(f"encode_batch expects str texts, got {type(text).__name__}")
+        try:
+            return self._sp.encode(texts, add_bos=add_bos, add_eos=add_eos, num_threads=num_threads)
+        except (RuntimeError, TypeError) as e:  # what pybind11 raises for lone surrogates
+            raise ValueError(f"cannot encode text that is not valid Unicode: {e}") from e
 
     def decode(self, ids: Iterable[int]) -> str:
         """Decodes token ids into a string; pad, bos and eos decode to nothing.

@@ -35,15 +35,15 @@ def gaussian_quantile(k: int, d: int) -> float:
 def _row_moments(
     x: jax.Array, valid: jax.Array | None, axis_name: str | None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Mean, population std and count over the last axis (float32, keepdims)."""
-    xf = x.astype(jnp.float32)
+    """Mean, population std and count over the last axis (at least float32, keepdims)."""
+    xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
     if valid is None:
-        count = jnp.full((*xf.shape[:-1], 1), xf.shape[-1], jnp.float32)
+        count = jnp.full((*xf.shape[:-1], 1), xf.shape[-1], xf.dtype)
         total = jnp.sum(xf, axis=-1, keepdims=True)
         squares = jnp.sum(xf * xf, axis=-1, keepdims=True)
     else:
         masked = jnp.where(valid, xf, 0.0)
-        count = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.float32)
+        count = jnp.sum(valid, axis=-1, keepdims=True, dtype=xf.dtype)
         total = jnp.sum(masked, axis=-1, keepdims=True)
         squares = jnp.sum(masked * masked, axis=-1, keepdims=True)
     if axis_name is not None:

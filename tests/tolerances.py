@@ -1,0 +1,10 @@
+"""Numerical tolerances of the whole suite, in one place: (rtol, atol) per comparison kind."""
+
+# Same math, different op order or fusion (jit vs eager, scan vs loop, remat).
+REORDER = dict(rtol=1e-5, atol=1e-5)
+# A jnp implementation against a float64 numpy transcription, in float32.
+F32_VS_F64 = dict(rtol=2e-4, atol=2e-5)
+# Sharded against single-device (collectives change summation order).
+SHARDED = dict(rtol=1e-4, atol=1e-5)
+# Finite differences in float64.
+GRAD_FD = dict(rtol=1e-4, atol=1e-6)
