@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 from configs import gemma2_2b, small, tiny
 from sparse_jax.config import ModelConfig
+from sparse_jax.train_config import TrainConfig
 
 MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny.spark,
@@ -30,3 +31,10 @@ def get_model_config(name: str) -> ModelConfig:
             f"preset={name!r} is unknown; known presets: {sorted(MODEL_PRESETS)}"
         ) from None
     return factory()
+
+
+def get_train_config(name: str) -> TrainConfig:
+    """Training settings that go with preset ``name`` (defaults for the 2B presets)."""
+    get_model_config(name)  # validates the name
+    module = {"tiny": tiny, "small": small}.get(name.removesuffix("_dense"))
+    return module.train() if module is not None else TrainConfig()

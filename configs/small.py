@@ -5,6 +5,7 @@ eval loss; the Spark variant should land within about 1% of the dense one.
 """
 
 from sparse_jax.config import ModelConfig
+from sparse_jax.train_config import TrainConfig
 
 _BASE = dict(
     vocab_size=8192,
@@ -30,4 +31,17 @@ def spark() -> ModelConfig:
 def dense() -> ModelConfig:
     return ModelConfig(
         name="small_dense", ffn_kind="gated", attn_kind="dense", ffn_dim=DENSE_FFN_DIM, **_BASE
+    )
+
+
+def train() -> TrainConfig:
+    return TrainConfig(
+        steps=600,
+        batch_size=16,
+        seq_len=256,
+        learning_rate=1e-3,
+        warmup_steps=60,
+        eval_every=100,
+        log_every=10,
+        checkpoint_every=200,
     )

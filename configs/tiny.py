@@ -6,6 +6,7 @@ A good result after the default few minutes: eval loss well below the corpus's u
 """
 
 from sparse_jax.config import ModelConfig
+from sparse_jax.train_config import TrainConfig
 
 _BASE = dict(
     vocab_size=4096,
@@ -31,4 +32,17 @@ def spark() -> ModelConfig:
 def dense() -> ModelConfig:
     return ModelConfig(
         name="tiny_dense", ffn_kind="gated", attn_kind="dense", ffn_dim=DENSE_FFN_DIM, **_BASE
+    )
+
+
+def train() -> TrainConfig:
+    return TrainConfig(
+        steps=300,
+        batch_size=16,
+        seq_len=128,
+        learning_rate=3e-3,
+        warmup_steps=30,
+        eval_every=100,
+        log_every=10,
+        checkpoint_every=100,
     )

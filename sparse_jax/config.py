@@ -103,11 +103,11 @@ class ModelConfig:
     remat_policy: str = "none"
     topk_method: str = "statistical"
 
-    PER_LAYER_FIELDS: ClassVar[tuple[str, ...]] = (
-        "layer_types",
-        "ffn_sparse_layers",
-        "attn_sparse_layers",
-    )
+    DERIVED_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "num_layers": ("layer_types", "ffn_sparse_layers", "attn_sparse_layers"),
+        "model_dim": ("ffn_predictor_dim",),
+        "head_dim": ("attn_predictor_dim",),
+    }
 
     def __post_init__(self) -> None:
         for field in ("vocab_size", "model_dim", "num_layers", "num_heads", "num_kv_heads"):
@@ -298,8 +298,10 @@ def override(cfg: Any, assignments: list[str] | tuple[str, ...]) -> Any:
                 f"{type(cfg).__name__} has no field {field!r}; known fields: {sorted(known)}"
             )
         changes[field] = parse_value(text, getattr(cfg, field), field)
-    if "num_layers" in changes:
-        # Per-layer tuples sized for the old depth are re-derived unless given too.
-        for field in getattr(cfg, "PER_LAYER_FIELDS", ()):
-            changes.setdefault(field, None)
+    # Fields derived from a changed one (per-layer tuples from num_layers, predictor widths
+    # from model_dim and head_dim) are re-derived unless given too.
+    for base, derived in getattr(cfg, "DERIVED_FIELDS", {}).items():
+        if base in changes:
+            for field in derived:
+                changes.setdefault(field, None)
     return dataclasses.replace(cfg, **changes)

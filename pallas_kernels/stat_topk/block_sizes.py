@@ -2,12 +2,7 @@
 
 import dataclasses
 
-
-def _check_power_of_two(name: str, value: object, minimum: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    if value < minimum or value & (value - 1):
-        raise ValueError(f"{name} must be a power of two >= {minimum}, got {value}")
+from pallas_kernels._common.checks import check_power_of_two
 
 
 @dataclasses.dataclass(frozen=True)
@@ -25,5 +20,5 @@ class BlockSizes:
     columns: int = 512
 
     def __post_init__(self):
-        _check_power_of_two("BlockSizes.rows", self.rows, 8)
-        _check_power_of_two("BlockSizes.columns", self.columns, 16)
+        check_power_of_two("BlockSizes.rows", self.rows, 8)
+        check_power_of_two("BlockSizes.columns", self.columns, 16)

@@ -44,7 +44,7 @@ def row_threshold(
     xf = x.astype(jnp.float32)
     d = x.shape[-1]
     if valid is None:
-        keep_all = jnp.full(x.shape[:-1] + (1,), k >= d)
+        keep_all = jnp.full((*x.shape[:-1], 1), k >= d)
         if k >= d:
             return jnp.full(keep_all.shape, -jnp.inf, jnp.float32), keep_all
         mean = jnp.mean(xf, axis=-1, keepdims=True)

@@ -1,0 +1,120 @@
+"""``sparse_jax.load``: a trained model's config, parameters and tokenizer from a checkpoint.
+
+Accepts a training workdir (``runs/tiny``), its ``checkpoints`` directory, or one step's
+directory (``runs/tiny/checkpoints/300``). Only the parameters are read (not the optimizer
+state). Parameters land on the default device, or are laid out by ``shardings`` (a pytree of
+``jax.sharding.Sharding`` matching the parameters, or a callable from the abstract parameters
+to one), whatever the mesh or process count that wrote them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from sparse_jax.checkpoint import FORMAT, CheckpointError, tokenizer_from_json
+from sparse_jax.config import ModelConfig
+from sparse_jax.model import Params, abstract_params
+from sparse_jax.tokenizer import Tokenizer
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedModel:
+    """What :func:`load` returns."""
+
+    config: ModelConfig
+    params: Params
+    tokenizer: Tokenizer
+    step: int
+    path: pathlib.Path
+
+
+def _is_step_dir(path: pathlib.Path) -> bool:
+    return path.name.isdigit() and (path / "meta").is_dir() and (path / "state").is_dir()
+
+
+def resolve_step_dir(path: str | os.PathLike[str]) -> pathlib.Path:
+    """The newest complete step directory under ``path`` (or ``path`` itself if it is one)."""
+    root = pathlib.Path(path).absolute()
+    if not root.exists():
+        raise CheckpointError(f"checkpoint path {root} does not exist")
+    if not root.is_dir():
+        raise CheckpointError(f"checkpoint path {root} is a file, not a checkpoint directory")
+    if _is_step_dir(root):
+        return root
+    for candidate in (root / "checkpoints", root):
+        if candidate.is_dir():
+            steps = sorted(
+                (p for p in candidate.iterdir() if p.is_dir() and _is_step_dir(p)),
+                key=lambda p: int(p.name),
+            )
+            if steps:
+                return steps[-1]
+    partial = [p.name for p in root.glob("**/*.orbax-checkpoint-tmp*")]
+    hint = f" (only unfinished saves: {partial})" if partial else ""
+    raise CheckpointError(
+        f"{root} holds no complete sparse_jax checkpoint{hint}; expected a training workdir, "
+        "its checkpoints/ directory, or a step directory containing meta/ and state/"
+    )
+
+
+def load(
+    path: str | os.PathLike[str],
+    shardings: Any | Callable[[Params], Any] | None = None,
+) -> LoadedModel:
+    """Loads a checkpoint written by ``train.py``.
+
+    Args:
+      path: training workdir, checkpoints directory, or step directory.
+      shardings: optional target shardings for the parameters (pytree or callable of the
+        abstract parameters); default: the current default device.
+
+    Returns:
+      LoadedModel with config, params, tokenizer, step and the step directory.
+
+    Raises:
+      CheckpointError: the path is missing, not a checkpoint, partial, or unreadable.
+    """
+    step_dir = resolve_step_dir(path)
+    try:
+        meta = ocp.JsonCheckpointHandler().restore(step_dir / "meta")
+    except Exception as err:
+        raise CheckpointError(f"{step_dir}: metadata unreadable ({err})") from err
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CheckpointError(f"{step_dir} is not a sparse_jax checkpoint (format {FORMAT})")
+    config = ModelConfig.from_dict(meta["model_config"])
+    abstract = abstract_params(config)
+    if callable(shardings):
+        shardings = shardings(abstract)
+    if shardings is None:
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shardings = jax.tree.map(lambda _: device, abstract)
+    target = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+    try:
+        restored = ocp.PyTreeCheckpointer().restore(
+            step_dir / "state",
+            args=ocp.args.PyTreeRestore(
+                item={"params": target},
+                restore_args=jax.tree.map(
+                    lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), {"params": target}
+                ),
+                partial_restore=True,
+            ),
+        )
+    except Exception as err:
+        raise CheckpointError(f"{step_dir}: parameters unreadable ({err})") from err
+    return LoadedModel(
+        config=config,
+        params=restored["params"],
+        tokenizer=tokenizer_from_json(meta["tokenizer"]),
+        step=int(meta["step"]),
+        path=step_dir,
+    )
