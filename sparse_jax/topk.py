@@ -17,6 +17,7 @@ from one ``psum`` of (sum, sum of squares, count) per row, never an all-gather o
 
 from __future__ import annotations
 
+import functools
 from statistics import NormalDist
 
 import jax
@@ -113,6 +114,37 @@ def statistical_threshold(
     return mean + z * std, keep_all
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _soft_threshold(x: jax.Array, z: float, axis_name: str | None) -> jax.Array:
+    """``max(x - (mean + z * std), 0)`` over the last axis, unmasked."""
+    return _soft_threshold_fwd(x, z, axis_name)[0]
+
+
+def _soft_threshold_fwd(
+    x: jax.Array, z: float, axis_name: str | None
+) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+    mean, std, count = _row_moments(x, None, axis_name)
+    theta = (mean + z * std).astype(x.dtype)
+    return jnp.maximum(x - theta, 0), (x, theta, mean, std, count)
+
+
+def _soft_threshold_bwd(
+    z: float, axis_name: str | None, res: tuple[jax.Array, ...], g: jax.Array
+) -> tuple[jax.Array]:
+    # d theta / d x_j = 1/n + z (x_j - mean) / (n std); one row reduction, the rest fused.
+    x, theta, mean, std, count = res
+    passed = jnp.where(x > theta, g, 0).astype(mean.dtype)
+    total = jnp.sum(passed, axis=-1, keepdims=True)
+    if axis_name is not None:
+        total = jax.lax.psum(total, axis_name)
+    scale = total / count
+    grad = passed - scale - (z * scale / std) * (x.astype(mean.dtype) - mean)
+    return (grad.astype(x.dtype),)
+
+
+_soft_threshold.defvjp(_soft_threshold_fwd, _soft_threshold_bwd)
+
+
 def statistical_topk(
     x: jax.Array,
     k: int,
@@ -139,6 +171,16 @@ def statistical_topk(
     Returns:
       [..., d] in x's dtype.
     """
+    if valid is None and method == "statistical":
+        # The FFN's training path: a closed-form backward (one row reduction) instead of
+        # autodiff through the moments, same gradients.
+        if not isinstance(k, int) or k < 1:
+            raise ValueError(f"k={k!r} must be an integer >= 1")
+        d = x.shape[-1] * (1 if axis_name is None else jax.lax.axis_size(axis_name))
+        if k >= d:
+            return x
+        soft = _soft_threshold(x, gaussian_quantile(k, d), axis_name)
+        return jnp.where(enabled, soft, x)
     theta, keep_all = statistical_threshold(x, k, valid=valid, axis_name=axis_name, method=method)
     keep_all = jnp.logical_or(keep_all, jnp.logical_not(enabled))
     out = jnp.where(keep_all, x, jnp.maximum(x - theta.astype(x.dtype), 0))
