@@ -5,7 +5,7 @@ bundled corpus (same seed, tokenizer and data order), then reports each final ev
 ratio, the sparsity reached per layer, and a PNG of both loss curves. Runs resume by themselves
 (the trainer's checkpoints), so an interrupted benchmark picks up where it stopped.
 
-    python benchmarks/quality.py                  # 500 steps x 8 x 256 tokens each
+    python benchmarks/quality.py                  # 200 steps x 8 x 256 tokens each
     python benchmarks/quality.py --steps 100      # a quick look
 
 Writes ``benchmarks/results/quality.json`` and ``benchmarks/results/quality.png``.
@@ -46,7 +46,7 @@ def _curves(workdir: pathlib.Path) -> dict[str, list]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--workdir", default="runs/quality")
