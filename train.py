@@ -3,6 +3,10 @@
 Resumes from the newest complete checkpoint in ``--workdir`` by itself. ``--set`` takes fields
 of the model config (``num_layers=2``) or the train config (``steps=100``,
 ``data_paths=my.txt``); a name in both must be prefixed (``model.``/``train.``).
+``--mesh data=2,fsdp=2,tensor=2`` shards the run over the devices (``train.mesh``). Several
+processes train one model when each is started with ``--coordinator HOST:PORT
+--num-processes N --process-id I``, or with ``--distributed`` where JAX reads the cluster from
+the environment (TPU pods, SLURM); see docs/distributed.md.
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import logging
 import sys
 
 from configs import MODEL_PRESETS, get_model_config, get_train_config
+from sparse_jax import distributed
 from sparse_jax.config import override
 from sparse_jax.trainer import TrainingDiverged, train
 
@@ -47,6 +52,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", default=None, help="default: runs/<config>")
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
     parser.add_argument("--stop-after", type=int, default=None, help="stop after N steps")
+    parser.add_argument(
+        "--mesh", default=None, metavar="AXIS=SIZE,...", help="e.g. data=2,fsdp=2,tensor=2"
+    )
+    parser.add_argument("--coordinator", default=None, metavar="HOST:PORT")
+    parser.add_argument("--num-processes", type=int, default=None)
+    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process run described by the cluster environment (TPU pod, SLURM)",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", force=True
@@ -54,9 +70,16 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
+        distributed.initialize(
+            args.coordinator,
+            args.num_processes,
+            args.process_id,
+            from_environment=args.distributed,
+        )
         model_cfg = get_model_config(args.config)
         train_cfg = get_train_config(args.config)
-        to_model, to_train = split_overrides(args.set, model_cfg, train_cfg)
+        assignments = args.set + ([f"train.mesh={args.mesh}"] if args.mesh is not None else [])
+        to_model, to_train = split_overrides(assignments, model_cfg, train_cfg)
         model_cfg, train_cfg = override(model_cfg, to_model), override(train_cfg, to_train)
         summary = train(
             model_cfg, train_cfg, args.workdir or f"runs/{args.config}", stop_after=args.stop_after

@@ -10,6 +10,10 @@ renamed when complete, so a killed save never looks finished). Each step has thr
 
 :meth:`Checkpointer.restore_latest` walks back from the newest step and skips, with a warning,
 any step that fails to restore (truncated or corrupted files).
+
+Arrays are saved in whatever sharding they have, by every process of a multi-process run
+together, and restored into the shardings of the target state: a checkpoint moves freely
+between meshes, device counts and process counts.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from sparse_jax import distributed
 from sparse_jax.config import ModelConfig
 from sparse_jax.tokenizer import Tokenizer
 
@@ -144,11 +149,13 @@ class Checkpointer:
 
     def _quarantine(self, step: int) -> None:
         """Moves an unrestorable step aside (never deletes it) so the step can be re-saved."""
-        aside = self.directory.parent / f"{self.directory.name}_unreadable"
-        aside.mkdir(exist_ok=True)
-        target = aside / f"{step}-{int(time.time())}"
-        shutil.move(str(self.directory / str(step)), target)
-        log.warning("moved unreadable checkpoint step %d to %s", step, target)
+        if distributed.is_primary():  # one process moves it; the others wait for the move
+            aside = self.directory.parent / f"{self.directory.name}_unreadable"
+            aside.mkdir(exist_ok=True)
+            target = aside / f"{step}-{int(time.time())}"
+            shutil.move(str(self.directory / str(step)), target)
+            log.warning("moved unreadable checkpoint step %d to %s", step, target)
+        distributed.barrier(f"sparse_jax_quarantine_{step}")
         self._manager.reload()
 
     def wait(self) -> None:

@@ -73,7 +73,8 @@ def load(
     Args:
       path: training workdir, checkpoints directory, or step directory.
       shardings: optional target shardings for the parameters (pytree or callable of the
-        abstract parameters); default: the current default device.
+        abstract parameters, such as ``sparse_jax.sharding.ShardingPlan.tree_shardings``);
+        default: the current default device.
 
     Returns:
       LoadedModel with config, params, tokenizer, step and the step directory.

@@ -8,6 +8,10 @@ layer stack as scanned arrays, so one compiled block serves every layer.
 With ``scan_layers`` the block parameters live under ``params["layers"]`` with a leading L
 axis; without it under ``params["layers_0"] ...``. :func:`stack_layers` and
 :func:`unstack_layers` convert between the two.
+
+On a mesh, ``Transformer(cfg, plan)`` constrains the residual stream and the logits to the
+logical axes of :mod:`sparse_jax.sharding` at every block boundary; parameters are laid out by
+:func:`param_shardings`. Without a plan nothing changes from the single-device model.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from sparse_jax.attention import Attention
 from sparse_jax.config import ModelConfig
 from sparse_jax.ffn import make_ffn
 from sparse_jax.layers import Embedder, RMSNorm, softcap
+from sparse_jax.sharding import LOGITS, RESIDUAL, ShardingPlan, constrain
 
 Params = dict[str, Any]
 
@@ -41,6 +46,7 @@ class Block(nn.Module):
     """Pre- and post-normed attention and FFN with residuals (Gemma-2)."""
 
     cfg: ModelConfig
+    plan: ShardingPlan | None = None
 
     @nn.compact
     def __call__(
@@ -51,11 +57,11 @@ class Block(nn.Module):
         with jax.named_scope("attention"):
             h = RMSNorm(**norm, name="pre_attn_norm")(x)
             h, keys = Attention(cfg, name="attn")(h, positions, layer["window"], layer["attn_on"])
-            x = x + RMSNorm(**norm, name="post_attn_norm")(h)
+            x = constrain(x + RMSNorm(**norm, name="post_attn_norm")(h), RESIDUAL, self.plan)
         with jax.named_scope("ffn"):
             h = RMSNorm(**norm, name="pre_ffn_norm")(x)
             h, active = make_ffn(cfg, "ffn")(h, layer["ffn_on"])
-            x = x + RMSNorm(**norm, name="post_ffn_norm")(h)
+            x = constrain(x + RMSNorm(**norm, name="post_ffn_norm")(h), RESIDUAL, self.plan)
         return x, {"ffn_active_fraction": active, "attn_keys_per_query": keys}
 
 
@@ -69,9 +75,16 @@ def layer_inputs(cfg: ModelConfig) -> dict[str, jax.Array]:
 
 
 class Transformer(nn.Module):
-    """Token ids [B, T] -> (logits [B, T, V] float32, per-layer stats)."""
+    """Token ids [B, T] -> (logits [B, T, V] float32, per-layer stats).
+
+    Attributes:
+      cfg: the model.
+      plan: mesh and sharding rules; activations at block boundaries are constrained to it.
+        ``None`` (one device) adds no constraint.
+    """
 
     cfg: ModelConfig
+    plan: ShardingPlan | None = None
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -89,9 +102,9 @@ class Transformer(nn.Module):
                 in_axes=(0, nn.broadcast),
                 length=cfg.num_layers,
             )
-            self.layers = scanned(cfg)
+            self.layers = scanned(cfg, self.plan)
         else:
-            self.blocks = [block(cfg, name=f"layers_{i}") for i in range(cfg.num_layers)]
+            self.blocks = [block(cfg, self.plan, name=f"layers_{i}") for i in range(cfg.num_layers)]
         self.final_norm = RMSNorm(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
 
     def __call__(
@@ -117,6 +130,7 @@ class Transformer(nn.Module):
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         with jax.named_scope("embed"):
             x = self.embedder.encode(tokens) if embeddings is None else embeddings
+            x = constrain(x, RESIDUAL, self.plan)
         per_layer = layer_inputs(cfg)
         if cfg.scan_layers:
             x, stats = self.layers(x, per_layer, positions)
@@ -131,13 +145,26 @@ class Transformer(nn.Module):
         with jax.named_scope("unembed"):
             x = self.final_norm(x)
             logits = softcap(self.embedder.decode(x), cfg.final_logit_softcap)
+            logits = constrain(logits, LOGITS, self.plan)
         return logits, stats
 
 
-def init_params(cfg: ModelConfig, rng: jax.Array, seq_len: int = 8) -> Params:
-    """Initialises parameters (a plain nested dict) without running a full forward."""
+def init_params(
+    cfg: ModelConfig, rng: jax.Array, seq_len: int = 8, plan: ShardingPlan | None = None
+) -> Params:
+    """Initialises parameters (a plain nested dict) without running a full forward.
+
+    With a ``plan`` each parameter is created already sharded by the plan's rules (no device
+    ever holds a whole one that the rules split); the values equal the unsharded ones.
+    """
     tokens = jnp.zeros((1, min(seq_len, cfg.max_seq_len)), jnp.int32)
-    return jax.jit(lambda r: Transformer(cfg).init(r, tokens)["params"])(rng)
+
+    def init(r: jax.Array) -> Params:
+        return Transformer(cfg).init(r, tokens)["params"]
+
+    if plan is None:
+        return jax.jit(init)(rng)
+    return jax.jit(init, out_shardings=plan.tree_shardings(jax.eval_shape(init, rng)))(rng)
 
 
 def abstract_params(cfg: ModelConfig) -> Params:
@@ -145,11 +172,24 @@ def abstract_params(cfg: ModelConfig) -> Params:
     return jax.eval_shape(lambda r: init_params(cfg, r), jax.random.key(0))
 
 
+def param_shardings(cfg: ModelConfig, plan: ShardingPlan) -> Params:
+    """The ``NamedSharding`` of every parameter under ``plan`` (a tree like the params)."""
+    return plan.tree_shardings(abstract_params(cfg))
+
+
 def forward(
-    cfg: ModelConfig, params: Params, tokens: jax.Array, positions: jax.Array | None = None
+    cfg: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    positions: jax.Array | None = None,
+    plan: ShardingPlan | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Pure function: (logits [B, T, V], stats) for ``tokens`` [B, T]."""
-    return Transformer(cfg).apply({"params": params}, tokens, positions)
+    """Pure function: (logits [B, T, V], stats) for ``tokens`` [B, T].
+
+    With a ``plan``, call it under ``jax.jit``: activations at block boundaries are constrained
+    to the plan's mesh (parameters keep whatever sharding they come with).
+    """
+    return Transformer(cfg, plan).apply({"params": params}, tokens, positions)
 
 
 def stack_layers(params: Params, num_layers: int) -> Params:

@@ -10,6 +10,7 @@ import dataclasses
 from typing import Any
 
 from sparse_jax.data import DataConfig
+from sparse_jax.sharding import parse_mesh
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -40,6 +41,9 @@ class TrainConfig:
       eval_every, log_every, checkpoint_every: intervals in steps.
       keep_checkpoints: how many recent checkpoints to keep.
       peak_flops: peak FLOP/s of the whole machine, for MFU.
+      mesh: device mesh as ``data=2,fsdp=2,tensor=2`` (see :func:`sparse_jax.sharding.parse_mesh`;
+        unnamed axes are 1 and ``data`` takes the remaining devices). Empty: one device when
+        there is one process (the unsharded program), ``data`` over every device otherwise.
     """
 
     steps: int = 400
@@ -64,6 +68,7 @@ class TrainConfig:
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
     peak_flops: float = 2e11
+    mesh: str = ""
 
     def __post_init__(self) -> None:
         for field in (
@@ -97,6 +102,12 @@ class TrainConfig:
             _fail("clip_norm", self.clip_norm, "must be > 0")
         if not self.peak_flops > 0:
             _fail("peak_flops", self.peak_flops, "must be > 0")
+        if not isinstance(self.mesh, str):
+            _fail("mesh", self.mesh, "must be a string like 'data=2,fsdp=2,tensor=2'")
+        try:
+            parse_mesh(self.mesh)
+        except ValueError as err:
+            _fail("mesh", self.mesh, str(err))
         object.__setattr__(self, "data_paths", tuple(self.data_paths))
 
     def data_config(self, vocab_size: int) -> DataConfig:

@@ -4,6 +4,11 @@
 with the state donated. A batch of ``grad_accum * b`` rows is split into ``grad_accum``
 micro-batches scanned in sequence; their summed token losses are divided by the total token
 count, so the update equals one step on the whole batch (up to float summation order).
+
+With a :class:`~sparse_jax.sharding.ShardingPlan` the state is created already sharded
+(:func:`init_train_state` compiles the initializer with ``out_shardings``), the step keeps it
+in that layout, and batch rows are split over the plan's batch axes; without one every function
+here is the single-device original.
 """
 
 from __future__ import annotations
@@ -15,9 +20,11 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 import optax
+from jax.sharding import NamedSharding
 
 from sparse_jax.config import ModelConfig
 from sparse_jax.model import Params, forward, init_params
+from sparse_jax.sharding import TOKENS, ShardingPlan
 
 Batch = dict[str, jax.Array]
 
@@ -33,41 +40,117 @@ class TrainState:
 
 
 def init_train_state(
-    cfg: ModelConfig, optimizer: optax.GradientTransformation, seed: int
+    cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    plan: ShardingPlan | None = None,
 ) -> TrainState:
-    init_key, rng = jax.random.split(jax.random.key(seed))
-    params = init_params(cfg, init_key)
+    """Step 0: parameters from ``seed``, a fresh optimizer state and the RNG key.
+
+    With a ``plan`` every array is created in its sharded layout (see :func:`state_shardings`);
+    the values equal the unsharded ones.
+    """
+    return state_initializer(cfg, optimizer, seed, plan)()
+
+
+def state_initializer(
+    cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    plan: ShardingPlan | None = None,
+) -> Callable[[], TrainState]:
+    """The function that :func:`init_train_state` calls.
+
+    With a ``plan`` it is one program jitted with the state's shardings as ``out_shardings``,
+    so each device computes only its own shards.
+    """
+
+    def build() -> TrainState:
+        init_key, rng = jax.random.split(jax.random.key(seed))
+        params = init_params(cfg, init_key)
+        return TrainState(
+            step=jnp.zeros((), jnp.int32),
+            params=params,
+            opt_state=jax.jit(optimizer.init)(params),
+            rng=jax.random.key_data(rng),
+        )
+
+    if plan is None:
+        return build
+    return jax.jit(build, out_shardings=state_shardings(jax.eval_shape(build), plan))
+
+
+def state_shardings(state: TrainState, plan: ShardingPlan) -> TrainState:
+    """NamedShardings for a (possibly abstract) state.
+
+    Parameters and optimizer moments follow the plan's rules; step and RNG are replicated.
+    """
     return TrainState(
-        step=jnp.zeros((), jnp.int32),
-        params=params,
-        opt_state=jax.jit(optimizer.init)(params),
-        rng=jax.random.key_data(rng),
+        step=plan.replicated,
+        params=plan.tree_shardings(state.params),
+        opt_state=plan.tree_shardings(state.opt_state),
+        rng=plan.replicated,
     )
 
 
+def abstract_train_state(cfg: ModelConfig, optimizer: optax.GradientTransformation) -> TrainState:
+    """Shapes and dtypes of the state, without allocating it."""
+    return jax.eval_shape(lambda: init_train_state(cfg, optimizer, 0))
+
+
+def batch_sharding(plan: ShardingPlan, batch_size: int, seq_len: int) -> NamedSharding:
+    """Layout of [batch_size, seq_len] batch arrays: rows split over the batch axes.
+
+    Raises:
+      ValueError: ``batch_size`` is not a multiple of the number of batch shards.
+    """
+    if batch_size % plan.batch_shards:
+        raise ValueError(
+            f"batch of {batch_size} rows does not split over the mesh's batch axes "
+            f"({dict(plan.mesh.shape)}: {plan.batch_shards} shards); make the batch (per "
+            "micro-batch) a multiple of data * fsdp"
+        )
+    return plan.sharding(TOKENS, (batch_size, seq_len))
+
+
 def token_loss_sum(
-    cfg: ModelConfig, params: Params, batch: Batch
+    cfg: ModelConfig, params: Params, batch: Batch, plan: ShardingPlan | None = None
 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
     """Sum of masked next-token cross-entropies, the token count, and sparsity stats."""
-    logits, stats = forward(cfg, params, batch["inputs"])
+    logits, stats = forward(cfg, params, batch["inputs"], plan=plan)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["mask"].astype(jnp.float32)
     return jnp.sum(losses * mask), (jnp.sum(mask), stats)
 
 
 def make_train_step(
-    cfg: ModelConfig, optimizer: optax.GradientTransformation, grad_accum: int
+    cfg: ModelConfig,
+    optimizer: optax.GradientTransformation,
+    grad_accum: int,
+    plan: ShardingPlan | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
-    """Builds the jitted step; ``batch`` arrays are [grad_accum * b, T]."""
-    grad_fn = jax.value_and_grad(lambda p, mb: token_loss_sum(cfg, p, mb), has_aux=True)
+    """Builds the jitted step; ``batch`` arrays are [grad_accum * b, T].
+
+    With a ``plan`` the state must be laid out as :func:`init_train_state` lays it out; the
+    new state comes back in the same layout and the metrics replicated.
+    """
+    grad_fn = jax.value_and_grad(lambda p, mb: token_loss_sum(cfg, p, mb, plan), has_aux=True)
+    shardings = None
+    if plan is not None:
+        shardings = state_shardings(abstract_train_state(cfg, optimizer), plan)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         micro = jax.tree.map(lambda a: a.reshape(grad_accum, -1, *a.shape[1:]), batch)
+        if plan is not None:
+            # Rows of every micro-batch split over the batch axes (a cheap shuffle of tokens).
+            micro = jax.tree.map(lambda a: plan.constrain(a, (None, *TOKENS)), micro)
 
         def accumulate(carry, mb):
             grads, loss_sum, count = carry
             (loss, (n, stats)), g = grad_fn(state.params, mb)
             grads = jax.tree.map(jnp.add, grads, g)
+            if shardings is not None:
+                grads = jax.lax.with_sharding_constraint(grads, shardings.params)
             return (grads, loss_sum + loss, count + n), stats
 
         zeros = jax.tree.map(jnp.zeros_like, state.params)
@@ -88,14 +171,20 @@ def make_train_step(
         }
         return new_state, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if plan is None:
+        return jax.jit(step, donate_argnums=0)
+    return jax.jit(step, out_shardings=(shardings, plan.replicated), donate_argnums=0)
 
 
-def make_eval_step(cfg: ModelConfig) -> Callable[[Params, Batch], tuple[jax.Array, jax.Array]]:
+def make_eval_step(
+    cfg: ModelConfig, plan: ShardingPlan | None = None
+) -> Callable[[Params, Batch], tuple[jax.Array, jax.Array]]:
     """Jitted ``(params, batch) -> (summed loss, token count)``."""
 
     def evaluate(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        loss, (count, _) = token_loss_sum(cfg, params, batch)
+        loss, (count, _) = token_loss_sum(cfg, params, batch, plan)
         return loss, count
 
-    return jax.jit(evaluate)
+    if plan is None:
+        return jax.jit(evaluate)
+    return jax.jit(evaluate, out_shardings=plan.replicated)

@@ -5,6 +5,11 @@ checkpoint in ``workdir/checkpoints`` without being asked (tokenizer, parameters
 RNG and data position all come back, so a resumed run is bitwise identical to an uninterrupted
 one on the same machine). SIGTERM or SIGINT finish the current step, save and return. A
 non-finite loss raises :class:`TrainingDiverged` before anything from that step is saved.
+
+On a mesh (``TrainConfig.mesh``, or several processes) the state is created and restored
+sharded, each process reads only its rows of every global batch, process 0 alone writes the
+tokenizer, logs and metrics, and every process takes part in writing one checkpoint. With one
+device the loop runs the unsharded program, unchanged.
 """
 
 from __future__ import annotations
@@ -23,14 +28,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax import data as data_lib
-from sparse_jax import flops
+from sparse_jax import distributed, flops
 from sparse_jax.checkpoint import Checkpointer, tokenizer_from_json, tokenizer_to_json
 from sparse_jax.config import ModelConfig
 from sparse_jax.metrics import MetricsWriter
 from sparse_jax.optim import learning_rate_schedule, make_optimizer
+from sparse_jax.sharding import ShardingPlan, make_mesh
 from sparse_jax.tokenizer import Tokenizer
 from sparse_jax.train_config import TrainConfig
-from sparse_jax.train_step import init_train_state, make_eval_step, make_train_step
+from sparse_jax.train_step import (
+    batch_sharding,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+)
 
 log = logging.getLogger(__name__)
 
@@ -59,24 +70,64 @@ def _stop_on_signals() -> Iterator[dict[str, bool]]:
 def _tokenizer_for_run(
     ckpt: Checkpointer, tc: TrainConfig, data_cfg: data_lib.DataConfig, train_docs: list[str]
 ) -> Tokenizer:
-    """The checkpoint's tokenizer when resuming, else the given file, else a new one."""
+    """The checkpoint's tokenizer when resuming, else the given file, else a new one.
+
+    With several processes, process 0 trains or loads a new one and sends it to the others, so
+    that every process cuts the text into the same tokens.
+    """
     for step in reversed(ckpt.steps()):
         try:
             return tokenizer_from_json(ckpt.read_meta(step)["tokenizer"])
         except Exception as err:
             log.warning("checkpoint step %d: metadata unreadable (%s)", step, err)
-    return data_lib.build_tokenizer(data_cfg, train_docs, tokenizer_path=tc.tokenizer_path)
+    if jax.process_count() == 1:
+        return data_lib.build_tokenizer(data_cfg, train_docs, tokenizer_path=tc.tokenizer_path)
+    mine = None
+    if distributed.is_primary():
+        mine = data_lib.build_tokenizer(data_cfg, train_docs, tokenizer_path=tc.tokenizer_path)
+    return Tokenizer(distributed.broadcast_bytes(mine and mine.model_proto))
 
 
 def _to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v) for k, v in batch.items()}
 
 
-def evaluate(eval_step: Any, params: Any, batches: list[dict[str, np.ndarray]]) -> float:
-    """Mean token loss over the held-out batches."""
+def sharding_plan(tc: TrainConfig) -> ShardingPlan | None:
+    """The run's mesh and rules; None for the single-device (unsharded) program."""
+    if not tc.mesh and jax.process_count() == 1:
+        return None
+    mesh = make_mesh(tc.mesh)
+    return None if mesh.size == 1 else ShardingPlan(mesh)
+
+
+class _Feeder:
+    """This process's rows of each global batch, and their assembly into global arrays."""
+
+    def __init__(self, plan: ShardingPlan | None, tc: TrainConfig):
+        self.plan, self.batch_size = plan, tc.batch_size
+        self.shard_index, self.shard_count = 0, 1
+        if plan is not None:
+            batch_sharding(plan, tc.batch_size // tc.grad_accum, tc.seq_len)  # checks the split
+            self.sharding = batch_sharding(plan, tc.batch_size, tc.seq_len)
+            shape = (tc.batch_size, tc.seq_len)
+            self.shard_index, self.shard_count = distributed.process_rows(self.sharding, shape)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        if self.plan is None:
+            return _to_device(batch)
+        return distributed.global_batch(batch, self.sharding, self.batch_size)
+
+
+def evaluate(
+    eval_step: Any,
+    params: Any,
+    batches: list[dict[str, np.ndarray]],
+    feed: Any = _to_device,
+) -> float:
+    """Mean token loss over the held-out batches (``feed`` puts a batch on the devices)."""
     total = count = 0.0
     for batch in batches:
-        loss, n = eval_step(params, _to_device(batch))
+        loss, n = eval_step(params, feed(batch))
         total += float(loss)
         count += float(n)
     return total / max(count, 1.0)
@@ -110,6 +161,10 @@ def train(
             f"{model_cfg.max_seq_len}"
         )
     workdir = pathlib.Path(workdir).absolute()
+    plan = sharding_plan(tc)
+    feed = _Feeder(plan, tc)
+    if plan is not None:
+        log.info("mesh %s, %s", dict(plan.mesh.shape), distributed.describe())
     data_cfg = tc.data_config(model_cfg.vocab_size)
     docs = data_lib.load_documents(data_cfg)
     train_docs, eval_docs = data_lib.split_documents(docs, data_cfg.eval_fraction, data_cfg.seed)
@@ -120,15 +175,17 @@ def train(
             f"tokenizer has {tokenizer.vocab_size} pieces but ModelConfig.vocab_size="
             f"{model_cfg.vocab_size}"
         )
-    tokenizer.save(workdir)
-    iterator = data_lib.train_iterator(data_cfg, tokenizer, train_docs)
-    held_out = data_lib.eval_batches(data_cfg, tokenizer, eval_docs)
+    if distributed.is_primary():
+        tokenizer.save(workdir)
+    shard = dict(shard_index=feed.shard_index, shard_count=feed.shard_count)
+    iterator = data_lib.train_iterator(data_cfg, tokenizer, train_docs, **shard)
+    held_out = data_lib.eval_batches(data_cfg, tokenizer, eval_docs, **shard)
     entropy = data_lib.unigram_entropy(
         data_lib.tokenize_documents(tokenizer, train_docs), tokenizer.vocab_size
     )
 
     optimizer = make_optimizer(tc)
-    state = init_train_state(model_cfg, optimizer, tc.seed)
+    state = init_train_state(model_cfg, optimizer, tc.seed, plan)
     restored = ckpt.restore_latest(state, model_cfg)
     if restored is not None:
         state, data_state, _ = restored
@@ -140,11 +197,11 @@ def train(
         "train_config": tc.to_dict(),
         "tokenizer": tokenizer_to_json(tokenizer),
     }
-    train_step = make_train_step(model_cfg, optimizer, tc.grad_accum)
-    eval_step = make_eval_step(model_cfg)
+    train_step = make_train_step(model_cfg, optimizer, tc.grad_accum, plan)
+    eval_step = make_eval_step(model_cfg, plan)
     schedule = learning_rate_schedule(tc)
     per_token = flops.train_flops_per_token(model_cfg, tc.seq_len)
-    writer = MetricsWriter(workdir, tc.steps, start, enabled=verbose)
+    writer = MetricsWriter(workdir, tc.steps, start, enabled=verbose and distributed.is_primary())
     writer.write(start, "run", {"unigram_entropy": entropy, **per_token})
 
     step, loss, eval_loss = start, math.nan, math.nan
@@ -152,7 +209,7 @@ def train(
     try:
         with _stop_on_signals() as signals:
             while step < tc.steps:
-                state, metrics = train_step(state, _to_device(next(iterator)))
+                state, metrics = train_step(state, feed(next(iterator)))
                 loss = float(metrics["loss"])
                 step += 1
                 if not math.isfinite(loss):
@@ -184,7 +241,7 @@ def train(
                     writer.progress(step, f"loss {loss:.3f} tok/s {tokens_per_s:,.0f}")
                     window_start, window_tokens = time.perf_counter(), 0.0
                 if step % tc.eval_every == 0 or last:
-                    eval_loss = evaluate(eval_step, state.params, held_out)
+                    eval_loss = evaluate(eval_step, state.params, held_out, feed)
                     writer.write(step, "eval", {"loss": eval_loss})
                     writer.progress(step, f"loss {loss:.3f} eval {eval_loss:.3f}")
                 if step % tc.checkpoint_every == 0 or last or stopping:

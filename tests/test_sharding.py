@@ -1,0 +1,242 @@
+"""Sharding rules on 8 CPU devices: mesh strings, the golden parameter layout, sharded state
+creation, and the collectives of the tensor-parallel Spark FFN (no all-gather of activations).
+
+Regenerate the golden listings after an intended change of the rules with
+``python tests/test_sharding.py``.
+"""
+
+import os
+import pathlib
+import re
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tolerances import SHARDED
+
+from configs import get_model_config
+from sparse_jax.config import override
+from sparse_jax.ffn import SparkFFN
+from sparse_jax.model import abstract_params, forward, init_params
+from sparse_jax.optim import make_optimizer
+from sparse_jax.sharding import (
+    RESIDUAL,
+    TOKENS,
+    ShardingPlan,
+    ShardingRules,
+    describe_shardings,
+    make_mesh,
+    mesh_shape,
+    parse_mesh,
+)
+from sparse_jax.train_config import TrainConfig
+from sparse_jax.train_step import (
+    abstract_train_state,
+    batch_sharding,
+    init_train_state,
+    state_initializer,
+    state_shardings,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+GOLDEN = ROOT / "tests" / "golden"
+GOLDEN_MESH = {"data": 2, "fsdp": 2, "tensor": 2}
+PRESETS = ("tiny", "tiny_dense")
+SMALL = [
+    "vocab_size=512",
+    "model_dim=32",
+    "num_layers=2",
+    "num_heads=4",
+    "num_kv_heads=2",
+    "head_dim=16",
+    "ffn_dim=96",
+    "attn_top_k=8",
+    "max_seq_len=32",
+    "sliding_window=16",
+]
+
+
+def _listing(preset: str) -> str:
+    return describe_shardings(
+        abstract_params(get_model_config(preset)), ShardingRules(), GOLDEN_MESH
+    )
+
+
+def test_mesh_strings():
+    assert parse_mesh("data=2, fsdp=2,tensor=2") == {"data": 2, "fsdp": 2, "tensor": 2}
+    assert mesh_shape("", 8) == (8, 1, 1)
+    assert mesh_shape("tensor=2", 8) == (4, 1, 2)
+    assert mesh_shape("fsdp=-1,tensor=2", 8) == (1, 4, 2)
+    for bad, message in [
+        ("model=2", "AXIS=SIZE"),
+        ("data=two", "integer >= 1 or -1"),
+        ("data=0", "integer >= 1 or -1"),
+        ("data=2,data=4", "given twice"),
+        ("data=-1,tensor=-1", "at most one"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_mesh(bad)
+    with pytest.raises(ValueError, match="spans 4 devices but 8 are available"):
+        mesh_shape("data=2,tensor=2", 8)
+    with pytest.raises(ValueError, match="do not divide"):
+        mesh_shape("tensor=3", 8)
+    with pytest.raises(ValueError, match=r"TrainConfig.mesh='dat=2' is invalid"):
+        TrainConfig(mesh="dat=2")
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_param_shardings_match_golden_listing(preset):
+    want = (GOLDEN / f"param_shardings_{preset}.txt").read_text()
+    assert _listing(preset) == want, "rules changed: rerun python tests/test_sharding.py"
+
+
+def test_unknown_parameter_and_indivisible_dims():
+    rules = ShardingRules()
+    with pytest.raises(ValueError, match="no logical axes declared"):
+        describe_shardings({"blocks": {"gate": jnp.zeros((4, 4))}}, rules, GOLDEN_MESH)
+    # 2 kv heads cannot split 4 ways: that dimension stays replicated.
+    sizes = {"data": 1, "fsdp": 1, "tensor": 4}
+    assert rules.spec(("embed", "kv_heads", "head_dim"), (32, 2, 16), sizes) == jax.P()
+    assert rules.spec(("embed", "heads", "head_dim"), (32, 4, 16), sizes) == jax.P(None, "tensor")
+
+
+def test_train_state_is_created_sharded():
+    cfg = override(get_model_config("tiny"), SMALL)
+    optimizer = make_optimizer(TrainConfig(warmup_steps=0))
+    plan = ShardingPlan(make_mesh("data=2,fsdp=2,tensor=2"))
+    state = init_train_state(cfg, optimizer, 0, plan)
+    want = state_shardings(state, plan)
+    for array, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(want), strict=True):
+        assert array.sharding == sharding
+    k1 = state.params["layers"]["ffn"]["k1"]
+    assert k1.addressable_shards[0].data.shape == (2, 8, 48)  # [L, R/fsdp, F/tensor]
+    mu = state.opt_state[1][0].mu["layers"]["ffn"]["k1"]
+    assert mu.sharding == k1.sharding
+    reference = init_train_state(cfg, optimizer, 0)
+    for a, b in zip(jax.tree.leaves(state), jax.tree.leaves(reference), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_no_device_materializes_a_whole_state():
+    cfg = get_model_config("tiny")
+    optimizer = make_optimizer(TrainConfig())
+    plan = ShardingPlan(make_mesh("data=2,fsdp=2,tensor=2"))
+    total = sum(
+        a.size * a.dtype.itemsize for a in jax.tree.leaves(abstract_train_state(cfg, optimizer))
+    )
+    memory = state_initializer(cfg, optimizer, 0, plan).lower().compile().memory_analysis()
+    # Weights and moments split 4 ways (fsdp x tensor): a device's outputs are about a
+    # quarter of the state, and with its scratch space it never holds half.
+    assert memory.output_size_in_bytes < total / 3
+    assert memory.output_size_in_bytes + memory.temp_size_in_bytes < total / 2
+
+
+def test_batch_that_does_not_split_is_a_clear_error():
+    plan = ShardingPlan(make_mesh("data=4,tensor=2"))
+    with pytest.raises(ValueError, match="does not split over the mesh's batch axes"):
+        batch_sharding(plan, 6, 16)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--mesh", "data=3"], "spans 3 devices but 8 are available"),
+        (["--mesh", "data=2,model=4"], "AXIS=SIZE with AXIS one of"),
+        (["--mesh", "data=8", "--set", "batch_size=4"], "does not split over the mesh's batch"),
+        (["--coordinator", "127.0.0.1:1234"], "must be given together"),
+    ],
+)
+def test_cli_rejects_bad_mesh_and_process_flags(tmp_path, flags, message):
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), *flags],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ},
+    )
+    assert out.returncode == 2 and message in out.stderr, out.stderr
+
+
+COLLECTIVE = re.compile(
+    r"= (?P<shape>\(.*?\)|\S+) (?P<op>all-gather|all-reduce|reduce-scatter|all-to-all|"
+    r"collective-permute)(-start)?\("
+)
+
+
+def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """(op, operand shapes) of every collective in compiled HLO text."""
+    found = []
+    for match in COLLECTIVE.finditer(hlo):
+        shapes = [
+            tuple(int(d) for d in dims.split(",") if d)
+            for dims in re.findall(r"[a-z]+\d*\[([\d,]*)\]", match["shape"])
+        ]
+        found.append((match["op"], shapes))
+    return found
+
+
+def test_tensor_parallel_spark_ffn_reduces_moments_and_never_gathers_activations():
+    cfg = override(get_model_config("tiny"), SMALL)
+    plan = ShardingPlan(make_mesh("tensor=8"))
+    b, t, d, r = 4, 16, cfg.model_dim, cfg.ffn_predictor_dim
+    ffn = SparkFFN(cfg)
+    x = jax.random.normal(jax.random.key(0), (b, t, d))
+    params = ffn.init(jax.random.key(1), x, True)["params"]
+    params = jax.device_put(params, plan.tree_shardings({"ffn": params})["ffn"])
+    assert params["k1"].addressable_shards[0].data.shape == (r, cfg.ffn_dim // 8)
+
+    def forward(p, x):
+        y, active = ffn.apply({"params": p}, x, True)
+        return plan.constrain(y, RESIDUAL), active
+
+    def loss(p, x):
+        return jnp.sum(jnp.sin(forward(p, x)[0]))
+
+    fwd = collectives(jax.jit(forward).lower(params, x).compile().as_text())
+    grad = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(params, x).compile().as_text()
+    bwd = collectives(grad)
+    # Forward: the two moments (sum, sum of squares) per token, and the down projection's
+    # partial sums; the backward adds the moments' cotangent and the input gradient.
+    moments = [(b, t), (b, t)]
+    assert ("all-reduce", moments) in fwd
+    allowed = {(), (b, t), (b, t, d), (b, t, r), (b, t, d - r)}
+    for op, shapes in fwd + bwd:
+        assert op == "all-reduce", (op, shapes)
+        assert set(shapes) <= allowed, shapes
+    np.testing.assert_allclose(
+        jax.jit(forward)(params, x)[0],
+        ffn.apply({"params": jax.device_get(params)}, x, True)[0],
+        **SHARDED,
+    )
+
+
+def test_tensor_parallel_model_moves_no_ffn_activation():
+    cfg = override(get_model_config("tiny"), SMALL)
+    plan = ShardingPlan(make_mesh("data=2,tensor=4"))
+    params = init_params(cfg, jax.random.key(0), plan=plan)
+    tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
+    tokens = jax.device_put(tokens, plan.sharding(TOKENS, tokens.shape))
+
+    def loss(p, tokens):
+        return jnp.sum(jnp.sin(forward(cfg, p, tokens, plan=plan)[0]))
+
+    def logits(p, tokens):
+        return forward(cfg, p, tokens, plan=plan)[0]
+
+    fwd = collectives(jax.jit(logits).lower(params, tokens).compile().as_text())
+    bwd = collectives(jax.jit(jax.grad(loss)).lower(params, tokens).compile().as_text())
+    assert all(op == "all-reduce" for op, _ in fwd), fwd
+    widths = {cfg.ffn_dim, cfg.ffn_dim // 4}
+    for op, shapes in fwd + bwd:
+        for shape in shapes:
+            # Activations start [B / data, T]; none of them may carry the FFN width.
+            assert shape[:2] != (4, 16) or not widths & set(shape[2:]), (op, shape)
+
+
+if __name__ == "__main__":
+    for name in PRESETS:
+        (GOLDEN / f"param_shardings_{name}.txt").write_text(_listing(name))
+    sys.exit(0)
