@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import math
 import sys
 
 from configs import MODEL_PRESETS, get_model_config, get_train_config
@@ -90,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    trained = "" if math.isnan(summary["loss"]) else f"train loss {summary['loss']:.4f}, "
     print(
-        f"step {summary['step']}: train loss {summary['loss']:.4f}, eval loss "
+        f"step {summary['step']}: {trained}eval loss "
         f"{summary['eval_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f}); "
         f"checkpoints in {summary['workdir']}/checkpoints"
     )

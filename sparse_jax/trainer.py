@@ -205,6 +205,9 @@ def train(
     writer.write(start, "run", {"unigram_entropy": entropy, **per_token})
 
     step, loss, eval_loss = start, math.nan, math.nan
+    if start >= tc.steps:  # already trained: report where it stands instead of NaNs
+        log.info("checkpoint is at step %d of %d: nothing to train", start, tc.steps)
+        eval_loss = evaluate(eval_step, state.params, held_out, feed)
     window_start, window_tokens = time.perf_counter(), 0.0
     try:
         with _stop_on_signals() as signals:
