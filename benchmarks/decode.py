@@ -1,0 +1,394 @@
+"""Decode speed of ``gemma2_2b`` against ``spark_gemma2_2b``, beside the memory-bandwidth bound.
+
+Run from the repository root: ``.venv/bin/python -m benchmarks.decode [--quick]``. Random
+weights are built directly in the decode layout, one model at a time (each is 10.5 GB in
+float32), and the two models alternate within the run. Measured: batch-1 decode ms/token at
+prompt lengths 128, 2048 and 8192 (the cache is filled with random keys and values rather than
+by a prefill), batch 8 at 128 (Spark's masked, per-token and union FFN modes, and the one
+``"auto"`` picks), one FFN block, one global attention layer's cache read at 32768, and the
+prefill of a 2048-token prompt (compute-bound and the same in every layer, so it is timed on
+the first ``--prefill-layers`` layers and scaled to the whole depth). Every ratio is printed
+beside its bound: the bytes each variant must read per step (:mod:`sparse_jax.decode_cost`)
+over the read bandwidth measured in the same run. ``--quick`` keeps the widths (and the
+vocabulary) with 2 layers. Results go to ``benchmarks/results/decode[_quick].{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import functools
+import gc
+import json
+import os
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from configs import get_model_config
+from sparse_jax.decode import DecodeOptions, decode_step_jit, prefill
+from sparse_jax.decode_attention import attend_masked, attend_sparse
+from sparse_jax.decode_cost import attention_op_bytes, ffn_block_bytes, step_bytes
+from sparse_jax.decode_ffn import ffn_mode, gated_ffn, spark_ffn_masked, spark_ffn_sparse
+from sparse_jax.decode_layout import random_decode_params
+from sparse_jax.kv_cache import KVCache, init_cache
+
+NAMES = ("gemma2_2b", "spark_gemma2_2b")
+RESULTS = pathlib.Path(__file__).parent / "results"
+
+
+def timed(fn, *args, repeats: int) -> float:
+    """Median wall milliseconds of ``fn(*args)`` over ``repeats`` calls after one warm-up."""
+    jax.block_until_ready(fn(*args))
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        samples.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(samples)
+
+
+def read_bandwidth(gigabytes: float = 1.0, repeats: int = 7) -> float:
+    """Read bandwidth in bytes/s: a float32 sum over an array far larger than the caches."""
+    x = jnp.ones((int(gigabytes * 2**30) // 4,), jnp.float32)
+    ms = timed(jax.jit(jnp.sum), x, repeats=repeats)
+    return x.nbytes / (ms / 1e3)
+
+
+def synthetic_cache(cfg, batch: int, context: int, max_len: int, seed: int = 0) -> KVCache:
+    """A cache holding ``context`` tokens of random keys and values, as a prefill would."""
+    cache = init_cache(cfg, batch, max_len)
+    key = jax.random.key(seed)
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        size = layer["pos"].shape[1]
+        times = np.arange(max(0, context - size), context)
+        pos = np.full((batch, size), -1, np.int32)
+        pos[:, times % size] = times
+        new = {"pos": jnp.asarray(pos)}
+        for name, value in layer.items():
+            if name != "pos":
+                sub = jax.random.fold_in(key, i * 8 + len(new))
+                new[name] = jax.random.normal(sub, value.shape, value.dtype)
+        layers.append(new)
+    return KVCache(
+        layers=tuple(layers),
+        length=jnp.int32(context),
+        next_pos=jnp.full((batch,), context, jnp.int32),
+    )
+
+
+def decode_ms(cfg, params, opts, batch, context, steps) -> tuple[float, dict]:
+    """Median ms per decode step at ``context`` cached tokens, and the last step's stats."""
+    cache = synthetic_cache(cfg, batch, context, context + steps + 2)
+    tokens = jnp.zeros((batch,), jnp.int32)
+    samples, stats = [], {}
+    for step in range(steps + 1):
+        start = time.perf_counter()
+        logits, cache, stats = decode_step_jit(cfg, opts, params, cache, tokens)
+        jax.block_until_ready(logits)
+        if step:  # the first step compiles
+            samples.append((time.perf_counter() - start) * 1e3)
+    del cache
+    stats = {k: np.asarray(v).tolist() for k, v in stats.items()}
+    return statistics.median(samples), stats
+
+
+def ffn_ms(cfg, params, repeats) -> dict[str, float]:
+    """One FFN layer at batch 1: the gated FFN, or Spark's sparse and masked paths."""
+    p = params["blocks"][0]
+    x = jax.random.normal(jax.random.key(1), (1, cfg.model_dim), jnp.float32)
+    if cfg.ffn_kind != "spark":
+        return {"ffn": timed(jax.jit(gated_ffn), p, x, repeats=repeats)}
+    cap = DecodeOptions().ffn_caps(cfg, 1)[0]
+    sparse = jax.jit(lambda p, x: spark_ffn_sparse(cfg, p, x, "per_token", cap)[0])
+    masked = jax.jit(lambda p, x: spark_ffn_masked(cfg, p, x, True)[0])
+    return {
+        "ffn": timed(sparse, p, x, repeats=repeats),
+        "ffn_masked": timed(masked, p, x, repeats=repeats),
+    }
+
+
+def prefill_ms(cfg, params, length: int, chunk: int) -> float:
+    """Wall ms to prefill one ``length``-token prompt, after compiling on one chunk."""
+    tokens = np.asarray(jax.random.randint(jax.random.key(2), (1, length), 0, cfg.vocab_size))
+    opts = DecodeOptions(prefill_chunk=chunk)
+    warm = init_cache(cfg, 1, length + 1)
+    jax.block_until_ready(prefill(cfg, params, warm, tokens[:, :chunk], None, opts)[0])
+    del warm
+    cache = init_cache(cfg, 1, length + 1)
+    start = time.perf_counter()
+    jax.block_until_ready(prefill(cfg, params, cache, tokens, None, opts)[0])
+    return (time.perf_counter() - start) * 1e3
+
+
+def attention_ms(base_cfgs, context: int, repeats: int) -> dict[str, float]:
+    """One global layer's attention of one query over ``context`` cached tokens."""
+    out = {}
+    for name, cfg in base_cfgs.items():
+        cfg = dataclasses.replace(cfg, max_seq_len=context)
+        layer_idx = cfg.layer_types.index("global")
+        cache = synthetic_cache(cfg, 1, context, context, seed=3)
+        layer = cache.layers[layer_idx]
+        q = jax.random.normal(jax.random.key(4), (1, 1, cfg.num_heads, cfg.head_dim))
+        q_pos = jnp.full((1, 1), context - 1, jnp.int32)
+        window = cfg.layer_windows[layer_idx]
+        masked = jax.jit(functools.partial(attend_masked, cfg, window=window, enabled=True))
+        out[name] = timed(masked, q, layer, q_pos, repeats=repeats)
+        if cfg.attn_kind == "spark":
+            cap = DecodeOptions().attn_cap(cfg, context)
+            sparse = jax.jit(functools.partial(attend_sparse, cfg, window=window, cap=cap))
+            out[name + "/masked"] = out[name]
+            out[name] = timed(sparse, q, layer, q_pos, repeats=repeats)
+        del cache, layer
+    return out
+
+
+def measure_model(cfg, args, dtype_is_f32: bool, first_round: bool) -> dict:
+    """Every measurement that needs this model's weights; the weights are freed on return."""
+    start = time.perf_counter()
+    params = random_decode_params(cfg, seed=0)
+    jax.block_until_ready(params)
+    out: dict = {"build_s": time.perf_counter() - start}
+    opts = DecodeOptions()
+    for context in args.contexts:
+        ms, stats = decode_ms(cfg, params, opts, 1, context, args.steps)
+        out[f"decode_b1_p{context}"] = ms
+        out[f"stats_b1_p{context}"] = stats
+    out.update(ffn_ms(cfg, params, args.repeats))
+    if dtype_is_f32:
+        modes = ("per_token", "union", "masked") if cfg.ffn_kind == "spark" else ("masked",)
+        for mode in modes:
+            mode_opts = DecodeOptions(path="masked")
+            if mode != "masked":
+                mode_opts = DecodeOptions(path="sparse", batch_mode=mode)
+            ms, _ = decode_ms(cfg, params, mode_opts, 8, 128, args.steps)
+            out[f"decode_b8_p128/{mode}"] = ms
+        caps = opts.ffn_caps(cfg, 8)
+        out["b8_auto_mode"] = ffn_mode(cfg, 8, "auto", caps, "auto")
+        if first_round:
+            # Prefill is compute-bound and costs the same in every layer: it is timed on the
+            # first ``prefill_layers`` layers and scaled to the whole depth.
+            n = min(args.prefill_layers, cfg.num_layers)
+            part = dataclasses.replace(
+                cfg, num_layers=n, layer_types=None, attn_sparse_layers=None, ffn_sparse_layers=None
+            )
+            sub = {**params, "blocks": params["blocks"][:n]}
+            out["prefill_layers"] = n
+            out["prefill_2048_measured"] = prefill_ms(part, sub, 2048, args.chunk)
+            out["prefill_2048"] = out["prefill_2048_measured"] * cfg.num_layers / n
+    del params
+    gc.collect()
+    return out
+
+
+def median_rounds(rounds: list[dict]) -> dict:
+    out = {}
+    for key, value in rounds[0].items():
+        values = [r[key] for r in rounds if key in r]
+        out[key] = statistics.median(values) if isinstance(value, float) else value
+    return out
+
+
+def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn) -> list[dict]:
+    """Rows of (measurement, dense ms, Spark ms, measured ratio, bound ratio, Spark bound ms)."""
+    dense_cfg, spark_cfg = (cfgs[n] for n in NAMES)
+    dense, spark = (res[n] for n in NAMES)
+    rows = []
+
+    def row(label, d_ms, s_ms, d_bytes, s_bytes):
+        rows.append(
+            {
+                "measurement": label,
+                "dense_ms": d_ms,
+                "spark_ms": s_ms,
+                "ratio": d_ms / s_ms,
+                "bound_ratio": d_bytes / s_bytes,
+                "of_bound": (d_ms / s_ms) / (d_bytes / s_bytes),
+                "dense_bound_ms": d_bytes / bandwidth * 1e3,
+                "spark_bound_ms": s_bytes / bandwidth * 1e3,
+            }
+        )
+
+    for p in contexts:
+        long_d = dataclasses.replace(dense_cfg, max_seq_len=max(dense_cfg.max_seq_len, p))
+        long_s = dataclasses.replace(spark_cfg, max_seq_len=max(spark_cfg.max_seq_len, p))
+        d_bytes, s_bytes = step_bytes(long_d, 1, p)["total"], step_bytes(long_s, 1, p)["total"]
+        key = f"decode_b1_p{p}"
+        row(f"batch 1, prompt {p}", dense[key], spark[key], d_bytes, s_bytes)
+    if "decode_b8_p128/masked" in dense:
+        best = min(v for k, v in spark.items() if k.startswith("decode_b8_p128/"))
+        auto = spark["decode_b8_p128/" + spark["b8_auto_mode"]]
+        d_bytes, s_bytes = step_bytes(dense_cfg, 8, 128)["total"], step_bytes(spark_cfg, 8, 128)
+        row(
+            f"batch 8, prompt 128 (auto: {spark['b8_auto_mode']})",
+            dense["decode_b8_p128/masked"],
+            auto,
+            d_bytes,
+            s_bytes["total"],
+        )
+        row(
+            "batch 8, prompt 128 (fastest mode)",
+            dense["decode_b8_p128/masked"],
+            best,
+            d_bytes,
+            s_bytes["total"],
+        )
+    row(
+        "FFN block, batch 1",
+        dense["ffn"],
+        spark["ffn"],
+        ffn_block_bytes(dense_cfg),
+        ffn_block_bytes(spark_cfg),
+    )
+    if attn:
+        ctx = attn["context"]
+        long_d = dataclasses.replace(dense_cfg, max_seq_len=ctx)
+        long_s = dataclasses.replace(spark_cfg, max_seq_len=ctx)
+        row(
+            f"attention op, context {ctx}",
+            attn[NAMES[0]],
+            attn[NAMES[1]],
+            attention_op_bytes(long_d, ctx),
+            attention_op_bytes(long_s, ctx),
+        )
+    if "prefill_2048" in dense:
+        rows.append(
+            {
+                "measurement": f"prefill 2048 tokens (timed on {dense['prefill_layers']} "
+                "layers, scaled to all)",
+                "dense_ms": dense["prefill_2048"],
+                "spark_ms": spark["prefill_2048"],
+                "ratio": dense["prefill_2048"] / spark["prefill_2048"],
+            }
+        )
+    return rows
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        f"# Decode benchmark ({report['mode']})",
+        "",
+        f"Machine: {report['machine']}; read bandwidth measured in the run: "
+        f"{report['bandwidth_gb_s']:.1f} GB/s; load average at start/end: "
+        f"{report['load_start']} / {report['load_end']}; wall {report['wall_s']:.0f} s.",
+        "Bound ratio: bytes each variant must read per step (dense / Spark). Bound ms: those "
+        "bytes over the measured bandwidth. `of bound`: measured ratio / bound ratio.",
+        "",
+    ]
+    for dtype, rows in report["rows"].items():
+        lines += [
+            f"## {dtype} weights",
+            "",
+            "| measurement | dense ms | Spark ms | measured x | bound x | of bound "
+            "| dense bound ms | Spark bound ms | Spark ms / bound |",
+            "|---|---|---|---|---|---|---|---|---|",
+        ]
+        for r in rows:
+            if "bound_ratio" in r:
+                lines.append(
+                    f"| {r['measurement']} | {r['dense_ms']:.2f} | {r['spark_ms']:.2f} "
+                    f"| {r['ratio']:.2f} | {r['bound_ratio']:.2f} | {r['of_bound']:.0%} "
+                    f"| {r['dense_bound_ms']:.2f} | {r['spark_bound_ms']:.2f} "
+                    f"| {r['spark_ms'] / r['spark_bound_ms']:.2f} |"
+                )
+            else:
+                lines.append(
+                    f"| {r['measurement']} | {r['dense_ms']:.0f} | {r['spark_ms']:.0f} "
+                    f"| {r['ratio']:.2f} | - | - | - | - | - |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: pathlib.Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtypes = list(report["rows"])
+    fig, axes = plt.subplots(1, len(dtypes), figsize=(7 * len(dtypes), 4.5), squeeze=False)
+    for ax, dtype in zip(axes[0], dtypes, strict=True):
+        rows = [r for r in report["rows"][dtype] if "bound_ratio" in r]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [r["ratio"] for r in rows], 0.4, label="measured dense/Spark")
+        ax.bar(x + 0.2, [r["bound_ratio"] for r in rows], 0.4, label="bandwidth bound")
+        ax.set_xticks(x, [r["measurement"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.set_ylabel("speed-up of Spark over dense")
+        ax.set_title(f"{report['mode']}, {dtype} weights")
+        ax.axhline(1.0, color="gray", linewidth=0.8)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="2 layers, same widths")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--contexts", default="128,2048,8192")
+    parser.add_argument("--steps", type=int, default=5, help="timed decode steps per point")
+    parser.add_argument("--repeats", type=int, default=10, help="timed calls per op")
+    parser.add_argument("--rounds", type=int, default=1, help="dense/Spark alternations")
+    parser.add_argument("--chunk", type=int, default=256, help="prefill chunk")
+    parser.add_argument("--prefill-layers", type=int, default=2, help="layers timed in prefill")
+    parser.add_argument("--attn-context", type=int, default=32768)
+    args = parser.parse_args()
+    args.contexts = [int(c) for c in args.contexts.split(",")]
+    wall = time.perf_counter()
+    load_start = [round(x, 2) for x in os.getloadavg()]
+    longest = max(args.contexts) + args.steps + 2
+    cfgs = {}
+    for name in NAMES:
+        cfg = get_model_config(name)
+        cfg = dataclasses.replace(cfg, max_seq_len=max(cfg.max_seq_len, longest))
+        if args.quick:
+            cfg = dataclasses.replace(
+                cfg, num_layers=2, layer_types=None, attn_sparse_layers=None, ffn_sparse_layers=None
+            )
+        cfgs[name] = cfg
+    bandwidth = read_bandwidth()
+    print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
+    attn = attention_ms(cfgs, args.attn_context, args.repeats) if args.attn_context else {}
+    attn["context"] = args.attn_context
+    print("attention op", attn, flush=True)
+    report = {
+        "mode": "quick (2 layers)" if args.quick else "full (26 layers)",
+        "machine": f"{os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
+        "bandwidth_gb_s": bandwidth / 1e9,
+        "args": vars(args),
+        "attention_op_ms": attn,
+        "models": {},
+        "rows": {},
+    }
+    for dtype in args.dtypes.split(","):
+        rounds: dict[str, list[dict]] = {n: [] for n in NAMES}
+        for r in range(args.rounds):
+            for name in NAMES:
+                cfg = dataclasses.replace(cfgs[name], param_dtype=dtype)
+                res = measure_model(cfg, args, dtype == "float32", r == 0)
+                print(dtype, name, f"round {r}", res, flush=True)
+                rounds[name].append(res)
+        res = {n: median_rounds(rounds[n]) for n in NAMES}
+        report["models"][dtype] = res
+        typed = {n: dataclasses.replace(cfgs[n], param_dtype=dtype) for n in NAMES}
+        report["rows"][dtype] = bounds_and_ratios(
+            typed, res, bandwidth, args.contexts, attn if dtype == "float32" else {}
+        )
+    report["load_start"], report["load_end"] = load_start, [round(x, 2) for x in os.getloadavg()]
+    report["wall_s"] = time.perf_counter() - wall
+    stem = "decode_quick" if args.quick else "decode"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
+    (RESULTS / f"{stem}.md").write_text(markdown(report))
+    plot(report, RESULTS / f"{stem}.png")
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,301 @@
+"""The HTTP server: FastAPI routes for OpenAI-compatible completions over the batching engine.
+
+:func:`create_app` serves ``POST /v1/completions`` (whole or streamed as server-sent events),
+``GET /v1/models`` and ``GET /health``. The ``/v1`` routes need ``Authorization: Bearer KEY``
+when the settings hold an API key. Every invalid request gets a 4xx with OpenAI's JSON error
+body (a failure on the server's side a 5xx of the same shape), and the server goes on serving.
+Each completion is a :class:`~sparse_jax.server.tickets.Request` for the engine; its tokens
+come back through an asyncio queue and become text through
+:class:`~sparse_jax.textgen.TextStream`, which also finds stop strings (the request is then
+cancelled, so its slot frees at once). A client that disconnects cancels its request too: a
+stream notices when a chunk cannot be sent, and every request polls for it twice a second.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import hmac
+import time
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from sparse_jax.server import protocol
+from sparse_jax.server.engine import Engine
+from sparse_jax.server.protocol import ApiError, CompletionRequest
+from sparse_jax.server.row_sampling import TOP_P_OFF, RowSettings
+from sparse_jax.server.tickets import EngineBusy, Event, Ticket
+from sparse_jax.server.tickets import Request as EngineRequest
+from sparse_jax.textgen import TextStream, encode_prompt
+from sparse_jax.tokenizer import Tokenizer
+
+# While a request waits for its next token, check this often whether its client has gone.
+DISCONNECT_POLL_S = 0.5
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerSettings:
+    """What the server exposes and accepts.
+
+    Attributes:
+      model_name: the model id of ``/v1/models``; requests must name it.
+      api_key: if set, the ``/v1`` routes need ``Authorization: Bearer <api_key>``.
+      max_tokens_limit: the largest ``max_tokens`` a request may ask for, >= 1.
+      max_request_bytes: the largest request body, >= 1.
+    """
+
+    model_name: str
+    api_key: str | None = None
+    max_tokens_limit: int = 256
+    max_request_bytes: int = 1 << 20
+
+    def __post_init__(self) -> None:
+        if not self.model_name:
+            raise ValueError("ServerSettings.model_name must be a non-empty string")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("ServerSettings.api_key must be None or a non-empty string")
+        for name in ("max_tokens_limit", "max_request_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"ServerSettings.{name}={value!r} must be an integer >= 1")
+
+
+class _ClientGone(Exception):
+    pass
+
+
+class _EventStream(StreamingResponse):
+    """A server-sent-event response that cancels its request however the response ends."""
+
+    def __init__(self, content: AsyncIterator[str], ticket: Ticket):
+        super().__init__(content, media_type="text/event-stream")
+        self.headers["Cache-Control"] = "no-cache"
+        self._ticket = ticket
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._ticket.cancel()
+            await self.body_iterator.aclose()
+
+
+def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings) -> FastAPI:
+    """The FastAPI application; it starts ``engine`` at startup and closes it at shutdown."""
+    cfg = engine.cfg
+    created = int(time.time())
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_: FastAPI):
+        engine.start()
+        yield
+        engine.close()
+
+    app = FastAPI(title="sparse_jax", lifespan=lifespan, docs_url=None, redoc_url=None)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        return JSONResponse(err.body(), status_code=err.status)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_: Request, err: HTTPException) -> JSONResponse:
+        error = ApiError(err.status_code, str(err.detail), code=f"http_{err.status_code}")
+        return JSONResponse(error.body(), status_code=err.status_code, headers=err.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_: Request, err: Exception) -> JSONResponse:
+        error = ApiError(500, f"internal error: {type(err).__name__}", kind="server_error")
+        return JSONResponse(error.body(), status_code=500)
+
+    def authorize(request: Request) -> None:
+        if settings.api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        scheme, _, key = given.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            key.strip().encode(), settings.api_key.encode()
+        ):
+            raise ApiError(
+                401,
+                "missing or wrong API key: send 'Authorization: Bearer <key>'",
+                kind="authentication_error",
+                code="invalid_api_key",
+            )
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        status = engine.status()
+        ok = status["running"]
+        body = {"status": "ok" if ok else "unavailable", "model": settings.model_name, **status}
+        return JSONResponse(body, status_code=200 if ok else 503)
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict:
+        authorize(request)
+        model = {
+            "id": settings.model_name,
+            "object": "model",
+            "created": created,
+            "owned_by": "sparse_jax",
+            "max_model_len": cfg.max_seq_len,
+        }
+        return {"object": "list", "data": [model]}
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        authorize(request)
+        body = await _read_body(request, settings.max_request_bytes)
+        req = protocol.parse_completion_request(body)
+        prompt_ids, engine_request = _engine_request(req, tokenizer, cfg.max_seq_len, settings)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+        try:
+            ticket = engine.submit(
+                engine_request, lambda e: loop.call_soon_threadsafe(events.put_nowait, e)
+            )
+        except EngineBusy as err:
+            raise ApiError(503, f"server busy: {err}", kind="server_error", code="busy") from None
+        except ValueError as err:
+            raise ApiError(400, str(err)) from None
+        text = TextStream(tokenizer, req.stop or ())
+        pieces = _pieces(ticket, events, text, request)
+        request_id = f"cmpl-{uuid.uuid4().hex}"
+        name = settings.model_name
+        if req.stream:
+            include_usage = req.stream_options is not None and req.stream_options.include_usage
+            stream = _sse(pieces, request_id, name, include_usage, len(prompt_ids), text)
+            return _EventStream(stream, ticket)
+        try:
+            parts, reason = [], None
+            async for piece, finish in pieces:
+                parts.append(piece)
+                reason = finish
+        except _ClientGone:
+            return JSONResponse({}, status_code=499)
+        finally:
+            ticket.cancel()
+        counts = protocol.usage(len(prompt_ids), len(text.tokens))
+        return protocol.completion_body(request_id, name, "".join(parts), reason, counts)
+
+    return app
+
+
+def _engine_request(
+    req: CompletionRequest, tokenizer: Tokenizer, context: int, settings: ServerSettings
+) -> tuple[list[int], EngineRequest]:
+    if req.model != settings.model_name:
+        raise ApiError(
+            404,
+            f"model {req.model!r} does not exist; this server serves {settings.model_name!r}",
+            param="model",
+            code="model_not_found",
+        )
+    max_tokens = req.max_tokens
+    if max_tokens is None:
+        max_tokens = min(protocol.DEFAULT_MAX_TOKENS, settings.max_tokens_limit)
+    if max_tokens > settings.max_tokens_limit:
+        raise ApiError(
+            400,
+            f"max_tokens={max_tokens} is over this server's limit of {settings.max_tokens_limit}",
+            param="max_tokens",
+        )
+    try:
+        ids = encode_prompt(tokenizer, context, req.prompt, max_tokens)
+    except ValueError as err:
+        raise ApiError(400, str(err), param="prompt", code="context_length_exceeded") from None
+    row = RowSettings(
+        temperature=req.temperature,
+        top_k=req.top_k or 0,
+        # top_p=1 is "off", exactly as Sampler(top_p=None): no token is cut by rounding.
+        top_p=req.top_p if req.top_p < 1.0 else TOP_P_OFF,
+        seed=(req.seed if req.seed is not None else uuid.uuid4().int) % (1 << 31),
+    )
+    return ids, EngineRequest(tuple(ids), max_tokens, row, (tokenizer.eos_id,))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    too_large = ApiError(413, f"the request body is over {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
+class _Watch:
+    """Tells, at most every :data:`DISCONNECT_POLL_S`, whether the client has gone."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.checked = time.monotonic()
+
+    async def gone(self) -> bool:
+        if time.monotonic() - self.checked < DISCONNECT_POLL_S:
+            return False
+        self.checked = time.monotonic()
+        return await self.request.is_disconnected()
+
+
+async def _next_event(events: asyncio.Queue[Event], watch: _Watch) -> Event:
+    while True:
+        if await watch.gone():
+            raise _ClientGone
+        with contextlib.suppress(TimeoutError):
+            return await asyncio.wait_for(events.get(), DISCONNECT_POLL_S)
+
+
+async def _pieces(
+    ticket: Ticket, events: asyncio.Queue[Event], text: TextStream, request: Request
+) -> AsyncIterator[tuple[str, str | None]]:
+    """(text piece, finish reason or None) as tokens arrive; the last has the reason."""
+    watch = _Watch(request)
+    while True:
+        event = await _next_event(events, watch)
+        piece = "" if event.token is None else text.push(event.token)
+        if text.stopped:
+            ticket.cancel()
+            yield piece, "stop"
+            return
+        if event.finish_reason is None:
+            if piece:
+                yield piece, None
+            continue
+        if event.finish_reason == "error":
+            raise ApiError(500, f"generation failed: {event.message}", kind="server_error")
+        if event.finish_reason == "cancelled":
+            raise ApiError(503, "the server is shutting down", kind="server_error")
+        yield piece + text.finish(), event.finish_reason
+        return
+
+
+async def _sse(
+    pieces: AsyncIterator[tuple[str, str | None]],
+    request_id: str,
+    model: str,
+    include_usage: bool,
+    prompt_tokens: int,
+    text: TextStream,
+) -> AsyncIterator[str]:
+    try:
+        async for piece, reason in pieces:
+            yield protocol.chunk_body(request_id, model, piece, reason)
+    except ApiError as err:
+        yield protocol.sse(err.body())
+        return
+    except _ClientGone:
+        return
+    if include_usage:
+        body = protocol.completion_body(request_id, model, "", None, None)
+        body["choices"] = []
+        body["usage"] = protocol.usage(prompt_tokens, len(text.tokens))
+        yield protocol.sse(body)
+    yield protocol.sse("[DONE]")

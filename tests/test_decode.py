@@ -1,0 +1,153 @@
+"""KV-cached decoding (masked path) against the uncached forward; cache, layout and errors."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from tolerances import F32_VS_F64
+
+from sparse_jax.config import ModelConfig
+from sparse_jax.decode import DecodeOptions, decode_step, prefill
+from sparse_jax.decode_layout import (
+    decode_param_shapes,
+    random_decode_params,
+    to_decode_params,
+)
+from sparse_jax.kv_cache import init_cache
+from sparse_jax.model import forward, init_params, unstack_layers
+
+# Local window 6 with 20-token sequences: local rings wrap several times.
+BASE = ModelConfig(
+    vocab_size=97,
+    model_dim=32,
+    num_layers=2,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=8,
+    ffn_dim=96,
+    attn_top_k=4,
+    sliding_window=6,
+    max_seq_len=32,
+    ffn_keep_fraction=0.1,
+)
+VARIANTS = {
+    "spark": BASE,
+    "dense": dataclasses.replace(BASE, ffn_kind="gated", attn_kind="dense", ffn_dim=64),
+    "mixed": dataclasses.replace(
+        BASE, attn_sparse_layers=(True, False), ffn_sparse_layers=(False, True)
+    ),
+}
+T = 20
+# Cached decoding reorders float32 sums (chunked keys, fused projections) against the forward.
+CACHED = F32_VS_F64
+# One options object (a static jit argument) and few shapes keep compilations shared.
+MASKED = DecodeOptions(path="masked", prefill_chunk=4)
+full_forward = jax.jit(forward, static_argnums=0)
+
+
+def _setup(name, seed=0, b=2):
+    cfg = VARIANTS[name]
+    params = init_params(cfg, jax.random.key(seed))
+    tokens = np.asarray(jax.random.randint(jax.random.key(seed + 1), (b, T), 0, cfg.vocab_size))
+    return cfg, params, tokens
+
+
+def _cached_logits(cfg, dparams, tokens, prompt_len, options):
+    """Logits at positions prompt_len-1 .. T-2 from prefill then one decode step per token."""
+    b = tokens.shape[0]
+    cache = init_cache(cfg, b, T)
+    logits, cache, _ = prefill(cfg, dparams, cache, tokens[:, :prompt_len], None, options)
+    out = [logits]
+    for t in range(prompt_len, T - 1):
+        logits, cache, _ = decode_step(cfg, dparams, cache, tokens[:, t], options)
+        out.append(logits)
+    return np.stack(out, axis=1)
+
+
+@pytest.mark.parametrize("name", ["spark", "dense", "mixed"])
+def test_cached_decode_equals_uncached_forward_past_the_window(name):
+    cfg, params, tokens = _setup(name)
+    want, _ = full_forward(cfg, params, jnp.asarray(tokens))
+    got = _cached_logits(cfg, to_decode_params(cfg, params), tokens, 8, MASKED)
+    np.testing.assert_allclose(got, np.asarray(want)[:, 7 : T - 1], **CACHED)
+
+
+def test_prefill_chunk_size_does_not_change_logits():
+    cfg, params, tokens = _setup("spark", seed=2)
+    dparams = to_decode_params(cfg, params)
+    whole, _, _ = prefill(cfg, dparams, init_cache(cfg, 2, T), tokens, None, MASKED)
+    chunked, _, _ = prefill(
+        cfg, dparams, init_cache(cfg, 2, T), tokens, None, DecodeOptions("masked", prefill_chunk=T)
+    )
+    np.testing.assert_allclose(chunked, whole, **CACHED)
+
+
+def test_left_padded_rows_equal_rows_prefilled_alone():
+    cfg, params, tokens = _setup("spark", seed=3)
+    dparams = to_decode_params(cfg, params)
+    lengths = np.array([8, 4])
+    cache = init_cache(cfg, 2, T)
+    logits, cache, _ = prefill(cfg, dparams, cache, tokens[:, :8], lengths, MASKED)
+    logits2, _, _ = decode_step(cfg, dparams, cache, tokens[:, 0], MASKED)
+    for row, n in enumerate(lengths):
+        alone = init_cache(cfg, 1, T)
+        want, alone, _ = prefill(
+            cfg, dparams, alone, tokens[row : row + 1, 8 - n : 8], None, MASKED
+        )
+        want2, _, _ = decode_step(cfg, dparams, alone, tokens[row : row + 1, 0], MASKED)
+        np.testing.assert_allclose(logits[row], want[0], **CACHED)
+        np.testing.assert_allclose(logits2[row], want2[0], **CACHED)
+
+
+def test_decode_layout_from_scanned_and_unscanned_params_agree():
+    cfg, params, _ = _setup("spark")
+    scanned = to_decode_params(cfg, params)
+    unscanned = to_decode_params(cfg, unstack_layers(params, cfg.num_layers))
+    jax.tree.map(np.testing.assert_array_equal, scanned, unscanned)
+    assert jax.tree.map(jnp.shape, scanned) == decode_param_shapes(cfg)
+
+
+@pytest.mark.parametrize("name", ["spark", "dense"])
+def test_random_decode_params_have_the_layout_and_dtype(name):
+    cfg = dataclasses.replace(VARIANTS[name], param_dtype="bfloat16")
+    params = random_decode_params(cfg, seed=1)
+    assert jax.tree.map(jnp.shape, params) == decode_param_shapes(cfg)
+    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
+    std = float(jnp.std(params["blocks"][0]["wqkv"].astype(jnp.float32)))
+    assert abs(std - cfg.model_dim**-0.5) < 0.2 * cfg.model_dim**-0.5
+
+
+def test_bfloat16_weights_match_the_forward_with_the_same_weights():
+    cfg = dataclasses.replace(BASE, param_dtype="bfloat16")
+    params = init_params(cfg, jax.random.key(5))
+    tokens = np.asarray(jax.random.randint(jax.random.key(6), (1, T), 0, cfg.vocab_size))
+    want, _ = full_forward(cfg, params, jnp.asarray(tokens))
+    sparse = DecodeOptions("sparse", prefill_chunk=16)
+    got = _cached_logits(cfg, to_decode_params(cfg, params), tokens, 16, sparse)
+    np.testing.assert_allclose(got, np.asarray(want)[:, 15 : T - 1], rtol=1e-3, atol=1e-3)
+
+
+def test_bad_input_raises_clear_errors():
+    cfg, params, tokens = _setup("spark")
+    dparams = to_decode_params(cfg, params)
+    cache = init_cache(cfg, 2, T)
+    with pytest.raises(ValueError, match="decode layout"):
+        prefill(cfg, params, cache, tokens[:, :4])
+    with pytest.raises(ValueError, match="out of range"):
+        prefill(cfg, dparams, cache, np.full((2, 4), cfg.vocab_size))
+    with pytest.raises(ValueError, match="does not fit"):
+        prefill(cfg, dparams, init_cache(cfg, 2, 4), tokens[:, :8])
+    with pytest.raises(ValueError, match="max_len"):
+        init_cache(cfg, 2, cfg.max_seq_len + 1)
+    with pytest.raises(ValueError, match="lengths"):
+        prefill(cfg, dparams, cache, tokens[:, :4], np.array([0, 4]))
+    for bad in (dict(path="fast"), dict(prefill_chunk=0), dict(attn_capacity=0)):
+        with pytest.raises(ValueError, match="DecodeOptions"):
+            DecodeOptions(**bad)
+    _, cache, _ = prefill(cfg, dparams, cache, tokens, None, MASKED)
+    with pytest.raises(ValueError, match="full"):
+        decode_step(cfg, dparams, cache, tokens[:, 0], MASKED)
+    with pytest.raises(ValueError, match="tokens must be"):
+        decode_step(cfg, dparams, cache, tokens[:, :2], MASKED)

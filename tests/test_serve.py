@@ -1,0 +1,218 @@
+"""The HTTP server over a trained checkpoint: the openai client, 32 clients, disconnects."""
+
+import asyncio
+import contextlib
+import json
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import openai
+import portpicker
+import pytest
+import uvicorn
+from test_training import MICRO_MODEL, MICRO_TRAIN
+
+from sparse_jax.generate import generate
+from sparse_jax.loading import load
+from sparse_jax.sampling import GREEDY, Sampler
+from sparse_jax.server.app import ServerSettings, create_app
+from sparse_jax.server.engine import Engine
+from sparse_jax.textgen import TextGenerator
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+NAME = "micro"
+# A longer context than training saw, so that a request can run long enough to be cut off.
+SERVE_MODEL = [*(m for m in MICRO_MODEL if not m.startswith("max_seq_len")), "max_seq_len=64"]
+SERVE_TRAIN = [
+    *(t for t in MICRO_TRAIN if t.split("=")[0] not in ("steps", "checkpoint_every")),
+    "steps=60",
+    "checkpoint_every=60",
+]
+PROMPTS = [
+    "In the beginning",
+    "And the LORD said",
+    "Blessed are the meek",
+    "And God saw the light",
+    "Thou shalt not",
+    "Let there be",
+]
+
+
+def train_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
+    """Trains the serving tests' micro model with ``train.py``; returns the workdir."""
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "tiny", "--workdir", str(workdir)]
+    out = subprocess.run(
+        [*cmd, "--set", *SERVE_MODEL, *SERVE_TRAIN], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stdout + out.stderr
+    return workdir
+
+
+@contextlib.contextmanager
+def serving(app):
+    """Runs ``app`` with uvicorn on a free loopback port in a thread; yields the base URL."""
+    port = portpicker.pick_unused_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+
+
+def wait_until(predicate, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return train_checkpoint(tmp_path_factory.mktemp("serve"))
+
+
+@pytest.fixture(scope="module")
+def served(checkpoint):
+    model = load(checkpoint)
+    engine = Engine(model.config, model.params, slots=8).start(warmup=True)
+    app = create_app(engine, model.tokenizer, ServerSettings(NAME, max_tokens_limit=48))
+    with serving(app) as url:
+        yield url, engine, TextGenerator(model)
+
+
+def _client(url, **kwargs):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, **kwargs)
+
+
+def test_openai_client_gets_whole_and_streamed_completions(served):
+    url, _, generator = served
+    client = _client(url)
+    assert [m.id for m in client.models.list()] == [NAME]
+    want = generator.complete(PROMPTS[1], max_tokens=12, sampler=GREEDY)
+    whole = client.completions.create(model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0)
+    assert whole.choices[0].text == want.text and want.text
+    assert whole.choices[0].finish_reason == want.finish_reason
+    assert whole.usage.prompt_tokens == want.prompt_tokens
+    assert whole.usage.completion_tokens == want.completion_tokens
+    chunks = list(
+        client.completions.create(
+            model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == want.text
+    assert len(chunks) > 2 and chunks[-1].choices[0].finish_reason == want.finish_reason
+
+
+def test_seeded_sampling_matches_the_one_prompt_generator(served):
+    url, _, generator = served
+    sampler = Sampler(temperature=0.8, top_k=20, top_p=0.9)
+    want = generator.complete(PROMPTS[1], max_tokens=12, sampler=sampler, seed=11).text
+    for _ in range(2):
+        got = _client(url).completions.create(
+            model=NAME,
+            prompt=PROMPTS[1],
+            max_tokens=12,
+            temperature=0.8,
+            top_p=0.9,
+            seed=11,
+            extra_body={"top_k": 20},
+        )
+        assert got.choices[0].text == want
+
+
+def test_a_stop_string_cuts_the_text(served):
+    url, _, generator = served
+    full = generator.complete(PROMPTS[1], max_tokens=12, sampler=GREEDY).text
+    stop = full[4:7]
+    got = _client(url).completions.create(
+        model=NAME, prompt=PROMPTS[1], max_tokens=12, temperature=0, stop=[stop, "\x00"]
+    )
+    assert got.choices[0].text == full[: full.index(stop)]
+    assert got.choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_clients_get_single_request_greedy_text(served):
+    url, engine, generator = served
+    cfg, tokenizer = generator.config, generator.tokenizer
+    longest = 16
+    tokens = {}
+    for prompt in PROMPTS:  # one request at a time, as generate() runs it alone
+        ids = generator.encode_prompt(prompt, longest)
+        result = generate(
+            cfg,
+            generator.params,
+            [ids],
+            max_new_tokens=longest,
+            stop_tokens=(tokenizer.eos_id,),
+            cache_len=cfg.max_seq_len,
+        )
+        tokens[prompt] = result.tokens[0]
+    before = engine.status()
+
+    async def client_session(client, index):
+        texts = []
+        for turn in range(3):
+            prompt = PROMPTS[(index + turn) % len(PROMPTS)]
+            max_tokens = (6, 9, 12, 16)[(index + turn) % 4]
+            kwargs = dict(model=NAME, prompt=prompt, max_tokens=max_tokens, temperature=0)
+            if (index + turn) % 2:
+                stream = await client.completions.create(**kwargs, stream=True)
+                text = "".join([c.choices[0].text async for c in stream])
+            else:
+                text = (await client.completions.create(**kwargs)).choices[0].text
+            texts.append((prompt, max_tokens, text))
+        return texts
+
+    async def main():
+        client = openai.AsyncOpenAI(
+            base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120
+        )
+        return await asyncio.gather(*(client_session(client, i) for i in range(32)))
+
+    sessions = asyncio.run(main())
+    results = [r for session in sessions for r in session]
+    assert len(results) == 96
+    for prompt, max_tokens, text in results:
+        assert text == tokenizer.decode(tokens[prompt][:max_tokens]), (prompt, max_tokens)
+    after = engine.status()
+    generated = after["tokens"] - before["tokens"]
+    assert after["active"] == 0 and after.get("finished_error", 0) == 0
+    assert after["decode_steps"] - before["decode_steps"] < generated / 4  # steps were shared
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "whole"])
+def test_a_client_that_disconnects_frees_its_slot(served, monkeypatch, stream):
+    url, engine, _ = served
+    decode_rows = engine._decode_rows
+
+    def slow_decode_rows():  # 40 tokens take seconds: the client leaves long before the end
+        time.sleep(0.05)
+        return decode_rows()
+
+    monkeypatch.setattr(engine, "_decode_rows", slow_decode_rows)
+    before = engine.status()
+    body = dict(model=NAME, prompt=PROMPTS[0], max_tokens=40, temperature=0, stream=stream)
+    with httpx.Client(base_url=url, timeout=1.0) as client:
+        if stream:
+            with client.stream("POST", "/v1/completions", json=body) as response:
+                first = next(response.iter_lines())
+                assert first.startswith("data: ") and json.loads(first[6:])["choices"]
+        else:
+            with pytest.raises(httpx.ReadTimeout):
+                client.post("/v1/completions", json=body)
+    wait_until(lambda: engine.status()["active"] == 0, timeout=10)
+    after = engine.status()
+    assert after["finished_cancelled"] == before.get("finished_cancelled", 0) + 1
+    assert after.get("finished_length") == before.get("finished_length")
