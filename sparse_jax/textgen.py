@@ -71,12 +71,22 @@ class TextStream:
       stopped: whether a stop string was found (push nothing more).
     """
 
-    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = ()):
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str] = (), context: Sequence[int] = ()):
         self.tokenizer = tokenizer
         self.stop = [s for s in stop if s]
+        # The prompt's last token, decoded with the completion: SentencePiece drops a leading
+        # space from the first piece it decodes, which would glue the completion to the prompt.
+        self._context = [int(t) for t in context[-1:]]
+        self._context_text = tokenizer.decode(self._context)
         self.tokens: list[int] = []
         self.text = ""
         self.stopped = False
+
+    def _decode(self) -> str:
+        full = self.tokenizer.decode(self._context + self.tokens)
+        if full.startswith(self._context_text):
+            return full[len(self._context_text) :]
+        return self.tokenizer.decode(self.tokens)
 
     def _emit(self, text: str) -> str:
         if text.startswith(self.text) and len(text) > len(self.text):
@@ -87,7 +97,7 @@ class TextStream:
     def push(self, token: int) -> str:
         """Adds one token; returns the text it completes (often "", never past a stop string)."""
         self.tokens.append(int(token))
-        text = self.tokenizer.decode(self.tokens)
+        text = self._decode()
         cut = min((text.find(s) for s in self.stop if s in text), default=-1)
         if cut >= 0:
             self.stopped = True
@@ -111,7 +121,7 @@ class TextStream:
         """The text still held back once generation has ended."""
         if self.stopped:
             return ""
-        return self._emit(self.tokenizer.decode(self.tokens))
+        return self._emit(self._decode())
 
 
 class TextGenerator:
@@ -141,7 +151,7 @@ class TextGenerator:
         After the generator is exhausted, ``self.last`` holds the :class:`Completion`.
         """
         ids = self.encode_prompt(prompt, max_tokens)
-        text = TextStream(self.tokenizer, stop)
+        text = TextStream(self.tokenizer, stop, context=ids)
         reason = "length"
         for out in stream_tokens(
             self.config,

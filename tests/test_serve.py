@@ -185,7 +185,10 @@ def test_32_concurrent_clients_get_single_request_greedy_text(served):
     results = [r for session in sessions for r in session]
     assert len(results) == 96
     for prompt, max_tokens, text in results:
-        assert text == tokenizer.decode(tokens[prompt][:max_tokens]), (prompt, max_tokens)
+        # The completion's text as it reads after the prompt (leading space kept).
+        ids = tokenizer.encode(prompt, add_bos=True)
+        full = tokenizer.decode(ids + list(tokens[prompt][:max_tokens]))
+        assert text == full[len(tokenizer.decode(ids)) :], (prompt, max_tokens)
     after = engine.status()
     generated = after["tokens"] - before["tokens"]
     assert after["active"] == 0 and after.get("finished_error", 0) == 0

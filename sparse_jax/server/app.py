@@ -162,7 +162,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings) -
             raise ApiError(503, f"server busy: {err}", kind="server_error", code="busy") from None
         except ValueError as err:
             raise ApiError(400, str(err)) from None
-        text = TextStream(tokenizer, req.stop or ())
+        text = TextStream(tokenizer, req.stop or (), context=prompt_ids)
         pieces = _pieces(ticket, events, text, request)
         request_id = f"cmpl-{uuid.uuid4().hex}"
         name = settings.model_name
