@@ -41,13 +41,13 @@ NAMES = ("gemma2_2b", "spark_gemma2_2b")
 RESULTS = pathlib.Path(__file__).parent / "results"
 
 
-def timed(fn, *args, repeats: int) -> float:
+def timed(fn, *args, repeats: int, **kwargs) -> float:
     """Median wall milliseconds of ``fn(*args)`` over ``repeats`` calls after one warm-up."""
-    jax.block_until_ready(fn(*args))
+    jax.block_until_ready(fn(*args, **kwargs))
     samples = []
     for _ in range(repeats):
         start = time.perf_counter()
-        jax.block_until_ready(fn(*args))
+        jax.block_until_ready(fn(*args, **kwargs))
         samples.append((time.perf_counter() - start) * 1e3)
     return statistics.median(samples)
 
@@ -127,23 +127,29 @@ def prefill_ms(cfg, params, length: int, chunk: int) -> float:
 
 
 def attention_ms(base_cfgs, context: int, repeats: int) -> dict[str, float]:
-    """One global layer's attention of one query over ``context`` cached tokens."""
+    """One global layer's attention of one query over ``context`` keys, as in a decode step:
+    ``context - 1`` cached tokens plus the current token's own key."""
     out = {}
     for name, cfg in base_cfgs.items():
         cfg = dataclasses.replace(cfg, max_seq_len=context)
         layer_idx = cfg.layer_types.index("global")
-        cache = synthetic_cache(cfg, 1, context, context, seed=3)
+        cache = synthetic_cache(cfg, 1, context - 1, context, seed=3)
         layer = cache.layers[layer_idx]
+        new = {
+            k: jax.random.normal(jax.random.key(5), (*v.shape[:2], 1, v.shape[3]), v.dtype)
+            for k, v in layer.items()
+            if k != "pos"
+        }
+        new["pos"] = jnp.full((1, 1), context - 1, jnp.int32)
         q = jax.random.normal(jax.random.key(4), (1, 1, cfg.num_heads, cfg.head_dim))
-        q_pos = jnp.full((1, 1), context - 1, jnp.int32)
         window = cfg.layer_windows[layer_idx]
         masked = jax.jit(functools.partial(attend_masked, cfg, window=window, enabled=True))
-        out[name] = timed(masked, q, layer, q_pos, repeats=repeats)
+        out[name] = timed(masked, q, layer, new["pos"], new=new, repeats=repeats)
         if cfg.attn_kind == "spark":
             cap = DecodeOptions().attn_cap(cfg, context)
             sparse = jax.jit(functools.partial(attend_sparse, cfg, window=window, cap=cap))
             out[name + "/masked"] = out[name]
-            out[name] = timed(sparse, q, layer, q_pos, repeats=repeats)
+            out[name] = timed(sparse, q, layer, new["pos"], new=new, repeats=repeats)
         del cache, layer
     return out
 

@@ -141,7 +141,7 @@ def _ffn(cfg, opts, p, i, x, decoding):
     return spark_ffn_sparse(cfg, p, x, mode, caps[0] if mode == "per_token" else caps[1])
 
 
-def _attend(cfg, opts, i, q, layer, pos, decoding):
+def _attend(cfg, opts, i, q, layer, pos, decoding, new=None):
     window = cfg.layer_windows[i]
     enabled = cfg.attn_sparse_layers[i]
     cap = opts.attn_cap(cfg, layer["pos"].shape[1])
@@ -155,8 +155,8 @@ def _attend(cfg, opts, i, q, layer, pos, decoding):
         )
     )
     if sparse:
-        return attend_sparse(cfg, q, layer, pos, window, cap)
-    out, kept = attend_masked(cfg, q, layer, pos, window, enabled)
+        return attend_sparse(cfg, q, layer, pos, window, cap, new)
+    out, kept = attend_masked(cfg, q, layer, pos, window, enabled, new)
     return out, kept, jnp.zeros((), jnp.int32)
 
 
@@ -166,8 +166,9 @@ def _block(cfg, opts, p, i, layer, x, pos, start, decoding):
     eps = cfg.norm_eps
     q, new = _project(cfg, p, rms_norm(x, p["pre_attn_norm"], eps), pos)
     if decoding:
-        layer = write_one(layer, new, start % layer["pos"].shape[1])
-        out, kept, attn_over = _attend(cfg, opts, i, q, layer, pos, True)
+        # The cache is only read here; decode_step_jit writes the new entries afterwards.
+        out, kept, attn_over = _attend(cfg, opts, i, q, layer, pos, True, new)
+        layer = new
     else:
         # Chunk queries attend to the cache before the chunk plus the chunk itself; the chunk
         # is written afterwards, as it may evict keys its own first queries still see.
@@ -193,9 +194,12 @@ def _block(cfg, opts, p, i, layer, x, pos, start, decoding):
 
 
 def _forward(cfg, opts, params, cache, tokens, pos, decoding):
-    """Embeds tokens [B, T], runs every layer, returns last-position logits [B, V]."""
+    """Embeds tokens [B, T] and runs every layer.
+
+    Returns last-position logits [B, V], per-layer cache entries (the updated layers when
+    prefilling, the new token's entries when decoding) and per-layer stats.
+    """
     dtype = jnp.dtype(cfg.dtype)
-    emb = params["embedding"]
     rows = jnp.take(params["lookup"], tokens, axis=0)
     x = rows.astype(dtype) * jnp.asarray(cfg.model_dim**0.5, dtype)
     layers, per_layer = [], []
@@ -205,27 +209,44 @@ def _forward(cfg, opts, params, cache, tokens, pos, decoding):
         layers.append(layer)
         per_layer.append(stats)
     last = rms_norm(x[:, -1], params["final_norm"], cfg.norm_eps)
-    logits = softcap(linear(last, emb), cfg.final_logit_softcap)
+    logits = softcap(linear(last, params["embedding"]), cfg.final_logit_softcap)
     stats = {name: jnp.stack([s[name] for s in per_layer]) for name in per_layer[0]}
-    real = jnp.sum(pos >= 0, axis=1, dtype=jnp.int32)
-    new_cache = KVCache(
-        layers=tuple(layers), length=cache.length + tokens.shape[1], next_pos=cache.next_pos + real
-    )
-    return logits, new_cache, stats
+    return logits, tuple(layers), stats
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opts"), donate_argnames=("cache",))
 def _prefill_chunk(cfg, opts, params, cache, tokens, pos):
-    return _forward(cfg, opts, params, cache, tokens, pos, decoding=False)
+    logits, layers, stats = _forward(cfg, opts, params, cache, tokens, pos, decoding=False)
+    real = jnp.sum(pos >= 0, axis=1, dtype=jnp.int32)
+    length = cache.length + tokens.shape[1]
+    return logits, KVCache(layers=layers, length=length, next_pos=cache.next_pos + real), stats
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opts"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("cfg", "opts"))
+def _decode_compute(cfg, opts, params, cache, tokens):
+    return _forward(cfg, opts, params, cache, tokens[:, None], cache.next_pos[:, None], True)
+
+
+@functools.partial(jax.jit, donate_argnames=("cache",))
+def _decode_write(cache: KVCache, new: tuple[dict[str, jax.Array], ...]) -> KVCache:
+    layers = tuple(
+        write_one(layer, entries, cache.length % layer["pos"].shape[1])
+        for layer, entries in zip(cache.layers, new, strict=True)
+    )
+    return KVCache(layers=layers, length=cache.length + 1, next_pos=cache.next_pos + 1)
+
+
 def decode_step_jit(
     cfg: ModelConfig, opts: DecodeOptions, params: DecodeParams, cache: KVCache, tokens: jax.Array
 ) -> tuple[jax.Array, KVCache, Stats]:
-    """Unchecked jitted decode step (the cache is donated): see :func:`decode_step`."""
-    pos = cache.next_pos[:, None]
-    return _forward(cfg, opts, params, cache, tokens[:, None], pos, decoding=True)
+    """Unchecked decode step (see :func:`decode_step`); the cache is donated.
+
+    Two jitted programs: one reads the cache and computes the logits and this token's cache
+    entries, one writes those entries in place. In a single program XLA's CPU backend copied
+    the whole cache of every layer it both read (through a dot) and updated.
+    """
+    logits, new, stats = _decode_compute(cfg, opts, params, cache, tokens)
+    return logits, _decode_write(cache, new), stats
 
 
 def check_decode_params(cfg: ModelConfig, params: DecodeParams) -> None:

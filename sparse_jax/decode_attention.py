@@ -67,12 +67,37 @@ def _per_kv(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return out.reshape(bsz, kv, g, t, out.shape[-1])
 
 
-def spark_scores(cfg: ModelConfig, qg: jax.Array, k_pred: jax.Array) -> jax.Array:
-    """Soft-capped predictor scores [B, K, G, T, S] float32 of grouped queries [B, K, G, T, H]."""
+def _scores(q: jax.Array, layer: dict, new: dict | None, name: str) -> jax.Array:
+    """q [B, K, G, T, W] against cached keys ``layer[name]`` then the new ones: [.., S (+1)]."""
+    scores = _per_kv("scores", q, layer[name])
+    if new is None:
+        return scores
+    return jnp.concatenate([scores, _per_kv("scores", q, new[name])], axis=-1)
+
+
+def _values(weights: jax.Array, layer: dict, new: dict | None) -> jax.Array:
+    """Weights [B, K, G, T, S (+1)] over cached (then new) values: [B, K, G, T, H]."""
+    v = layer["v"]
+    s = v.shape[2]
+    out = _per_kv("values", weights[..., :s].astype(v.dtype), v)
+    if new is not None:
+        out = out + _per_kv("values", weights[..., s:].astype(v.dtype), new["v"])
+    return out
+
+
+def _valid(q_pos: jax.Array, layer: dict, new: dict | None, window: int) -> jax.Array:
+    """bool [B, T, S (+1)]: causal, in-window, filled slots (and the new keys)."""
+    pos = layer["pos"] if new is None else jnp.concatenate([layer["pos"], new["pos"]], axis=1)
+    return attention_mask(q_pos, pos, window)
+
+
+def spark_scores(
+    cfg: ModelConfig, qg: jax.Array, layer: dict, new: dict | None = None
+) -> jax.Array:
+    """Soft-capped predictor scores [B, K, G, T, S (+1)] float32 of queries [B, K, G, T, H]."""
     r = cfg.attn_predictor_dim
     q_pred = qg[..., :r] * jnp.asarray(cfg.resolved_predictor_query_scale, qg.dtype)
-    scores = _per_kv("scores", q_pred, k_pred)
-    return softcap(scores, cfg.attn_logit_softcap)
+    return softcap(_scores(q_pred, layer, new, "k_pred"), cfg.attn_logit_softcap)
 
 
 def spark_keep(
@@ -97,25 +122,23 @@ def spark_keep(
     return keep & valid
 
 
-def _spark_combine(
-    cfg: ModelConfig, qg: jax.Array, scores: jax.Array, keep: jax.Array, layer: dict
-) -> jax.Array:
-    """Masked Spark combination: [B, K, G, T, H] float32 from all S cached keys."""
+def _gate_query(cfg: ModelConfig, qg: jax.Array) -> jax.Array:
     r = cfg.attn_predictor_dim
+    return qg[..., r:] * jnp.asarray(cfg.resolved_gate_query_scale, qg.dtype)
+
+
+def _spark_combine(cfg, qg, scores, keep, layer, new=None) -> jax.Array:
+    """Masked Spark combination: [B, K, G, T, H] float32 from every cached (and new) key."""
     probs = _safe_softmax(jnp.where(keep, scores, -jnp.inf))
-    q_gate = qg[..., r:] * jnp.asarray(cfg.resolved_gate_query_scale, qg.dtype)
-    gate = _per_kv("scores", q_gate, layer["k_rest"])
-    weights = (probs * jax.nn.softplus(gate)).astype(layer["v"].dtype)
-    return _per_kv("values", weights, layer["v"])
+    gate = _scores(_gate_query(cfg, qg), layer, new, "k_rest")
+    return _values(probs * jax.nn.softplus(gate), layer, new)
 
 
-def _dense_combine(cfg: ModelConfig, qg: jax.Array, valid: jax.Array, layer: dict) -> jax.Array:
-    """Dense softmax attention: [B, K, G, T, H] float32 from all S cached keys."""
+def _dense_combine(cfg, qg, valid, layer, new=None) -> jax.Array:
+    """Dense softmax attention: [B, K, G, T, H] float32 from every cached (and new) key."""
     q = qg * jnp.asarray(cfg.resolved_query_scale, qg.dtype)
-    scores = _per_kv("scores", q, layer["k"])
-    scores = softcap(scores, cfg.attn_logit_softcap)
-    probs = _safe_softmax(jnp.where(valid[:, None, None], scores, -jnp.inf))
-    return _per_kv("values", probs.astype(layer["v"].dtype), layer["v"])
+    scores = softcap(_scores(q, layer, new, "k"), cfg.attn_logit_softcap)
+    return _values(_safe_softmax(jnp.where(valid[:, None, None], scores, -jnp.inf)), layer, new)
 
 
 def _ungroup(out: jax.Array) -> jax.Array:
@@ -131,6 +154,7 @@ def attend_masked(
     q_pos: jax.Array,
     window: int,
     enabled: bool,
+    new: dict[str, jax.Array] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
     """Attention of T queries per row over a cache, reading every slot.
 
@@ -141,20 +165,22 @@ def attend_masked(
       q_pos: [B, T] query positions; -1 marks a padding query (its output is 0).
       window: the layer's attention window.
       enabled: Spark layers only: false keeps every valid key.
+      new: optional entries not yet in the cache (same keys, one slot: [B, K, 1, *] and
+        ``pos`` [B, 1]), attended after the cached ones.
 
     Returns:
       out [B, T, N, H] float32 and the number of attended keys per query [B, N, T] (float32).
     """
-    valid = attention_mask(q_pos, layer["pos"], window)
+    valid = _valid(q_pos, layer, new, window)
     qg = _grouped(cfg, q)
     b, kv, g, t, _ = qg.shape
     if cfg.attn_kind == "spark":
-        scores = spark_scores(cfg, qg, layer["k_pred"])
+        scores = spark_scores(cfg, qg, layer, new)
         keep = spark_keep(cfg, scores, valid, enabled)
-        out = _spark_combine(cfg, qg, scores, keep, layer)
+        out = _spark_combine(cfg, qg, scores, keep, layer, new)
         kept = jnp.sum(keep, axis=-1, dtype=jnp.float32).reshape(b, kv * g, t)
     else:
-        out = _dense_combine(cfg, qg, valid, layer)
+        out = _dense_combine(cfg, qg, valid, layer, new)
         kept = jnp.broadcast_to(jnp.sum(valid, axis=-1, dtype=jnp.float32)[:, None], (b, kv * g, t))
     return _ungroup(out), kept
 
@@ -183,48 +209,56 @@ def attend_sparse(
     q_pos: jax.Array,
     window: int,
     cap: int,
+    new: dict[str, jax.Array],
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Spark attention of one query per row, gathering only the kept keys' rest and values.
+
+    The current token's own key is not in the cache yet (``new``): it takes part in the
+    threshold and the softmax as key number S, and its term is added outside the gather.
 
     Args:
       cfg: model config (``attn_kind`` must be "spark").
       q: [B, 1, N, H] rotated queries.
-      layer: one layer's cache entries, the current token already written.
+      layer: one layer's cache entries before this token.
       q_pos: [B, 1] query positions.
       window: the layer's attention window.
       cap: static number of gathered keys per query head (see :func:`attention_capacity`).
+      new: this token's entries ([B, K, 1, *] and ``pos`` [B, 1]).
 
     Returns:
       out [B, 1, N, H] float32, kept keys per query [B, N, 1] float32, and an int32 scalar:
       1 if some query head kept more keys than the capacity (the masked combination was used).
     """
-    valid = attention_mask(q_pos, layer["pos"], window)
+    valid = _valid(q_pos, layer, new, window)
     qg = _grouped(cfg, q)
     b, kv, g, _, h = qg.shape
-    r = cfg.attn_predictor_dim
-    scores = spark_scores(cfg, qg, layer["k_pred"])
+    s = layer["pos"].shape[1]
+    scores = spark_scores(cfg, qg, layer, new)
     keep = spark_keep(cfg, scores, valid, True)
-    idx, count = compact(keep[:, :, :, 0], cap)  # [B, K, G, C], [B, K, G]
+    idx, count = compact(keep[:, :, :, 0], cap)  # [B, K, G, C] in [0, S], [B, K, G]
     overflow = jnp.any(count > cap)
 
     def masked(_: None) -> jax.Array:
-        return _spark_combine(cfg, qg, scores, keep, layer)[:, :, :, 0]
+        return _spark_combine(cfg, qg, scores, keep, layer, new)[:, :, :, 0]
 
     def gathered(_: None) -> jax.Array:
         picked = jnp.take_along_axis(scores[:, :, :, 0], idx, axis=-1)
         in_count = jnp.arange(cap) < count[..., None]
         p = _safe_softmax(jnp.where(in_count, picked, -jnp.inf))
-        q_rest = qg[:, :, :, 0, r:] * jnp.asarray(cfg.resolved_gate_query_scale, qg.dtype)
+        is_new = (idx == s) & in_count
+        q_rest = _gate_query(cfg, qg)[:, :, :, 0]  # [B, K, G, H-R]
         out = topk_attention_gathered(
-            q_rest.reshape(b, kv * g, h - r),
-            p.reshape(b, kv * g, cap),
-            idx.reshape(b, kv * g, cap),
+            q_rest.reshape(b, kv * g, -1),
+            jnp.where(is_new, 0.0, p).reshape(b, kv * g, cap),
+            jnp.where(is_new, 0, idx).reshape(b, kv * g, cap),
             layer["k_rest"],
             layer["v"],
-        )
-        return out.reshape(b, kv, g, h)
+        ).reshape(b, kv, g, h)
+        p_new = jnp.sum(jnp.where(is_new, p, 0.0), axis=-1)  # [B, K, G]
+        gate_new = jnp.einsum("bkgr,bkr->bkg", q_rest, new["k_rest"][:, :, 0])
+        weight_new = p_new * jax.nn.softplus(gate_new.astype(jnp.float32))
+        return out + weight_new[..., None] * new["v"][:, :, 0][:, :, None].astype(jnp.float32)
 
     out = jax.lax.cond(overflow, masked, gathered, None)
     kept = count.astype(jnp.float32).reshape(b, kv * g, 1)
-    out = out.reshape(b, 1, kv * g, h)
-    return out, kept, overflow.astype(jnp.int32)
+    return out.reshape(b, 1, kv * g, h), kept, overflow.astype(jnp.int32)
