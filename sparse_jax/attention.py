@@ -20,8 +20,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from sparse_jax.config import ModelConfig
+from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.layers import dtype_of, softcap, split_rope
-from sparse_jax.topk import statistical_topk_mask
 
 qkv_init = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2)
@@ -82,6 +82,7 @@ def attend_spark(
     v: jax.Array,
     valid: jax.Array,
     enabled: jax.Array | bool = True,
+    kernels: Kernels = DEFAULT_KERNELS,
 ) -> tuple[jax.Array, jax.Array]:
     """Spark attention with statistical top-k over the predictor scores.
 
@@ -91,6 +92,7 @@ def attend_spark(
       k, v: [B, S, K, H], k halves already rotated.
       valid: bool [B, T, S].
       enabled: false keeps every valid key (per-layer sparsity switch).
+      kernels: the implementation of the top-k (:mod:`sparse_jax.kernels`).
 
     Returns:
       out [B, T, N, H] and the mean number of kept keys per query (scalar).
@@ -101,7 +103,7 @@ def attend_spark(
     q_gate = qg[..., r:] * jnp.asarray(cfg.resolved_gate_query_scale, q.dtype)
     scores = jnp.einsum("btkgr,bskr->bkgts", q_pred, k[..., :r], preferred_element_type=jnp.float32)
     scores = softcap(scores, cfg.attn_logit_softcap)
-    kept = statistical_topk_mask(
+    kept = kernels.mask_topk(
         scores,
         cfg.attn_top_k,
         valid=valid[:, None, None],
@@ -120,6 +122,7 @@ class Attention(nn.Module):
     """Projections, RoPE and the attend function chosen by ``cfg.attn_kind``."""
 
     cfg: ModelConfig
+    kernels: Kernels = DEFAULT_KERNELS
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -145,7 +148,7 @@ class Attention(nn.Module):
         self, q: jax.Array, k: jax.Array, v: jax.Array, valid: jax.Array, enabled: jax.Array
     ) -> tuple[jax.Array, jax.Array]:
         if self.cfg.attn_kind == "spark":
-            return attend_spark(self.cfg, q, k, v, valid, enabled)
+            return attend_spark(self.cfg, q, k, v, valid, enabled, self.kernels)
         return attend_dense(self.cfg, q, k, v, valid)
 
     def output(self, out: jax.Array) -> jax.Array:

@@ -36,6 +36,7 @@ from sparse_jax.decode_ffn import (
     spark_ffn_sparse,
 )
 from sparse_jax.decode_layout import DecodeParams, linear
+from sparse_jax.kernels import Kernels
 from sparse_jax.kv_cache import KVCache, split_keys, write_many, write_one
 from sparse_jax.layers import softcap, split_rope
 
@@ -58,6 +59,11 @@ class DecodeOptions:
       ffn_capacity: if set, the gathered neurons per selection (per token or union) instead of
         the slack rule; >= 1.
       attn_capacity: if set, the gathered keys per query head instead of the slack rule; >= 1.
+      implementation: the gathered FFN and attention of the sparse path run through
+        :class:`sparse_jax.kernels.Kernels` with this implementation ("auto": Pallas on TPU
+        and GPU, XLA elsewhere; "xla"; "pallas_tpu"; "pallas_gpu"). The union FFN gather for
+        batches is always XLA (one gather shared by the batch).
+      interpret: run an explicit Pallas implementation in Pallas interpret mode.
     """
 
     path: str = "auto"
@@ -66,8 +72,12 @@ class DecodeOptions:
     prefill_chunk: int = 256
     ffn_capacity: int | None = None
     attn_capacity: int | None = None
+    implementation: str = "auto"
+    interpret: bool = False
 
     def __post_init__(self) -> None:
+        # Validates implementation and interpret (ValueError on a bad pair).
+        Kernels(self.implementation, self.interpret)
         if self.path not in PATHS:
             raise ValueError(f"DecodeOptions.path={self.path!r} must be one of {PATHS}")
         if not self.capacity_slack >= 0:
@@ -84,6 +94,11 @@ class DecodeOptions:
             value = getattr(self, field)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise ValueError(f"DecodeOptions.{field}={value!r} must be an integer >= 1")
+
+    @property
+    def kernels(self) -> Kernels:
+        """The kernel seam of the sparse path."""
+        return Kernels(self.implementation, self.interpret)
 
     def ffn_caps(self, cfg: ModelConfig, batch_size: int) -> tuple[int, int]:
         """(per-token, union) FFN capacities at this batch size."""
@@ -138,7 +153,8 @@ def _ffn(cfg, opts, p, i, x, decoding):
     if mode == "masked":
         y, active = spark_ffn_masked(cfg, p, x, enabled)
         return y, active, zero
-    return spark_ffn_sparse(cfg, p, x, mode, caps[0] if mode == "per_token" else caps[1])
+    cap = caps[0] if mode == "per_token" else caps[1]
+    return spark_ffn_sparse(cfg, p, x, mode, cap, opts.kernels)
 
 
 def _attend(cfg, opts, i, q, layer, pos, decoding, new=None):
@@ -155,7 +171,7 @@ def _attend(cfg, opts, i, q, layer, pos, decoding, new=None):
         )
     )
     if sparse:
-        return attend_sparse(cfg, q, layer, pos, window, cap, new)
+        return attend_sparse(cfg, q, layer, pos, window, cap, new, opts.kernels)
     out, kept = attend_masked(cfg, q, layer, pos, window, enabled, new)
     return out, kept, jnp.zeros((), jnp.int32)
 

@@ -18,13 +18,16 @@ import jax.numpy as jnp
 
 from sparse_jax.attention import attention_mask
 from sparse_jax.config import ModelConfig
+from sparse_jax.kernels import Kernels
 from sparse_jax.layers import softcap
-from sparse_jax.sparse_decode import capacity, compact, topk_attention_gathered
+from sparse_jax.sparse_decode import capacity, compact
 from sparse_jax.topk import statistical_threshold
 
 # Relative cost of one gathered byte against one streamed byte on the project's 2-core CPU:
 # XLA's row gather of 8% of a [13824, 1280] table ran at 5-6 GB/s, a matvec at 22-28 GB/s.
 GATHER_COST = 4.0
+
+XLA_KERNELS = Kernels("xla")
 
 
 def _grouped(cfg: ModelConfig, q: jax.Array) -> jax.Array:
@@ -210,6 +213,7 @@ def attend_sparse(
     window: int,
     cap: int,
     new: dict[str, jax.Array],
+    kernels: Kernels = XLA_KERNELS,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Spark attention of one query per row, gathering only the kept keys' rest and values.
 
@@ -224,6 +228,7 @@ def attend_sparse(
       window: the layer's attention window.
       cap: static number of gathered keys per query head (see :func:`attention_capacity`).
       new: this token's entries ([B, K, 1, *] and ``pos`` [B, 1]).
+      kernels: runs the gathered combination (:mod:`sparse_jax.kernels`).
 
     Returns:
       out [B, 1, N, H] float32, kept keys per query [B, N, 1] float32, and an int32 scalar:
@@ -247,7 +252,7 @@ def attend_sparse(
         p = _safe_softmax(jnp.where(in_count, picked, -jnp.inf))
         is_new = (idx == s) & in_count
         q_rest = _gate_query(cfg, qg)[:, :, :, 0]  # [B, K, G, H-R]
-        out = topk_attention_gathered(
+        out = kernels.topk_attention(
             q_rest.reshape(b, kv * g, -1),
             jnp.where(is_new, 0.0, p).reshape(b, kv * g, cap),
             jnp.where(is_new, 0, idx).reshape(b, kv * g, cap),

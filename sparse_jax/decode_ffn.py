@@ -18,13 +18,13 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.config import ModelConfig
-from sparse_jax.decode_attention import GATHER_COST
+from sparse_jax.decode_attention import GATHER_COST, XLA_KERNELS
 from sparse_jax.decode_layout import linear, linear_rows
 from sparse_jax.ffn import gelu
+from sparse_jax.kernels import Kernels
 from sparse_jax.sparse_decode import (
     capacity,
     compact,
-    sparse_ffn_gathered,
     sparse_ffn_union,
     union_capacity,
 )
@@ -112,7 +112,12 @@ def ffn_mode(
 
 
 def spark_ffn_sparse(
-    cfg: ModelConfig, p: dict[str, jax.Array], x: jax.Array, mode: FFNMode, cap: int
+    cfg: ModelConfig,
+    p: dict[str, jax.Array],
+    x: jax.Array,
+    mode: FFNMode,
+    cap: int,
+    kernels: Kernels = XLA_KERNELS,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Spark FFN gathering the active neurons' rows of K2 and V.
 
@@ -123,6 +128,8 @@ def spark_ffn_sparse(
       mode: "per_token" (each row gathers its own active set) or "union" (one gather of the
         union of the batch's active sets).
       cap: static number of gathered neurons (per token, or for the union).
+      kernels: runs the per-token gathered product (:mod:`sparse_jax.kernels`); the union
+        product is XLA's.
 
     Returns:
       y [B, D] float32, active neurons per row [B] (float32) and an int32 scalar, 1 if the
@@ -152,7 +159,7 @@ def spark_ffn_sparse(
         h = jnp.where(in_count, gelu(jnp.maximum(picked - theta, 0.0)), 0.0)
         if mode == "union":
             return sparse_ffn_union(h, idx, x_rest, p["k2"], p["v"])
-        return sparse_ffn_gathered(h, idx, x_rest, p["k2"], p["v"])
+        return kernels.sparse_ffn(h, idx, x_rest, p["k2"], p["v"])
 
     y = jax.lax.cond(overflow, masked, gathered, None)
     return y, active, overflow.astype(jnp.int32)

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from sparse_jax.config import ModelConfig
+from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.layers import dtype_of
-from sparse_jax.topk import statistical_topk
 
 fan_in_last = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=-1, out_axis=-2
@@ -53,9 +53,13 @@ class GatedFFN(nn.Module):
 
 
 class SparkFFN(nn.Module):
-    """Spark FFN: predictor K1 [R, F], value branch K2 [F, D-R], down projection V [F, D]."""
+    """Spark FFN: predictor K1 [R, F], value branch K2 [F, D-R], down projection V [F, D].
+
+    Statistical top-k runs through ``kernels`` (:mod:`sparse_jax.kernels`).
+    """
 
     cfg: ModelConfig
+    kernels: Kernels = DEFAULT_KERNELS
 
     @nn.compact
     def __call__(self, x: jax.Array, enabled: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -66,7 +70,9 @@ class SparkFFN(nn.Module):
         k2 = self.param("k2", fan_in_last, (f, d - r), cfg.param_dtype).astype(dtype)
         v = self.param("v", fan_in_first, (f, d), cfg.param_dtype).astype(dtype)
         pre = checkpoint_name(jnp.einsum("btr,rf->btf", x[..., :r], k1), "ffn_pre")
-        sparse = statistical_topk(pre, cfg.ffn_keep_count, enabled=enabled, method=cfg.topk_method)
+        sparse = self.kernels.soft_topk(
+            pre, cfg.ffn_keep_count, enabled=enabled, method=cfg.topk_method
+        )
         act = gelu(sparse)
         value = jnp.einsum("btd,fd->btf", x[..., r:], k2)
         y = jnp.einsum("btf,fd->btd", act * value, v)
@@ -74,5 +80,7 @@ class SparkFFN(nn.Module):
         return y, active
 
 
-def make_ffn(cfg: ModelConfig, name: str) -> nn.Module:
-    return SparkFFN(cfg, name=name) if cfg.ffn_kind == "spark" else GatedFFN(cfg, name=name)
+def make_ffn(cfg: ModelConfig, name: str, kernels: Kernels = DEFAULT_KERNELS) -> nn.Module:
+    if cfg.ffn_kind == "spark":
+        return SparkFFN(cfg, kernels, name=name)
+    return GatedFFN(cfg, name=name)

@@ -9,6 +9,10 @@ With ``scan_layers`` the block parameters live under ``params["layers"]`` with a
 axis; without it under ``params["layers_0"] ...``. :func:`stack_layers` and
 :func:`unstack_layers` convert between the two.
 
+``Transformer(cfg, plan, kernels)`` runs statistical top-k through ``kernels``
+(:class:`sparse_jax.kernels.Kernels`, the seam to the Pallas kernels; the default ``"auto"``
+runs them on TPU and GPU and the XLA path elsewhere).
+
 On a mesh, ``Transformer(cfg, plan)`` constrains the residual stream and the logits to the
 logical axes of :mod:`sparse_jax.sharding` at every block boundary; parameters are laid out by
 :func:`param_shardings`. Without a plan nothing changes from the single-device model.
@@ -16,6 +20,7 @@ logical axes of :mod:`sparse_jax.sharding` at every block boundary; parameters a
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import flax.linen as nn
@@ -26,6 +31,7 @@ import numpy as np
 from sparse_jax.attention import Attention
 from sparse_jax.config import ModelConfig
 from sparse_jax.ffn import make_ffn
+from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.layers import Embedder, RMSNorm, softcap
 from sparse_jax.sharding import LOGITS, RESIDUAL, ShardingPlan, constrain
 
@@ -47,6 +53,7 @@ class Block(nn.Module):
 
     cfg: ModelConfig
     plan: ShardingPlan | None = None
+    kernels: Kernels = DEFAULT_KERNELS
 
     @nn.compact
     def __call__(
@@ -56,11 +63,12 @@ class Block(nn.Module):
         norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         with jax.named_scope("attention"):
             h = RMSNorm(**norm, name="pre_attn_norm")(x)
-            h, keys = Attention(cfg, name="attn")(h, positions, layer["window"], layer["attn_on"])
+            attn = Attention(cfg, self.kernels, name="attn")
+            h, keys = attn(h, positions, layer["window"], layer["attn_on"])
             x = constrain(x + RMSNorm(**norm, name="post_attn_norm")(h), RESIDUAL, self.plan)
         with jax.named_scope("ffn"):
             h = RMSNorm(**norm, name="pre_ffn_norm")(x)
-            h, active = make_ffn(cfg, "ffn")(h, layer["ffn_on"])
+            h, active = make_ffn(cfg, "ffn", self.kernels)(h, layer["ffn_on"])
             x = constrain(x + RMSNorm(**norm, name="post_ffn_norm")(h), RESIDUAL, self.plan)
         return x, {"ffn_active_fraction": active, "attn_keys_per_query": keys}
 
@@ -81,13 +89,22 @@ class Transformer(nn.Module):
       cfg: the model.
       plan: mesh and sharding rules; activations at block boundaries are constrained to it.
         ``None`` (one device) adds no constraint.
+      kernels: implementation of the sparse ops (:mod:`sparse_jax.kernels`). With a plan and
+        a Pallas implementation, kernel calls run per shard over the plan's mesh, split along
+        the batch.
     """
 
     cfg: ModelConfig
     plan: ShardingPlan | None = None
+    kernels: Kernels = DEFAULT_KERNELS
 
     def setup(self) -> None:
         cfg = self.cfg
+        kernels = self.kernels
+        if self.plan is not None and kernels.mesh is None and kernels.resolved() != "xla":
+            kernels = dataclasses.replace(
+                kernels, mesh=self.plan.mesh, batch_axes=self.plan.rules.mesh_axes("batch")
+            )
         block = Block
         if cfg.remat_policy != "none":
             block = nn.remat(
@@ -102,9 +119,11 @@ class Transformer(nn.Module):
                 in_axes=(0, nn.broadcast),
                 length=cfg.num_layers,
             )
-            self.layers = scanned(cfg, self.plan)
+            self.layers = scanned(cfg, self.plan, kernels)
         else:
-            self.blocks = [block(cfg, self.plan, name=f"layers_{i}") for i in range(cfg.num_layers)]
+            self.blocks = [
+                block(cfg, self.plan, kernels, name=f"layers_{i}") for i in range(cfg.num_layers)
+            ]
         self.final_norm = RMSNorm(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
 
     def __call__(
@@ -183,13 +202,15 @@ def forward(
     tokens: jax.Array,
     positions: jax.Array | None = None,
     plan: ShardingPlan | None = None,
+    kernels: Kernels = DEFAULT_KERNELS,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """Pure function: (logits [B, T, V], stats) for ``tokens`` [B, T].
 
     With a ``plan``, call it under ``jax.jit``: activations at block boundaries are constrained
-    to the plan's mesh (parameters keep whatever sharding they come with).
+    to the plan's mesh (parameters keep whatever sharding they come with). ``kernels`` picks
+    the implementation of the sparse ops (:class:`sparse_jax.kernels.Kernels`).
     """
-    return Transformer(cfg, plan).apply({"params": params}, tokens, positions)
+    return Transformer(cfg, plan, kernels).apply({"params": params}, tokens, positions)
 
 
 def stack_layers(params: Params, num_layers: int) -> Params:

@@ -1,0 +1,161 @@
+"""The one seam between the model and the Pallas kernels of :mod:`pallas_kernels`.
+
+Every sparse op that has a kernel reaches it through a :class:`Kernels` value:
+
+* :meth:`Kernels.soft_topk` and :meth:`Kernels.mask_topk`: statistical top-k of the Spark FFN
+  and Spark attention in the model (training, evaluation, prefill of a full sequence);
+* :meth:`Kernels.sparse_ffn` and :meth:`Kernels.topk_attention`: the decode path's gathered
+  FFN over the active neurons and attention over the selected keys.
+
+``implementation`` is one of ``"auto"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``.
+``"auto"`` resolves by JAX's default backend (TPU -> ``pallas_tpu``, GPU -> ``pallas_gpu``,
+anything else -> ``xla``); ``"xla"`` runs this package's own jnp code (with the closed-form
+top-k backward); an explicit Pallas implementation on a backend that cannot run it raises
+:class:`pallas_kernels._common.dispatch.ImplementationUnavailableError` when the op is traced,
+never a silent fallback. ``interpret=True`` runs an explicit Pallas implementation in Pallas
+interpret mode on any backend (the tests use it on CPU to check the model end to end).
+
+With a ``mesh``, kernel calls run per shard under ``jax.shard_map`` with their leading (batch)
+axis split over ``batch_axes`` and the reduced axes whole on each shard.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+
+from pallas_kernels._common import dispatch
+from pallas_kernels.sparse_ffn import api as sparse_ffn_api
+from pallas_kernels.stat_topk import api as stat_topk_api
+from pallas_kernels.topk_attention import api as topk_attention_api
+from sparse_jax import sparse_decode, topk
+
+IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernels:
+    """Which implementation the model's sparse ops run (hashable: a static jit argument).
+
+    Attributes:
+      implementation: ``"auto"``, ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"``.
+      interpret: run an explicit Pallas implementation in Pallas interpret mode.
+      mesh: when set, kernel calls run per shard over this mesh.
+      batch_axes: mesh axes that split the leading axis of each kernel operand.
+    """
+
+    implementation: str = "auto"
+    interpret: bool = False
+    mesh: Mesh | None = None
+    batch_axes: tuple[str, ...] = ("data",)
+
+    def __post_init__(self) -> None:
+        if self.implementation not in IMPLEMENTATIONS:
+            raise ValueError(
+                f"implementation must be one of {IMPLEMENTATIONS}, got {self.implementation!r}"
+            )
+        if self.interpret and self.implementation not in ("pallas_tpu", "pallas_gpu"):
+            raise ValueError(
+                "interpret=True applies only to implementation='pallas_tpu' or 'pallas_gpu', "
+                f"got implementation={self.implementation!r}"
+            )
+        object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
+
+    def resolved(self) -> str:
+        """The concrete implementation on this backend: "xla", "pallas_tpu" or "pallas_gpu".
+
+        Raises:
+          ImplementationUnavailableError: an explicit Pallas implementation on a backend that
+            cannot run it (and ``interpret`` is False).
+        """
+        return dispatch.resolve_implementation(self.implementation, self.interpret)
+
+    def _kernel_args(self) -> dict:
+        return dict(
+            implementation=self.resolved(),
+            interpret=self.interpret,
+            mesh=self.mesh,
+            batch_axes=self.batch_axes,
+        )
+
+    def _use_kernel(self, method: str) -> bool:
+        name = self.resolved()
+        if name == "xla":
+            return False
+        if method != "statistical":
+            if self.implementation != "auto":
+                raise ValueError(
+                    f"topk_method={method!r} is an XLA baseline with no Pallas kernel; use "
+                    f"implementation='auto' or 'xla' with it, not {self.implementation!r}"
+                )
+            return False
+        return True
+
+    def soft_topk(
+        self, x: jax.Array, k: int, *, enabled: jax.Array | bool = True, method: str = "statistical"
+    ) -> jax.Array:
+        """Soft statistical top-k ``max(x - theta, 0)`` over the last axis of x [..., d].
+
+        ``enabled`` (a traced bool is fine) false returns x unchanged. Differentiable.
+        """
+        if not self._use_kernel(method):
+            return topk.statistical_topk(x, k, enabled=enabled, method=method)
+        out = stat_topk_api.statistical_topk(x, k, form="soft", **self._kernel_args())
+        return jnp.where(enabled, out, x)
+
+    def mask_topk(
+        self,
+        x: jax.Array,
+        k: int,
+        *,
+        valid: jax.Array,
+        enabled: jax.Array | bool = True,
+        method: str = "statistical",
+    ) -> jax.Array:
+        """Mask form ``where(x >= theta, x, -inf)`` over valid entries of x [..., d].
+
+        ``valid`` broadcasts to x; invalid entries give -inf; ``enabled`` false keeps every
+        valid entry.
+        """
+        if not self._use_kernel(method):
+            return topk.statistical_topk_mask(x, k, valid=valid, enabled=enabled, method=method)
+        valid = jnp.broadcast_to(valid, x.shape)
+        out = stat_topk_api.statistical_topk(x, k, valid=valid, form="mask", **self._kernel_args())
+        return jnp.where(enabled, out, jnp.where(valid, x, -jnp.inf))
+
+    def sparse_ffn(
+        self, h: jax.Array, idx: jax.Array, x_rest: jax.Array, k2: jax.Array, v: jax.Array
+    ) -> jax.Array:
+        """Decode-time Spark FFN over gathered neurons; see ``pallas_kernels.sparse_ffn``.
+
+        Returns [B, D] float32.
+        """
+        if self.resolved() == "xla":
+            return sparse_decode.sparse_ffn_gathered(h, idx, x_rest, k2, v)
+        out = sparse_ffn_api.sparse_ffn(h, idx, x_rest, k2, v, **self._kernel_args())
+        return out.astype(jnp.float32)
+
+    def topk_attention(
+        self,
+        q_rest: jax.Array,
+        p: jax.Array,
+        idx: jax.Array,
+        k_rest: jax.Array,
+        v: jax.Array,
+    ) -> jax.Array:
+        """Decode attention over the selected keys; see ``pallas_kernels.topk_attention``.
+
+        Returns [B, N, H] float32.
+        """
+        if self.resolved() == "xla":
+            return sparse_decode.topk_attention_gathered(q_rest, p, idx, k_rest, v)
+        out = topk_attention_api.topk_attention(
+            q_rest, p, idx, k_rest, v, head_axis=None, **self._kernel_args()
+        )
+        return out.astype(jnp.float32)
+
+
+DEFAULT_KERNELS = Kernels()
