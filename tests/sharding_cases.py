@@ -78,19 +78,7 @@ def check_sharded_equals_single_device(mesh, num_devices, state, reference):
     assert wq.sharding == state_shardings(new_state, plan).params["layers"]["attn"]["wq"]
 
 
-# The tiny preset shrunk for speed (as in test_training), for runs through the trainer.
-MICRO_MODEL = [
-    "vocab_size=512",
-    "model_dim=32",
-    "num_layers=2",
-    "num_heads=2",
-    "num_kv_heads=1",
-    "head_dim=16",
-    "ffn_dim=96",
-    "attn_top_k=8",
-    "max_seq_len=32",
-    "sliding_window=16",
-]
+# The micro model (as in test_training) with a bigger batch and no evals or checkpoints.
 MICRO_TRAIN = [
     "batch_size=8",
     "seq_len=32",

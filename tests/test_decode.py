@@ -6,9 +6,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from micro_configs import model_variants
 from tolerances import F32_VS_F64
 
-from sparse_jax.config import ModelConfig
 from sparse_jax.decode import DecodeOptions, decode_step, prefill
 from sparse_jax.decode_layout import (
     decode_param_shapes,
@@ -19,26 +19,8 @@ from sparse_jax.kv_cache import init_cache
 from sparse_jax.model import forward, init_params, unstack_layers
 
 # Local window 6 with 20-token sequences: local rings wrap several times.
-BASE = ModelConfig(
-    vocab_size=97,
-    model_dim=32,
-    num_layers=2,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    ffn_dim=96,
-    attn_top_k=4,
-    sliding_window=6,
-    max_seq_len=32,
-    ffn_keep_fraction=0.1,
-)
-VARIANTS = {
-    "spark": BASE,
-    "dense": dataclasses.replace(BASE, ffn_kind="gated", attn_kind="dense", ffn_dim=64),
-    "mixed": dataclasses.replace(
-        BASE, attn_sparse_layers=(True, False), ffn_sparse_layers=(False, True)
-    ),
-}
+VARIANTS = model_variants((True, False), (False, True))
+BASE = VARIANTS["spark"]
 T = 20
 # Cached decoding reorders float32 sums (chunked keys, fused projections) against the forward.
 CACHED = F32_VS_F64

@@ -11,7 +11,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from test_training import MICRO_MODEL, MICRO_TRAIN
+from micro_configs import MICRO_MODEL, MICRO_TRAIN
 
 from sparse_jax.checkpoint import CheckpointError
 from sparse_jax.loading import load

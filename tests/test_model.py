@@ -6,31 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from micro_configs import model_variants
 from tolerances import REORDER
 
-from sparse_jax.config import ModelConfig
 from sparse_jax.model import Transformer, forward, init_params, stack_layers, unstack_layers
 
-BASE = ModelConfig(
-    vocab_size=97,
-    model_dim=32,
-    num_layers=3,
-    num_heads=4,
-    num_kv_heads=2,
-    head_dim=8,
-    ffn_dim=96,
-    attn_top_k=4,
-    sliding_window=6,
-    max_seq_len=32,
-    ffn_keep_fraction=0.1,
-)
-VARIANTS = {
-    "spark": BASE,
-    "dense": dataclasses.replace(BASE, ffn_kind="gated", attn_kind="dense", ffn_dim=64),
-    "mixed": dataclasses.replace(
-        BASE, attn_sparse_layers=(True, False, True), ffn_sparse_layers=(False, True, True)
-    ),
-}
+VARIANTS = model_variants((True, False, True), (False, True, True))
+BASE = VARIANTS["spark"]
 T = 16
 
 

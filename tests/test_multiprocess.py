@@ -19,6 +19,7 @@ import numpy as np
 import portpicker
 import pytest
 import sharding_cases as cases
+from micro_configs import MICRO_MODEL
 from tolerances import SHARDED
 
 from sparse_jax.loading import load
@@ -41,7 +42,7 @@ def _start(
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
     }
     cmd = [sys.executable, str(ROOT / "train.py"), "--config", "tiny", "--workdir", str(workdir)]
-    cmd += [*extra, "--set", *cases.MICRO_MODEL, *cases.MICRO_TRAIN, f"steps={steps}"]
+    cmd += [*extra, "--set", *MICRO_MODEL, *cases.MICRO_TRAIN, f"steps={steps}"]
     with open(workdir.parent / f"{name}.log", "wb") as log:
         return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 

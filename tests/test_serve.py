@@ -14,7 +14,7 @@ import openai
 import portpicker
 import pytest
 import uvicorn
-from test_training import MICRO_MODEL, MICRO_TRAIN
+from micro_configs import MICRO_MODEL, MICRO_TRAIN
 
 from sparse_jax.generate import generate
 from sparse_jax.loading import load

@@ -7,6 +7,7 @@ import shutil
 import jax
 import numpy as np
 import sharding_cases as cases
+from micro_configs import MICRO_MODEL
 from tolerances import SHARDED
 
 from configs import get_model_config, get_train_config
@@ -32,7 +33,7 @@ def _assert_same_values(a, b):
 
 
 def test_checkpoints_move_between_one_and_eight_devices(tmp_path, caplog):
-    model = override(get_model_config("tiny"), cases.MICRO_MODEL)
+    model = override(get_model_config("tiny"), MICRO_MODEL)
     tc = override(get_train_config("tiny"), [*cases.MICRO_TRAIN, "steps=2"])
     single, sharded = tmp_path / "single", tmp_path / "sharded"
     train(model, tc, single, verbose=False)

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from micro_configs import MICRO_MODEL, MICRO_TRAIN
 
 from configs import get_model_config, get_train_config
 from sparse_jax.checkpoint import CheckpointError
@@ -25,27 +26,6 @@ from sparse_jax.train_step import init_train_state, make_train_step
 from sparse_jax.trainer import TrainingDiverged, train
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-MICRO_MODEL = [
-    "vocab_size=512",
-    "model_dim=32",
-    "num_layers=2",
-    "num_heads=2",
-    "num_kv_heads=1",
-    "head_dim=16",
-    "ffn_dim=96",
-    "attn_top_k=8",
-    "max_seq_len=32",
-    "sliding_window=16",
-]
-MICRO_TRAIN = [
-    "steps=12",
-    "batch_size=4",
-    "seq_len=32",
-    "log_every=1",
-    "eval_every=6",
-    "checkpoint_every=2",
-    "eval_batches=1",
-]
 
 
 def micro_configs(**train_changes):

@@ -7,6 +7,8 @@ explicitly requested Pallas implementation on the wrong backend raises
 exception: it runs a Pallas implementation in Pallas interpret mode on any backend (tests).
 """
 
+from collections.abc import Callable, Mapping
+
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
@@ -63,3 +65,21 @@ def tpu_interpret(interpret: bool) -> pltpu.InterpretParams | bool:
     does not model.
     """
     return pltpu.InterpretParams() if interpret else False
+
+
+def forward_of(
+    name: str, reference_fn: Callable, kernels: Mapping[str, Callable], block_sizes, interpret: bool
+) -> Callable:
+    """The forward of a resolved implementation over the op's array arguments.
+
+    ``"xla"`` is the jnp reference itself; a Pallas name is its kernel called with the tiling
+    and the interpret flag as keywords.
+    """
+    if name == "xla":
+        return reference_fn
+    kernel = kernels[name]
+
+    def forward(*arrays):
+        return kernel(*arrays, block_sizes=block_sizes, interpret=interpret)
+
+    return forward

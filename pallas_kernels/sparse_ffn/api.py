@@ -73,15 +73,7 @@ def sparse_ffn(
     _check_shapes(h, idx, x_rest, k2, v)
     name = dispatch.resolve_implementation(implementation, interpret)
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
-    if name == "xla":
-        forward = reference.sparse_ffn
-    else:
-
-        def forward(h_, idx_, x_rest_, k2_, v_):
-            return _KERNELS[name](
-                h_, idx_, x_rest_, k2_, v_, block_sizes=block_sizes, interpret=interpret
-            )
-
+    forward = dispatch.forward_of(name, reference.sparse_ffn, _KERNELS, block_sizes, interpret)
     if mesh is not None:
         sharding.check_mesh_axes(mesh, batch_axes, "batch_axes")
         batch = PartitionSpec(sharding.batch_entry(batch_axes))

@@ -85,15 +85,7 @@ def topk_attention(
     _check_shapes(q_rest, p, idx, k_rest, v)
     name = dispatch.resolve_implementation(implementation, interpret)
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
-    if name == "xla":
-        forward = reference.topk_attention
-    else:
-
-        def forward(q_rest_, p_, idx_, k_rest_, v_):
-            return _KERNELS[name](
-                q_rest_, p_, idx_, k_rest_, v_, block_sizes=block_sizes, interpret=interpret
-            )
-
+    forward = dispatch.forward_of(name, reference.topk_attention, _KERNELS, block_sizes, interpret)
     if mesh is not None:
         sharding.check_mesh_axes(mesh, (*batch_axes, head_axis), "batch_axes/head_axis")
         spec = PartitionSpec(sharding.batch_entry(batch_axes), head_axis)
