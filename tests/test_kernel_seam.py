@@ -42,7 +42,9 @@ def _logits(cfg, params, tokens, kernels, plan=None):
     return np.asarray(logits), jax.tree.map(np.asarray, stats)
 
 
-@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
+@pytest.mark.parametrize(
+    "implementation", ["pallas_tpu", pytest.param("pallas_gpu", marks=pytest.mark.slow)]
+)
 def test_model_logits_with_pallas_kernels_equal_xla(implementation):
     cfg = VARIANTS["mixed"]  # sparse and dense layers of both kinds: the enabled switch
     params, tokens = _inputs(cfg)

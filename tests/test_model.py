@@ -42,7 +42,7 @@ def test_causality_through_gradients(name):
         assert per_position[t] > 0
 
 
-@pytest.mark.parametrize("name", ["spark", "dense"])
+@pytest.mark.parametrize("name", ["spark", pytest.param("dense", marks=pytest.mark.slow)])
 def test_jit_equals_eager(name):
     cfg = VARIANTS[name]
     params = init_params(cfg, jax.random.key(1))
@@ -65,7 +65,12 @@ def _loss_and_grad(cfg, params, tokens):
 
 @pytest.mark.parametrize(
     ("name", "policy"),
-    [("spark", "full"), ("spark", "dots"), ("spark", "names"), ("dense", "full")],
+    [
+        pytest.param("spark", "full", marks=pytest.mark.slow),
+        ("spark", "dots"),
+        ("spark", "names"),
+        pytest.param("dense", "full", marks=pytest.mark.slow),
+    ],
 )
 def test_remat_equals_no_remat(name, policy):
     cfg = VARIANTS[name]
@@ -77,7 +82,10 @@ def test_remat_equals_no_remat(name, policy):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, **REORDER), grad, base_grad)
 
 
-@pytest.mark.parametrize("name", list(VARIANTS))
+# "mixed" has Spark and dense layers of both kinds; the pure variants run with the slow tests.
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=pytest.mark.slow) if n != "mixed" else n for n in VARIANTS]
+)
 def test_scanned_equals_unscanned(name):
     cfg = VARIANTS[name]
     loop_cfg = dataclasses.replace(cfg, scan_layers=False)
