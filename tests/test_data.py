@@ -8,7 +8,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sparse_jax import data
+from sparse_jax import corpus, data
 from sparse_jax.tokenizer import Tokenizer
 
 CFG = data.DataConfig(seq_len=32, batch_size=8, eval_batches=3, vocab_size=600)
@@ -111,22 +111,22 @@ def test_corpus_errors(tmp_path):
 
 
 def test_split(kjv):
-    train, held_out = data.split_documents(kjv, 0.02, seed=0)
+    train, held_out = corpus.split_documents(kjv, 0.02, seed=0)
     assert len(held_out) == round(0.02 * len(kjv))
     assert not set(train) & set(held_out)
     assert sorted(train + held_out) == sorted(kjv)
-    assert data.split_documents(kjv, 0.02, seed=0) == (train, held_out)
-    assert data.split_documents(kjv[::-1], 0.02, seed=0) == (train[::-1], held_out[::-1])
-    assert data.split_documents(kjv, 0.02, seed=1)[1] != held_out
-    assert data.split_documents(kjv, 0.0, seed=0) == (kjv, [])
+    assert corpus.split_documents(kjv, 0.02, seed=0) == (train, held_out)
+    assert corpus.split_documents(kjv[::-1], 0.02, seed=0) == (train[::-1], held_out[::-1])
+    assert corpus.split_documents(kjv, 0.02, seed=1)[1] != held_out
+    assert corpus.split_documents(kjv, 0.0, seed=0) == (kjv, [])
 
 
 def test_split_keeps_duplicates_together():
     docs = [f"doc {i}" for i in range(20)] * 3
-    train, held_out = data.split_documents(docs, 0.1, seed=3)
+    train, held_out = corpus.split_documents(docs, 0.1, seed=3)
     assert held_out and not set(train) & set(held_out)
     with pytest.raises(ValueError, match="leaves no training document"):
-        data.split_documents(["only one"], 0.5, seed=0)
+        corpus.split_documents(["only one"], 0.5, seed=0)
 
 
 def test_train_batches_are_packed_windows(tokenizer, docs):
