@@ -67,7 +67,7 @@ def _loss_and_grad(cfg, params, tokens):
     ("name", "policy"),
     [
         pytest.param("spark", "full", marks=pytest.mark.slow),
-        ("spark", "dots"),
+        pytest.param("spark", "dots", marks=pytest.mark.slow),
         ("spark", "names"),
         pytest.param("dense", "full", marks=pytest.mark.slow),
     ],
