@@ -2,10 +2,10 @@
 
 The sparse path first turns a boolean keep mask (active FFN neurons, or kept keys of a query
 head) into a fixed number of indices, a static capacity sized from statistical top-k's error
-(:func:`capacity`); then it reads only those rows. The two gathered computations are small
-named functions with the signatures of ``pallas_kernels.sparse_ffn`` and
-``pallas_kernels.topk_attention``, so a kernel can replace either without touching the
-callers; here they are jnp gathers and reductions in float32.
+(:func:`capacity`); then it reads only those rows. The two gathered computations have the
+signatures of ``pallas_kernels.sparse_ffn`` and ``pallas_kernels.topk_attention``: they are
+the ``"xla"`` implementations behind :class:`sparse_jax.kernels.Kernels`, jnp gathers and
+reductions in float32.
 """
 
 from __future__ import annotations
