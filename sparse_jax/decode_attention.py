@@ -18,7 +18,7 @@ import jax.numpy as jnp
 
 from sparse_jax.attention import attention_mask
 from sparse_jax.config import ModelConfig
-from sparse_jax.kernels import Kernels
+from sparse_jax.kernels import XLA_KERNELS, Kernels
 from sparse_jax.layers import softcap
 from sparse_jax.sparse_decode import capacity, compact
 from sparse_jax.topk import statistical_threshold
@@ -26,8 +26,6 @@ from sparse_jax.topk import statistical_threshold
 # Relative cost of one gathered byte against one streamed byte on the project's 2-core CPU:
 # XLA's row gather of 8% of a [13824, 1280] table ran at 5-6 GB/s, a matvec at 22-28 GB/s.
 GATHER_COST = 4.0
-
-XLA_KERNELS = Kernels("xla")
 
 
 def _grouped(cfg: ModelConfig, q: jax.Array) -> jax.Array:

@@ -18,10 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.config import ModelConfig
-from sparse_jax.decode_attention import GATHER_COST, XLA_KERNELS
+from sparse_jax.decode_attention import GATHER_COST
 from sparse_jax.decode_layout import linear, linear_rows
 from sparse_jax.ffn import gelu
-from sparse_jax.kernels import Kernels
+from sparse_jax.kernels import XLA_KERNELS, Kernels
 from sparse_jax.sparse_decode import (
     capacity,
     compact,

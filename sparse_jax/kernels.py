@@ -159,3 +159,4 @@ class Kernels:
 
 
 DEFAULT_KERNELS = Kernels()
+XLA_KERNELS = Kernels("xla")

@@ -17,6 +17,12 @@ MICRO_MODEL = [
     "max_seq_len=32",
     "sliding_window=16",
 ]
+# The same with 4 query heads over 2 kv heads, so tensor parallelism can split both.
+MICRO_MODEL_GQA = [
+    *(m for m in MICRO_MODEL if m.split("=")[0] not in ("num_heads", "num_kv_heads")),
+    "num_heads=4",
+    "num_kv_heads=2",
+]
 MICRO_TRAIN = [
     "steps=12",
     "batch_size=4",

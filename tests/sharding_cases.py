@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from micro_configs import MICRO_MODEL_GQA
 from tolerances import SHARDED
 
 from configs import get_model_config
@@ -17,21 +18,7 @@ from sparse_jax.model import forward
 from sparse_jax.sharding import ShardingPlan, make_mesh
 from sparse_jax.train_step import batch_sharding, init_train_state, make_train_step, state_shardings
 
-CFG = override(
-    get_model_config("tiny"),
-    [
-        "vocab_size=512",
-        "model_dim=32",
-        "num_layers=2",
-        "num_heads=4",
-        "num_kv_heads=2",
-        "head_dim=16",
-        "ffn_dim=96",
-        "attn_top_k=8",
-        "max_seq_len=32",
-        "sliding_window=16",
-    ],
-)
+CFG = override(get_model_config("tiny"), MICRO_MODEL_GQA)
 ROWS, SEQ, GRAD_ACCUM = 16, 16, 2
 OPTIMIZER = optax.chain(optax.clip_by_global_norm(1.0), optax.sgd(0.1, momentum=0.9))
 

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from micro_configs import MICRO_MODEL_GQA
 from tolerances import SHARDED
 
 from configs import get_model_config
@@ -45,18 +46,6 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GOLDEN = ROOT / "tests" / "golden"
 GOLDEN_MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 PRESETS = ("tiny", "tiny_dense")
-SMALL = [
-    "vocab_size=512",
-    "model_dim=32",
-    "num_layers=2",
-    "num_heads=4",
-    "num_kv_heads=2",
-    "head_dim=16",
-    "ffn_dim=96",
-    "attn_top_k=8",
-    "max_seq_len=32",
-    "sliding_window=16",
-]
 
 
 def _listing(preset: str) -> str:
@@ -104,7 +93,7 @@ def test_unknown_parameter_and_indivisible_dims():
 
 
 def test_train_state_is_created_sharded():
-    cfg = override(get_model_config("tiny"), SMALL)
+    cfg = override(get_model_config("tiny"), MICRO_MODEL_GQA)
     optimizer = make_optimizer(TrainConfig(warmup_steps=0))
     plan = ShardingPlan(make_mesh("data=2,fsdp=2,tensor=2"))
     state = init_train_state(cfg, optimizer, 0, plan)
@@ -179,7 +168,7 @@ def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
 
 
 def test_tensor_parallel_spark_ffn_reduces_moments_and_never_gathers_activations():
-    cfg = override(get_model_config("tiny"), SMALL)
+    cfg = override(get_model_config("tiny"), MICRO_MODEL_GQA)
     plan = ShardingPlan(make_mesh("tensor=8"))
     b, t, d, r = 4, 16, cfg.model_dim, cfg.ffn_predictor_dim
     ffn = SparkFFN(cfg)
@@ -214,7 +203,7 @@ def test_tensor_parallel_spark_ffn_reduces_moments_and_never_gathers_activations
 
 
 def test_tensor_parallel_model_moves_no_ffn_activation():
-    cfg = override(get_model_config("tiny"), SMALL)
+    cfg = override(get_model_config("tiny"), MICRO_MODEL_GQA)
     plan = ShardingPlan(make_mesh("data=2,tensor=4"))
     params = init_params(cfg, jax.random.key(0), plan=plan)
     tokens = jax.random.randint(jax.random.key(1), (8, 16), 0, cfg.vocab_size)
