@@ -16,15 +16,18 @@ def main() -> None:
         sparse = flops.decode_flops(cfg, ctx, sparse=True).total / 1e9
         print(f"{name:<18}{flops.param_count(cfg):>16,}{dense:>18.4f}{sparse:>18.4f}")
     dense_cfg, spark_cfg = get_model_config("gemma2_2b"), get_model_config("spark_gemma2_2b")
-    print(f"\n{'context':>8}{'dense GFLOP':>13}{'Spark GFLOP':>13}{'ratio':>8}{'w/o unembed':>13}")
+    header = ("context", "dense GFLOP", "Spark GFLOP", "ratio", "w/o unembed", "FFN", "attn core")
+    print("\n" + "".join(f"{h:>13}" for h in header))
     for context in (128, 2048, 8192):
-        dense = flops.decode_flops(dense_cfg, context, sparse=False).total / 1e9
-        sparse = flops.decode_flops(spark_cfg, context, sparse=True).total / 1e9
+        dense = flops.decode_flops(dense_cfg, context, sparse=False)
+        sparse = flops.decode_flops(spark_cfg, context, sparse=True)
         ratio = flops.flops_ratio(dense_cfg, spark_cfg, context)
-        print(
-            f"{context:>8}{dense:>13.3f}{sparse:>13.3f}{ratio['with_unembed']:>7.2f}x"
-            f"{ratio['without_unembed']:>12.2f}x"
+        cells = (
+            f"{context:>13}{dense.total / 1e9:>13.3f}{sparse.total / 1e9:>13.3f}",
+            f"{ratio['with_unembed']:>12.2f}x{ratio['without_unembed']:>12.2f}x",
+            f"{dense.ffn / sparse.ffn:>12.2f}x{dense.attn_core / sparse.attn_core:>12.2f}x",
         )
+        print("".join(cells))
 
 
 if __name__ == "__main__":
