@@ -2,8 +2,10 @@
 
 ``make_train_step`` returns one pure function ``(state, batch) -> (state, metrics)`` compiled
 with the state donated. A batch of ``grad_accum * b`` rows is split into ``grad_accum``
-micro-batches scanned in sequence; their summed token losses are divided by the total token
-count, so the update equals one step on the whole batch (up to float summation order).
+micro-batches scanned in sequence (:func:`accumulate_gradients`); their summed token losses and
+gradients are divided by the total token count, so the gradient equals the whole batch's up to
+float summation order. The update can differ more: Adam divides by ``sqrt(v)``, which magnifies
+the summation-order noise of a near-zero gradient.
 
 With a :class:`~sparse_jax.sharding.ShardingPlan` the state is created already sharded
 (:func:`init_train_state` compiles the initializer with ``out_shardings``), the step keeps it
@@ -123,6 +125,53 @@ def token_loss_sum(
     return jnp.sum(losses * mask), (jnp.sum(mask), stats)
 
 
+def accumulate_gradients(
+    cfg: ModelConfig,
+    params: Params,
+    batch: Batch,
+    grad_accum: int,
+    plan: ShardingPlan | None = None,
+    grad_shardings: Any = None,
+) -> tuple[Params, jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Mean token-loss gradient of ``batch``, taken over ``grad_accum`` micro-batches in turn.
+
+    Token losses and their gradients are summed over the micro-batches and divided once by the
+    total token count, so the result is the gradient of the whole batch's mean loss (up to
+    float summation order) whatever ``grad_accum`` is.
+
+    Args:
+      cfg: the model.
+      params: the parameters to differentiate at.
+      batch: ``inputs``, ``targets`` and ``mask`` arrays of [grad_accum * b, T].
+      grad_accum: number of micro-batches; must divide the batch's rows.
+      plan: optional sharding plan of the model.
+      grad_shardings: optional shardings the running gradient sum is constrained to.
+
+    Returns:
+      (grads, loss, count, stats): the mean gradient (a tree like ``params``), the mean token
+      loss, the token count (at least 1) and per-micro-batch sparsity stats ([grad_accum, L]).
+    """
+    grad_fn = jax.value_and_grad(lambda p, mb: token_loss_sum(cfg, p, mb, plan), has_aux=True)
+    micro = jax.tree.map(lambda a: a.reshape(grad_accum, -1, *a.shape[1:]), batch)
+    if plan is not None:
+        # Rows of every micro-batch split over the batch axes (a cheap shuffle of tokens).
+        micro = jax.tree.map(lambda a: plan.constrain(a, (None, *TOKENS)), micro)
+
+    def accumulate(carry, mb):
+        grads, loss_sum, count = carry
+        (loss, (n, stats)), g = grad_fn(params, mb)
+        grads = jax.tree.map(jnp.add, grads, g)
+        if grad_shardings is not None:
+            grads = jax.lax.with_sharding_constraint(grads, grad_shardings)
+        return (grads, loss_sum + loss, count + n), stats
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    (grads, loss_sum, count), stats = jax.lax.scan(accumulate, init, micro)
+    count = jnp.maximum(count, 1.0)
+    return jax.tree.map(lambda g: g / count, grads), loss_sum / count, count, stats
+
+
 def make_train_step(
     cfg: ModelConfig,
     optimizer: optax.GradientTransformation,
@@ -134,36 +183,21 @@ def make_train_step(
     With a ``plan`` the state must be laid out as :func:`init_train_state` lays it out; the
     new state comes back in the same layout and the metrics replicated.
     """
-    grad_fn = jax.value_and_grad(lambda p, mb: token_loss_sum(cfg, p, mb, plan), has_aux=True)
     shardings = None
     if plan is not None:
         shardings = state_shardings(abstract_train_state(cfg, optimizer), plan)
 
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
-        micro = jax.tree.map(lambda a: a.reshape(grad_accum, -1, *a.shape[1:]), batch)
-        if plan is not None:
-            # Rows of every micro-batch split over the batch axes (a cheap shuffle of tokens).
-            micro = jax.tree.map(lambda a: plan.constrain(a, (None, *TOKENS)), micro)
-
-        def accumulate(carry, mb):
-            grads, loss_sum, count = carry
-            (loss, (n, stats)), g = grad_fn(state.params, mb)
-            grads = jax.tree.map(jnp.add, grads, g)
-            if shardings is not None:
-                grads = jax.lax.with_sharding_constraint(grads, shardings.params)
-            return (grads, loss_sum + loss, count + n), stats
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
-        (grads, loss_sum, count), stats = jax.lax.scan(accumulate, init, micro)
-        count = jnp.maximum(count, 1.0)
-        grads = jax.tree.map(lambda g: g / count, grads)
+        grad_shardings = None if shardings is None else shardings.params
+        grads, loss, count, stats = accumulate_gradients(
+            cfg, state.params, batch, grad_accum, plan, grad_shardings
+        )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
         metrics = {
-            "loss": loss_sum / count,
+            "loss": loss,
             "grad_norm": optax.global_norm(grads),
             "tokens": count,
             "ffn_active_fraction": jnp.mean(stats["ffn_active_fraction"], axis=0),
