@@ -21,7 +21,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from sparse_jax.config import ModelConfig
 from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
-from sparse_jax.layers import dtype_of, softcap, split_rope
+from sparse_jax.layers import dtype_of, safe_softmax, softcap, split_rope
 
 qkv_init = nn.initializers.variance_scaling(
     1.0, "fan_in", "truncated_normal", in_axis=0, out_axis=(1, 2)
@@ -110,7 +110,9 @@ def attend_spark(
         enabled=enabled,
         method=cfg.topk_method,
     )
-    probs = jax.nn.softmax(kept, axis=-1)
+    # Every query has a valid key (itself) and the threshold is capped at the row maximum, so
+    # a row is never empty here; the safe softmax keeps any caller's all-masked row finite.
+    probs = safe_softmax(kept)
     gate = jnp.einsum("btkgr,bskr->bkgts", q_gate, k[..., r:], preferred_element_type=jnp.float32)
     weights = (probs * jax.nn.softplus(gate)).astype(v.dtype)
     out = jnp.einsum("bkgts,bskh->btkgh", weights, v)

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from sparse_jax.attention import attention_mask
 from sparse_jax.config import ModelConfig
 from sparse_jax.kernels import XLA_KERNELS, Kernels
-from sparse_jax.layers import softcap
+from sparse_jax.layers import safe_softmax, softcap
 from sparse_jax.sparse_decode import capacity, compact
 from sparse_jax.topk import statistical_threshold
 
@@ -33,12 +33,6 @@ def _grouped(cfg: ModelConfig, q: jax.Array) -> jax.Array:
     b, t, n, h = q.shape
     kv = cfg.num_kv_heads
     return jnp.transpose(q.reshape(b, t, kv, n // kv, h), (0, 2, 3, 1, 4))
-
-
-def _safe_softmax(scores: jax.Array) -> jax.Array:
-    """Softmax over the last axis; rows with no finite entry (padding queries) give zeros."""
-    probs = jax.nn.softmax(scores, axis=-1)
-    return jnp.where(jnp.isfinite(jnp.max(scores, axis=-1, keepdims=True)), probs, 0.0)
 
 
 def _per_kv(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
@@ -130,7 +124,7 @@ def _gate_query(cfg: ModelConfig, qg: jax.Array) -> jax.Array:
 
 def _spark_combine(cfg, qg, scores, keep, layer, new=None) -> jax.Array:
     """Masked Spark combination: [B, K, G, T, H] float32 from every cached (and new) key."""
-    probs = _safe_softmax(jnp.where(keep, scores, -jnp.inf))
+    probs = safe_softmax(jnp.where(keep, scores, -jnp.inf))
     gate = _scores(_gate_query(cfg, qg), layer, new, "k_rest")
     return _values(probs * jax.nn.softplus(gate), layer, new)
 
@@ -139,7 +133,7 @@ def _dense_combine(cfg, qg, valid, layer, new=None) -> jax.Array:
     """Dense softmax attention: [B, K, G, T, H] float32 from every cached (and new) key."""
     q = qg * jnp.asarray(cfg.resolved_query_scale, qg.dtype)
     scores = softcap(_scores(q, layer, new, "k"), cfg.attn_logit_softcap)
-    return _values(_safe_softmax(jnp.where(valid[:, None, None], scores, -jnp.inf)), layer, new)
+    return _values(safe_softmax(jnp.where(valid[:, None, None], scores, -jnp.inf)), layer, new)
 
 
 def _ungroup(out: jax.Array) -> jax.Array:
@@ -247,7 +241,7 @@ def attend_sparse(
     def gathered(_: None) -> jax.Array:
         picked = jnp.take_along_axis(scores[:, :, :, 0], idx, axis=-1)
         in_count = jnp.arange(cap) < count[..., None]
-        p = _safe_softmax(jnp.where(in_count, picked, -jnp.inf))
+        p = safe_softmax(jnp.where(in_count, picked, -jnp.inf))
         is_new = (idx == s) & in_count
         q_rest = _gate_query(cfg, qg)[:, :, :, 0]  # [B, K, G, H-R]
         out = kernels.topk_attention(

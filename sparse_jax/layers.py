@@ -1,4 +1,5 @@
-"""Building blocks shared by every variant: RMSNorm, tied embedding, RoPE and soft-capping."""
+"""Building blocks shared by every variant: RMSNorm, tied embedding, RoPE, soft-capping and the
+attention softmax."""
 
 from __future__ import annotations
 
@@ -18,6 +19,19 @@ def softcap(x: jax.Array, cap: float | None) -> jax.Array:
     if cap is None:
         return x
     return cap * jnp.tanh(x / cap)
+
+
+def safe_softmax(scores: jax.Array) -> jax.Array:
+    """Softmax over the last axis that gives zeros, not NaN, on a row with no finite entry.
+
+    Such a row is a query that attends to nothing (a padding query, or a Spark row with no
+    valid key): its output is 0. Forward and gradient stay finite, so one such row cannot
+    poison the rest of a batch through a masked 0 * NaN.
+    """
+    top = jax.lax.stop_gradient(jnp.max(scores, axis=-1, keepdims=True))
+    unnormalized = jnp.exp(scores - jnp.where(jnp.isfinite(top), top, 0.0))
+    total = jnp.sum(unnormalized, axis=-1, keepdims=True)
+    return unnormalized / jnp.where(total > 0, total, 1.0)
 
 
 class RMSNorm(nn.Module):

@@ -6,10 +6,14 @@ For a row x of width d and a target count k, ``theta = mean(x) + z * std(x)`` wi
 * soft (FFN): ``max(x - theta, 0)``;
 * mask (attention): ``where(x >= theta, x, -inf)``, applied before a softmax.
 
-Moments are taken in float32 over the last axis. With a ``valid`` mask they cover valid entries
-only, ``z`` uses the row's valid count, and rows with at most k valid entries keep all of them.
-With ``axis_name`` the last axis is taken to be sharded over that mapped axis: the moments come
-from one ``psum`` of (sum, sum of squares, count) per row, never an all-gather of the row.
+Moments are taken in float32 over the last axis, of the row shifted by one of its own entries
+(no cancellation when the mean dwarfs the spread). With a ``valid`` mask they cover valid
+entries only, ``z`` uses the row's valid count, and rows with at most k valid entries keep all
+of them. theta is capped at the row's largest valid entry, so every row with a valid entry keeps
+at least one (an all-equal row keeps all); a row with no valid entry keeps none. With
+``axis_name`` the last axis is taken to be sharded over that mapped axis: the moments come from
+one ``pmax`` of the shift and one ``psum`` of (count, shifted sum, shifted sum of squares) per
+row, never an all-gather of the row.
 
 ``method`` swaps the threshold for the k-th largest value found by ``jax.lax.top_k`` or
 ``jax.lax.approx_max_k``: the baselines the benchmarks compare against (unsharded only).
@@ -23,8 +27,6 @@ from statistics import NormalDist
 import jax
 import jax.numpy as jnp
 
-_MIN_VAR = 1e-12
-
 
 def gaussian_quantile(k: int, d: int) -> float:
     """z = Phi^-1(1 - k/d) as a Python float; requires 0 < k < d."""
@@ -33,26 +35,50 @@ def gaussian_quantile(k: int, d: int) -> float:
     return NormalDist().inv_cdf(1.0 - k / d)
 
 
+def _safe_sqrt(var: jax.Array) -> jax.Array:
+    # sqrt has an infinite derivative at 0 (constant rows, one valid entry); the double where
+    # keeps inf * 0 = nan out of the gradient and takes the subgradient 0 there.
+    positive = var > 0
+    return jnp.where(positive, jnp.sqrt(jnp.where(positive, var, 1.0)), 0.0)
+
+
+def _valid_max(xf: jax.Array, valid: jax.Array | None, axis_name: str | None) -> jax.Array:
+    """Row maximum over valid entries (keepdims); -inf on rows with none."""
+    masked = xf if valid is None else jnp.where(valid, xf, -jnp.inf)
+    row_max = jnp.max(masked, axis=-1, keepdims=True)
+    if axis_name is not None:
+        row_max = jax.lax.pmax(row_max, axis_name)
+    return row_max
+
+
 def _row_moments(
-    x: jax.Array, valid: jax.Array | None, axis_name: str | None
+    x: jax.Array, valid: jax.Array | None, axis_name: str | None, shift: jax.Array
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Mean, population std and count over the last axis (at least float32, keepdims)."""
+    """Mean, population std and count over the last axis (at least float32, keepdims).
+
+    The sums are taken of ``x - shift`` (one value per row, the same on every shard): the
+    one-pass ``E[x^2] - mean^2`` loses every digit of the variance to cancellation when the
+    mean dwarfs the spread (scores bunched under the soft-cap, mean 40 with std 0.01), and a
+    shift inside the row keeps the two terms small. A constant row then has exactly zero
+    deviations, so its mean is exact and its std exactly 0. Moments do not depend on the
+    shift, so no gradient flows through it.
+    """
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0).astype(xf.dtype))
+    dev = xf - shift
     if valid is None:
         count = jnp.full((*xf.shape[:-1], 1), xf.shape[-1], xf.dtype)
-        total = jnp.sum(xf, axis=-1, keepdims=True)
-        squares = jnp.sum(xf * xf, axis=-1, keepdims=True)
     else:
-        masked = jnp.where(valid, xf, 0.0)
+        dev = jnp.where(valid, dev, 0.0)
         count = jnp.sum(valid, axis=-1, keepdims=True, dtype=xf.dtype)
-        total = jnp.sum(masked, axis=-1, keepdims=True)
-        squares = jnp.sum(masked * masked, axis=-1, keepdims=True)
+    total = jnp.sum(dev, axis=-1, keepdims=True)
+    squares = jnp.sum(dev * dev, axis=-1, keepdims=True)
     if axis_name is not None:
         total, squares, count = jax.lax.psum((total, squares, count), axis_name)
     safe_count = jnp.maximum(count, 1.0)
-    mean = total / safe_count
-    var = jnp.maximum(squares / safe_count - mean * mean, _MIN_VAR)
-    return mean, jnp.sqrt(var), count
+    mean_dev = total / safe_count
+    var = jnp.maximum(squares / safe_count - mean_dev * mean_dev, 0.0)
+    return shift + mean_dev, _safe_sqrt(var), count
 
 
 def _kth_largest(x: jax.Array, k: int, method: str) -> jax.Array:
@@ -101,17 +127,24 @@ def statistical_threshold(
             else jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.float32)
         )
         return theta, count <= k
-    mean, std, count = _row_moments(x, valid, axis_name)
+    row_max = _valid_max(x.astype(jnp.promote_types(x.dtype, jnp.float32)), valid, axis_name)
+    mean, std, count = _row_moments(x, valid, axis_name, row_max)
     if valid is None and axis_name is None:
         d = x.shape[-1]
         if k >= d:
             return mean, jnp.ones(mean.shape, bool)
         z = gaussian_quantile(k, d)
-        return mean + z * std, jnp.zeros(mean.shape, bool)
-    keep_all = count <= k
-    frac = jnp.clip(1.0 - k / jnp.maximum(count, 1.0), 1e-6, 1.0 - 1e-6)
-    z = jax.scipy.special.ndtri(frac)
-    return mean + z * std, keep_all
+        keep_all = jnp.zeros(mean.shape, bool)
+    else:
+        keep_all = count <= k
+        frac = jnp.clip(1.0 - k / jnp.maximum(count, 1.0), 1e-6, 1.0 - 1e-6)
+        z = jax.scipy.special.ndtri(frac)
+    # theta never exceeds the row's largest valid entry, so a row with a valid entry keeps at
+    # least its top one: an all-equal row keeps every entry (all tie at the maximum), and a
+    # row whose spread is lost to rounding cannot end with an empty selection (a softmax over
+    # nothing). The soft form is unchanged by this: max(x - theta, 0) is 0 everywhere either
+    # way.
+    return jnp.minimum(mean + z * std, row_max), keep_all
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
@@ -123,7 +156,12 @@ def _soft_threshold(x: jax.Array, z: float, axis_name: str | None) -> jax.Array:
 def _soft_threshold_fwd(
     x: jax.Array, z: float, axis_name: str | None
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    mean, std, count = _row_moments(x, None, axis_name)
+    # Any entry of the row is a sound shift: the first one costs no extra pass. theta is not
+    # clamped to the row maximum here: above it or at it, max(x - theta, 0) is 0 everywhere.
+    shift = x[..., :1].astype(jnp.promote_types(x.dtype, jnp.float32))
+    if axis_name is not None:
+        shift = _valid_max(shift, None, axis_name)
+    mean, std, count = _row_moments(x, None, axis_name, shift)
     theta = (mean + z * std).astype(x.dtype)
     return jnp.maximum(x - theta, 0), (x, theta, mean, std, count)
 
@@ -138,7 +176,9 @@ def _soft_threshold_bwd(
     if axis_name is not None:
         total = jax.lax.psum(total, axis_name)
     scale = total / count
-    grad = passed - scale - (z * scale / std) * (x.astype(mean.dtype) - mean)
+    # At std = 0 (a constant row) the std term takes its subgradient 0, as _safe_sqrt does.
+    inv_std = jnp.where(std > 0, 1.0 / jnp.where(std > 0, std, 1.0), 0.0)
+    grad = passed - scale - (z * scale * inv_std) * (x.astype(mean.dtype) - mean)
     return (grad.astype(x.dtype),)
 
 

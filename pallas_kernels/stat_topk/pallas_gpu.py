@@ -1,8 +1,10 @@
 """Statistical top-k as a Pallas Triton kernel: a block of rows per program.
 
 Triton tensors must have power-of-two sizes, so each program walks its rows in column chunks
-of ``BlockSizes.columns`` with masked loads: one pass for the sums (mean, valid count), one
-for the centred second moment, one to write the output, so each row is read three times.
+of ``BlockSizes.columns`` with masked loads: one pass for the largest valid entry and the valid
+count, one for the sums of the row shifted by that entry (mean and second moment without
+cancellation), one to write the output, so each row is read three times. theta is capped at
+the largest valid entry, as in the reference.
 """
 
 import functools
@@ -38,26 +40,36 @@ def _topk_kernel(*refs, k: int, z: float | None, form: str, d: int, rows: int, c
 
     num_chunks = pl.cdiv(d, columns)
 
-    def sums(c, carry):
-        total, count = carry
+    # Pass 1: the largest valid entry and the count; pass 2: sums of the row shifted by that
+    # entry (no cancellation when the mean dwarfs the spread; a constant row comes out exact).
+    def extremes(c, carry):
+        top, count = carry
         _, _, x, valid = chunk(c)
-        total += jnp.sum(jnp.where(valid, x.astype(jnp.float32), 0.0), axis=1, keepdims=True)
+        chunk_top = jnp.max(
+            jnp.where(valid, x.astype(jnp.float32), -jnp.inf), axis=1, keepdims=True
+        )
         count += jnp.sum(valid.astype(jnp.float32), axis=1, keepdims=True)
-        return total, count
+        return jnp.maximum(top, chunk_top), count
 
     zeros = jnp.zeros((rows, 1), jnp.float32)
-    total, n = lax.fori_loop(0, num_chunks, sums, (zeros, zeros))
-    n_safe = jnp.maximum(n, 1.0)
-    mean = total / n_safe
+    top, n = lax.fori_loop(0, num_chunks, extremes, (jnp.full((rows, 1), -jnp.inf), zeros))
+    shift = jnp.where(n > 0, top, 0.0)
 
-    def centred(c, acc):
+    def sums(c, carry):
+        total, squares = carry
         _, _, x, valid = chunk(c)
-        dev = jnp.where(valid, x.astype(jnp.float32) - mean, 0.0)
-        return acc + jnp.sum(dev * dev, axis=1, keepdims=True)
+        dev = jnp.where(valid, x.astype(jnp.float32) - shift, 0.0)
+        total += jnp.sum(dev, axis=1, keepdims=True)
+        squares += jnp.sum(dev * dev, axis=1, keepdims=True)
+        return total, squares
 
-    std = jnp.sqrt(lax.fori_loop(0, num_chunks, centred, zeros) / n_safe)
+    total, squares = lax.fori_loop(0, num_chunks, sums, (zeros, zeros))
+    n_safe = jnp.maximum(n, 1.0)
+    mean_dev = total / n_safe
+    std = jnp.sqrt(jnp.maximum(squares / n_safe - mean_dev * mean_dev, 0.0))
     keep_all = n <= k
-    theta = mean + (threshold.masked_z(n, k) if masked else z) * std
+    theta = shift + mean_dev + (threshold.masked_z(n, k) if masked else z) * std
+    theta = jnp.minimum(theta, top)
 
     def write(c, carry):
         index, in_row, x, valid = chunk(c)

@@ -1,7 +1,9 @@
 """Statistical top-k as a Pallas TPU (Mosaic) kernel: whole rows in VMEM, one HBM read.
 
-Each grid step loads a [rows, d] block, takes float32 row moments (mean, then the centred
-second moment, so no cancellation), forms the threshold and writes the soft or mask output.
+Each grid step loads a [rows, d] block, takes float32 row moments (the mean of the row shifted
+by its largest valid entry, then the centred second moment, so no cancellation), forms the
+threshold, capped at that largest entry as in the reference, and writes the soft or mask
+output.
 The reduced axis is never split, so d must fit VMEM next to the output block
 (``rows * d * (in + out bytes)``, double-buffered).
 """
@@ -29,15 +31,18 @@ def _topk_kernel(*refs, k: int, z: float | None, form: str, masked: bool):
     x = x_ref[...]
     xf = x.astype(jnp.float32)
     if valid is None:
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
+        top = jnp.max(xf, axis=-1, keepdims=True)
+        mean = top + jnp.mean(xf - top, axis=-1, keepdims=True)
         std = jnp.sqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True))
-        o_ref[...] = threshold.select(x, mean + z * std, form)
+        o_ref[...] = threshold.select(x, jnp.minimum(mean + z * std, top), form)
         return
     n = jnp.sum(valid.astype(jnp.float32), axis=-1, keepdims=True)
     n_safe = jnp.maximum(n, 1.0)
-    mean = jnp.sum(jnp.where(valid, xf, 0.0), axis=-1, keepdims=True) / n_safe
+    top = jnp.max(jnp.where(valid, xf, -jnp.inf), axis=-1, keepdims=True)
+    shift = jnp.where(n > 0, top, 0.0)
+    mean = shift + jnp.sum(jnp.where(valid, xf - shift, 0.0), axis=-1, keepdims=True) / n_safe
     var = jnp.sum(jnp.where(valid, jnp.square(xf - mean), 0.0), axis=-1, keepdims=True) / n_safe
-    theta = mean + threshold.masked_z(n, k) * jnp.sqrt(var)
+    theta = jnp.minimum(mean + threshold.masked_z(n, k) * jnp.sqrt(var), top)
     o_ref[...] = threshold.select(x, theta, form, valid=valid, keep_all=n <= k)
 
 

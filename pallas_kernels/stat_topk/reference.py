@@ -5,6 +5,9 @@ moments); soft form ``max(x - theta, 0)``, mask form ``where(x >= theta, x, -inf
 ``valid`` mask the moments and ``z = Phi^-1(1 - k/n)`` use the ``n`` valid entries of each
 row, invalid entries give 0 (soft) or -inf (mask), and rows with ``n <= k`` keep every valid
 entry unchanged. Without a mask and ``k >= d`` every entry is kept (the output is ``x``).
+theta is capped at the row's largest valid entry: a row keeps at least its top entry (every
+entry of an all-equal row), and only a row with no valid entry keeps none (mask form: all
+``-inf``; a softmax over it must give zeros, not NaN).
 """
 
 import statistics
@@ -44,21 +47,28 @@ def row_threshold(
     xf = x.astype(jnp.float32)
     d = x.shape[-1]
     if valid is None:
-        keep_all = jnp.full((*x.shape[:-1], 1), k >= d)
         if k >= d:
+            keep_all = jnp.ones((*x.shape[:-1], 1), bool)
             return jnp.full(keep_all.shape, -jnp.inf, jnp.float32), keep_all
-        mean = jnp.mean(xf, axis=-1, keepdims=True)
-        std = _safe_sqrt(jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True))
-        return mean + quantile_z(k, d) * std, keep_all
+        valid = jnp.ones(x.shape, bool)
+        z = quantile_z(k, d)
+    else:
+        n = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.float32)
+        eps = jnp.finfo(jnp.float32).eps
+        z = jax.scipy.special.ndtri(jnp.clip(1.0 - k / jnp.maximum(n, 1.0), eps, 1.0 - eps))
     n = jnp.sum(valid, axis=-1, keepdims=True, dtype=jnp.float32)
     n_safe = jnp.maximum(n, 1.0)
-    mean = jnp.sum(jnp.where(valid, xf, 0.0), axis=-1, keepdims=True) / n_safe
+    # Moments of the row shifted by its largest valid entry, in two passes: neither loses the
+    # spread to cancellation when the mean dwarfs it, and a constant row comes out exact.
+    top = jnp.max(jnp.where(valid, xf, -jnp.inf), axis=-1, keepdims=True)
+    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    mean = shift + jnp.sum(jnp.where(valid, xf - shift, 0.0), axis=-1, keepdims=True) / n_safe
     var = jnp.sum(jnp.where(valid, jnp.square(xf - mean), 0.0), axis=-1, keepdims=True) / n_safe
-    eps = jnp.finfo(jnp.float32).eps
-    z = jax.scipy.special.ndtri(jnp.clip(1.0 - k / n_safe, eps, 1.0 - eps))
+    # Capped at the largest valid entry: a row with any valid entry keeps at least its top one
+    # (all of an all-equal row), so no query ends with an empty selection.
+    theta = jnp.minimum(mean + z * _safe_sqrt(var), top)
     keep_all = n <= k
-    theta = jnp.where(keep_all, -jnp.inf, mean + z * _safe_sqrt(var))
-    return theta, keep_all
+    return jnp.where(keep_all, -jnp.inf, theta), keep_all
 
 
 def statistical_topk(
