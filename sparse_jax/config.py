@@ -10,6 +10,7 @@ strings and applies ``dataclasses.replace`` (and so re-validates).
 from __future__ import annotations
 
 import dataclasses
+import operator
 from typing import Any, ClassVar, Literal
 
 FFNKind = Literal["gated", "spark"]
@@ -250,6 +251,50 @@ class ModelConfig:
             )
         kwargs = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
         return cls(**kwargs)
+
+
+def as_count(value: Any, name: str, minimum: int = 1) -> int:
+    """``value`` as a Python int if it is an integer-like (``int``, ``numpy`` integer) >= minimum.
+
+    Raises:
+      ValueError: a bool, a float, a non-integer or a value below ``minimum``, naming ``name``.
+    """
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    count = operator.index(value)
+    if count < minimum:
+        raise ValueError(f"{name}={value!r} must be an integer >= {minimum}")
+    return count
+
+
+def check_context(
+    context: int, prompt_len: int, new_tokens: int, new_name: str = "max_new_tokens"
+) -> None:
+    """The one rule for what fits: a prompt of P tokens and N new tokens need P + N - 1 slots.
+
+    The last generated token is returned without being fed back, so it takes no cache slot: a
+    prompt of ``context`` tokens can still produce one token.
+
+    Args:
+      context: the model's context length (``ModelConfig.max_seq_len``).
+      prompt_len: tokens in the (longest) prompt, >= 1.
+      new_tokens: tokens to generate, >= 1.
+      new_name: the caller's name for ``new_tokens``, used in the message.
+
+    Raises:
+      ValueError: naming both lengths and the context.
+    """
+    if prompt_len > context:
+        raise ValueError(
+            f"the prompt has {prompt_len} tokens: it exceeds the model's context of "
+            f"{context} tokens (max_seq_len)"
+        )
+    if prompt_len + new_tokens - 1 > context:
+        raise ValueError(
+            f"the prompt ({prompt_len} tokens) plus {new_name}={new_tokens} needs "
+            f"{prompt_len + new_tokens - 1} positions: it exceeds the model's context of "
+            f"{context} tokens (max_seq_len)"
+        )
 
 
 def parse_value(text: str, current: Any, field: str) -> Any:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import operator
 import time
 from collections.abc import Callable, Iterator, Sequence
 
@@ -19,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_jax.config import ModelConfig
+from sparse_jax.config import ModelConfig, as_count, check_context
 from sparse_jax.decode import (
     DEFAULT_OPTIONS,
     DecodeOptions,
@@ -78,19 +79,9 @@ def _prepare(cfg, params, prompts, max_new_tokens, sampler, seeds):
         raise ValueError("prompts must be a non-empty sequence of non-empty token-id sequences")
     for r in rows:
         check_tokens(cfg, r)
-    if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+    max_new_tokens = as_count(max_new_tokens, "max_new_tokens")
     longest = max(r.size for r in rows)
-    if longest > cfg.max_seq_len:
-        raise ValueError(
-            f"a prompt has {longest} tokens, longer than the context "
-            f"(cfg.max_seq_len={cfg.max_seq_len})"
-        )
-    if longest + max_new_tokens - 1 > cfg.max_seq_len:
-        raise ValueError(
-            f"prompt ({longest} tokens) plus max_new_tokens={max_new_tokens} exceeds the "
-            f"context (cfg.max_seq_len={cfg.max_seq_len})"
-        )
+    check_context(cfg.max_seq_len, longest, max_new_tokens)
     sampler.check_vocab(cfg.vocab_size)
     seed_list = [seeds] * len(rows) if isinstance(seeds, int) else list(seeds)
     if len(seed_list) != len(rows) or not all(isinstance(s, int | np.integer) for s in seed_list):
@@ -105,6 +96,22 @@ def _prepare(cfg, params, prompts, max_new_tokens, sampler, seeds):
     return params, padded, lengths, seeds_arr
 
 
+def _stop_ids(stop_tokens: int | Sequence[int]) -> np.ndarray:
+    """Stop ids as int64 [n]: one integer-like id, or a sequence of them."""
+    if hasattr(stop_tokens, "__index__") and not isinstance(stop_tokens, bool):
+        stop_tokens = [stop_tokens]
+    try:
+        ids = list(stop_tokens)
+    except TypeError:
+        raise ValueError(
+            f"stop_tokens={stop_tokens!r} must be a token id or a sequence of token ids"
+        ) from None
+    for i in ids:
+        if isinstance(i, bool) or not hasattr(i, "__index__"):
+            raise ValueError(f"stop_tokens must hold integer token ids, got {i!r}")
+    return np.asarray([operator.index(i) for i in ids], np.int64)
+
+
 def stream(
     cfg: ModelConfig,
     params: DecodeParams,
@@ -113,7 +120,7 @@ def stream(
     max_new_tokens: int,
     sampler: Sampler = GREEDY,
     seeds: int | Sequence[int] = 0,
-    stop_tokens: Sequence[int] = (),
+    stop_tokens: int | Sequence[int] = (),
     options: DecodeOptions = DEFAULT_OPTIONS,
     cache_len: int | None = None,
     stats: dict | None = None,
@@ -125,10 +132,10 @@ def stream(
       params: decode-layout parameters (model parameters are converted on each call; convert
         once with :func:`sparse_jax.decode_layout.to_decode_params` instead).
       prompts: B token-id sequences of any lengths >= 1.
-      max_new_tokens: most new tokens per request.
+      max_new_tokens: most new tokens per request, an integer (``numpy`` integers too) >= 1.
       sampler: how tokens are drawn; greedy by default.
       seeds: one seed for every request or one per request.
-      stop_tokens: ids that end a request (not emitted).
+      stop_tokens: a token id or ids that end a request (not emitted).
       options: decode options (path, capacities, prefill chunk).
       cache_len: slot-times of the cache; at least the longest prompt plus
         ``max_new_tokens - 1`` (the default), at most ``cfg.max_seq_len``. A fixed value lets
@@ -142,11 +149,14 @@ def stream(
       ValueError: empty or out-of-range prompts, a prompt plus ``max_new_tokens`` beyond the
         context, bad seeds or a sampler that does not fit the vocabulary.
     """
+    max_new_tokens = as_count(max_new_tokens, "max_new_tokens")
     params, padded, lengths, seeds_arr = _prepare(
         cfg, params, prompts, max_new_tokens, sampler, seeds
     )
     b, t = padded.shape
-    stop = np.asarray(list(stop_tokens), np.int64)
+    stop = _stop_ids(stop_tokens)
+    if cache_len is not None:
+        cache_len = as_count(cache_len, "cache_len")
     needed = t + max_new_tokens - 1
     if cache_len is not None and not needed <= cache_len <= cfg.max_seq_len:
         raise ValueError(
@@ -200,7 +210,7 @@ def generate(
     max_new_tokens: int,
     sampler: Sampler = GREEDY,
     seeds: int | Sequence[int] = 0,
-    stop_tokens: Sequence[int] = (),
+    stop_tokens: int | Sequence[int] = (),
     options: DecodeOptions = DEFAULT_OPTIONS,
     cache_len: int | None = None,
     callback: Callable[[StepOutput], None] | None = None,
@@ -211,10 +221,10 @@ def generate(
       cfg: model config.
       params: decode-layout (or model) parameters.
       prompts: B token-id sequences.
-      max_new_tokens: most new tokens per request.
+      max_new_tokens: most new tokens per request, an integer-like >= 1.
       sampler: how tokens are drawn; greedy by default.
       seeds: one seed for every request or one per request.
-      stop_tokens: ids that end a request (not included in the output).
+      stop_tokens: a token id or ids that end a request (not included in the output).
       options: decode options.
       cache_len: slot-times of the cache (see :func:`stream`).
       callback: called with every :class:`StepOutput` as it is produced.

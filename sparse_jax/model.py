@@ -135,16 +135,28 @@ class Transformer(nn.Module):
         """Forward pass.
 
         Args:
-          tokens: [B, T] int token ids.
+          tokens: [B, T] int token ids, T at most ``cfg.max_seq_len``.
           positions: [B, T] positions; defaults to 0..T-1 per row.
           embeddings: optional [B, T, D] input embeddings used instead of looking ``tokens``
             up (for gradient-based tests and soft prompts).
 
         Returns:
           logits [B, T, V] float32 and {"ffn_active_fraction": [L], "attn_keys_per_query": [L]}.
+
+        Raises:
+          ValueError: ``tokens`` is not [B, T], or T exceeds ``cfg.max_seq_len``.
         """
         cfg = self.cfg
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [B, T], got shape {tokens.shape}")
         b, t = tokens.shape
+        if t > cfg.max_seq_len:
+            # Past the context the global layers would run windowed at max_seq_len, which is
+            # not the model's attention: refuse instead of silently computing something else.
+            raise ValueError(
+                f"the sequence has {t} tokens: it exceeds the model's context of "
+                f"{cfg.max_seq_len} tokens (max_seq_len)"
+            )
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
         with jax.named_scope("embed"):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator, Sequence
 
+from sparse_jax.config import as_count, check_context
 from sparse_jax.decode_layout import to_decode_params
 from sparse_jax.generate import stream as stream_tokens
 from sparse_jax.loading import LoadedModel
@@ -47,14 +48,9 @@ def encode_prompt(tokenizer: Tokenizer, context: int, prompt: str, max_tokens: i
     """
     if not isinstance(prompt, str) or not prompt:
         raise ValueError("prompt must be a non-empty string")
-    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1:
-        raise ValueError(f"max_tokens={max_tokens!r} must be an integer >= 1")
+    max_tokens = as_count(max_tokens, "max_tokens")
     ids = tokenizer.encode(prompt, add_bos=True)
-    if len(ids) + max_tokens > context:
-        raise ValueError(
-            f"prompt is {len(ids)} tokens and max_tokens is {max_tokens}: together they "
-            f"exceed the model's context of {context} tokens"
-        )
+    check_context(context, len(ids), max_tokens, "max_tokens")
     return ids
 
 

@@ -69,14 +69,18 @@ def test_stream_and_callback_see_every_token_in_order(model):
 @pytest.mark.parametrize(
     ("prompts", "kwargs", "match"),
     [
-        ([[1] * (BASE.max_seq_len + 1)], {}, "longer than the context"),
-        ([[1] * (BASE.max_seq_len - 2)], {"max_new_tokens": 5}, "exceeds the context"),
+        ([[1] * (BASE.max_seq_len + 1)], {}, "exceeds the model.s context of 32"),
+        ([[1] * (BASE.max_seq_len - 2)], {"max_new_tokens": 5}, "exceeds the model.s context"),
         ([[]], {}, "non-empty"),
         ([[BASE.vocab_size]], {}, "out of range"),
         ([[1, 2]], {"seeds": [1, 2]}, "seeds"),
         ([[1, 2]], {"max_new_tokens": 0}, "max_new_tokens"),
         ([[1, 2]], {"sampler": Sampler(top_k=BASE.vocab_size + 1)}, "vocabulary"),
         ([[1, 2]], {"cache_len": 2}, "cache_len"),
+        ([[1, 2]], {"max_new_tokens": 2.0}, "max_new_tokens"),
+        ([[1, 2]], {"max_new_tokens": True}, "max_new_tokens"),
+        ([[1, 2]], {"stop_tokens": "5"}, "integer token ids"),
+        ([[1, 2]], {"stop_tokens": 2.5}, "stop_tokens"),
     ],
 )
 def test_bad_requests_raise_clear_errors(model, prompts, kwargs, match):
@@ -84,3 +88,28 @@ def test_bad_requests_raise_clear_errors(model, prompts, kwargs, match):
     kwargs = {"max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=match):
         generate(BASE, params, prompts, **kwargs)
+
+
+def test_integer_likes_are_accepted(model):
+    params, prompts = model
+    want = _run(params, prompts[:1], stop_tokens=[5])
+    got = generate(
+        BASE,
+        params,
+        prompts[:1],
+        max_new_tokens=np.int64(NEW),
+        stop_tokens=np.int32(5),
+        cache_len=np.int64(T),
+        options=MASKED,
+    )
+    assert got.tokens == want.tokens and got.finish_reasons == want.finish_reasons
+
+
+def test_a_prompt_that_fills_the_context_still_yields_one_token(model):
+    # The last new token is returned without being fed back: P + N - 1 positions suffice.
+    params, _ = model
+    context = BASE.max_seq_len
+    result = generate(BASE, params, [[1] * context], max_new_tokens=1, options=MASKED)
+    assert len(result.tokens[0]) == 1
+    with pytest.raises(ValueError, match="needs 33 positions"):
+        generate(BASE, params, [[1] * context], max_new_tokens=2, options=MASKED)
