@@ -1,0 +1,76 @@
+"""The README's Python blocks run as written, in order, as a reader pasting them would.
+
+A checkpoint of the tiny preset's shape (few steps) stands at ``runs/tiny`` in a scratch
+directory, the blocks run there in one namespace, and the OpenAI-client block runs against
+the real server on that checkpoint (its port swapped for a free one).
+"""
+
+import contextlib
+import io
+import pathlib
+import re
+import subprocess
+import sys
+
+import pytest
+from micro_configs import MICRO_TRAIN
+from test_serve import serving
+
+from sparse_jax.loading import load
+from sparse_jax.server.app import ServerSettings, create_app
+from sparse_jax.server.engine import Engine
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+README_PORT = "127.0.0.1:8000"
+
+
+def readme_blocks() -> list[str]:
+    return BLOCK.findall((ROOT / "README.md").read_text())
+
+
+def _is_client(block: str) -> bool:
+    return "OpenAI(" in block
+
+
+@pytest.fixture(scope="module")
+def scratch(tmp_path_factory):
+    """A directory holding ``runs/tiny``: the tiny preset trained for a few steps."""
+    root = tmp_path_factory.mktemp("readme")
+    train = [t for t in MICRO_TRAIN if t.split("=")[0] not in ("steps", "checkpoint_every")]
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", "tiny"]
+    cmd += ["--workdir", str(root / "runs" / "tiny")]
+    cmd += ["--set", *train, "steps=4", "checkpoint_every=4", "seq_len=64"]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    return root
+
+
+def test_the_readme_has_the_blocks_this_test_runs():
+    blocks = readme_blocks()
+    assert len(blocks) >= 4
+    assert sum(_is_client(b) for b in blocks) == 1
+
+
+def test_python_blocks_run_in_order(scratch, monkeypatch):
+    monkeypatch.chdir(scratch)
+    monkeypatch.syspath_prepend(str(ROOT))  # `from configs import ...`, as from a clone
+    namespace: dict = {}
+    printed = io.StringIO()
+    model = None
+    for block in readme_blocks():
+        if _is_client(block):
+            model = model or load(scratch / "runs" / "tiny")
+            settings = ServerSettings(model_name="tiny", api_key="KEY")
+            engine = Engine(model.config, model.params, slots=1)
+            with serving(create_app(engine, model.tokenizer, settings)) as url:
+                block = block.replace(README_PORT, url.removeprefix("http://"))
+                with contextlib.redirect_stdout(printed):
+                    exec(compile(block, "README.md", "exec"), namespace)
+            continue
+        with contextlib.redirect_stdout(printed):
+            exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["logits"].shape[-1] == namespace["cfg"].vocab_size
+    assert namespace["prompt_ids"][0] == namespace["model"].tokenizer.bos_id
+    assert len(namespace["out"].tokens[0]) == 40
+    assert printed.getvalue().strip()
