@@ -1,5 +1,6 @@
 """The batching engine: slot insertion, per-row sampling, tokens equal to generating alone."""
 
+import logging
 import threading
 import time
 
@@ -16,7 +17,7 @@ from sparse_jax.generate import generate
 from sparse_jax.kv_cache import init_cache
 from sparse_jax.model import init_params
 from sparse_jax.sampling import GREEDY, Sampler, sample, step_keys
-from sparse_jax.server.engine import Engine
+from sparse_jax.server.engine import SERVING_OPTIONS, Engine
 from sparse_jax.server.row_sampling import RowSettings, sample_rows, settings_arrays
 from sparse_jax.server.slots import insert_rows, prefill_group
 from sparse_jax.server.tickets import EngineBusy, Request
@@ -172,7 +173,7 @@ def test_cancel_frees_the_slot_and_a_full_queue_is_refused(engine):
     [
         (Request((), 4), "non-empty"),
         (Request((1, 500), 4), "out of range"),
-        (Request((1,) * 30, 4), "exceeds the context"),
+        (Request((1,) * 30, 4), "exceeds the model.s context"),
         (Request((1,), 0), "max_tokens"),
         (Request((1,), 4, RowSettings(top_k=1000)), "vocabulary"),
     ],
@@ -194,3 +195,23 @@ def test_a_failed_step_fails_its_requests_and_the_engine_goes_on(engine, monkeyp
     assert ticket.finish_reason == "error"
     assert engine.generate(Request((1, 2), 5))[1] == "length"
     assert engine.status()["running"]
+
+
+def test_the_decode_options_are_used_as_given(model):
+    cfg, params = model
+    assert Engine(cfg, params, options=OPTIONS).options == OPTIONS
+    assert Engine(cfg, params).options.prefill_chunk == SERVING_OPTIONS.prefill_chunk
+
+
+def test_warmup_reports_each_compiled_program(model, caplog):
+    cfg, params = model
+    engine = Engine(cfg, params, slots=2, options=OPTIONS, max_prefill_group=2)
+    steps = len(engine._warmup_steps())
+    with caplog.at_level(logging.INFO, logger="sparse_jax.server.engine"):
+        engine.start(warmup=True)
+    engine.close()
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled ")]
+    assert [line.split()[1] for line in lines] == [f"{i}/{steps}:" for i in range(1, steps + 1)]
+    assert any("decode step (2-row cache)" in line for line in lines)
+    assert any("prefill (group of 2," in line for line in lines)
+    assert lines[-1].startswith(f"compiled {steps}/{steps}: cache 2 -> 1 rows")

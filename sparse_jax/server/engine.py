@@ -19,15 +19,17 @@ layout change the order of sums).
 from __future__ import annotations
 
 import collections
-import dataclasses
+import functools
 import logging
 import threading
+import time
+from collections.abc import Callable
 
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_jax.config import ModelConfig
-from sparse_jax.decode import DEFAULT_OPTIONS, DecodeOptions, check_tokens, decode_step_jit
+from sparse_jax.config import ModelConfig, as_count, check_context
+from sparse_jax.decode import DecodeOptions, check_tokens, decode_step_jit
 from sparse_jax.decode_layout import DecodeParams, to_decode_params
 from sparse_jax.kv_cache import init_cache
 from sparse_jax.server.row_sampling import RowSettings, sample_rows, settings_arrays
@@ -35,6 +37,10 @@ from sparse_jax.server.slots import bucket, insert_rows, prefill_group, take_row
 from sparse_jax.server.tickets import FINISH_REASONS, EngineBusy, Event, Request, Ticket
 
 log = logging.getLogger(__name__)
+
+# Every prompt is padded up to whole prefill chunks, so a short chunk keeps the prefill of the
+# typical short request cheap; DEFAULT_OPTIONS' 256 suits long prompts decoded alone.
+SERVING_OPTIONS = DecodeOptions(prefill_chunk=32)
 
 
 class Engine:
@@ -45,12 +51,11 @@ class Engine:
       params: decode-layout parameters (model parameters are converted once).
       slots: most requests decoded together, >= 1; each power of two up to it is one more
         compiled decode step.
-      options: decode options.
+      options: decode options, used as given; prompts are prefilled in chunks of
+        ``options.prefill_chunk`` tokens (padded up to whole chunks).
       max_queue: most requests waiting for a slot; more raise :class:`EngineBusy`.
       max_prefill_group: most waiting requests prefilled together, >= 1 (at most ``slots``);
         each power of two up to it is one more compiled prefill.
-      prefill_chunk: prompts are prefilled in chunks of this many tokens (padded up to whole
-        chunks), replacing ``options.prefill_chunk``.
     """
 
     def __init__(
@@ -59,10 +64,9 @@ class Engine:
         params: DecodeParams,
         *,
         slots: int = 8,
-        options: DecodeOptions = DEFAULT_OPTIONS,
+        options: DecodeOptions = SERVING_OPTIONS,
         max_queue: int = 256,
         max_prefill_group: int = 1,
-        prefill_chunk: int = 32,
     ):
         for name, value in (
             ("slots", slots),
@@ -71,7 +75,7 @@ class Engine:
         ):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Engine {name}={value!r} must be an integer >= 1")
-        self.options = dataclasses.replace(options, prefill_chunk=prefill_chunk)
+        self.options = options
         self.cfg, self.slots = cfg, slots
         self.params = params if "blocks" in params else to_decode_params(cfg, params)
         self.max_queue, self.max_prefill_group = max_queue, min(max_prefill_group, slots)
@@ -95,7 +99,8 @@ class Engine:
 
         Args:
           warmup: first compile every batch size, prefill group size and the row moves between
-            them, so that no request waits for a compilation.
+            them, so that no request waits for a compilation; each compiled program is logged
+            (INFO, with its number, the total and the seconds it took).
         """
         if self._thread is None:
             if warmup:
@@ -126,13 +131,9 @@ class Engine:
         if prompt.ndim != 1 or prompt.size == 0:
             raise ValueError("the prompt must be a non-empty sequence of token ids")
         check_tokens(cfg, prompt)
-        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
-            raise ValueError(f"max_tokens={request.max_tokens!r} must be an integer >= 1")
-        if prompt.size + request.max_tokens - 1 > cfg.max_seq_len:
-            raise ValueError(
-                f"prompt ({prompt.size} tokens) plus max_tokens={request.max_tokens} exceeds "
-                f"the context (max_seq_len={cfg.max_seq_len})"
-            )
+        check_context(
+            cfg.max_seq_len, prompt.size, as_count(request.max_tokens, "max_tokens"), "max_tokens"
+        )
         if request.settings.top_k > cfg.vocab_size:
             raise ValueError(f"top_k={request.settings.top_k} exceeds the vocabulary")
 
@@ -181,22 +182,53 @@ class Engine:
         }
 
     def _warmup(self) -> None:
+        steps = self._warmup_steps()
+        for index, (label, step) in enumerate(steps, 1):
+            start = time.perf_counter()
+            step()
+            # One line per program: a first compilation takes seconds to minutes, in silence.
+            log.info(
+                "compiled %d/%d: %s (%.1f s)", index, len(steps), label, time.perf_counter() - start
+            )
+
+    def _warmup_steps(self) -> list[tuple[str, Callable[[], object]]]:
+        """(label, call) for every program requests can need, in the order they are compiled.
+
+        Each batch size of the cache gets its prefill group sizes and its decode step, then the
+        move to the next size; the calls change ``self._rows`` as they go, so they run in order.
+        """
+        steps: list[tuple[str, Callable[[], object]]] = []
+        rows = 1
         while True:
             group = 1
             while True:
                 settings = [RowSettings(temperature=1.0)] * group
-                self._prefill([(0,)] * group, settings, [self.slots])
+                lengths = [1]
                 if self.cfg.max_seq_len % self.options.prefill_chunk:  # a last, partial chunk
-                    self._prefill([(0,) * self.cfg.max_seq_len] * group, settings, [self.slots])
-                if group >= min(self.max_prefill_group, self._rows):
+                    lengths.append(self.cfg.max_seq_len)
+                for length in lengths:
+                    batch = [(0,) * length] * group
+                    prefill = functools.partial(self._prefill, batch, settings, [self.slots])
+                    label = f"prefill (group of {group}, {length}-token prompts, {rows}-row cache)"
+                    steps.append((label, prefill))
+                if group >= min(self.max_prefill_group, rows):
                     break
                 group = min(2 * group, self.max_prefill_group)
             # Idle rows decode too; whatever this writes in them is replaced at admission.
-            self._decode_rows()
-            if self._rows == self.slots:
+            steps.append((f"decode step ({rows}-row cache)", self._decode_rows))
+            if rows == self.slots:
                 break
-            self._resize_toward(min(2 * self._rows, self.slots))
-        self._resize_toward(1)  # the moves back down, as requests finish
+            grown = min(2 * rows, self.slots)
+            steps.append((f"cache {rows} -> {grown} rows", functools.partial(self._resize, grown)))
+            rows = grown
+        # The moves back down, as requests finish.
+        while rows > 1:
+            shrunk = bucket(rows // 2, self.slots)
+            steps.append(
+                (f"cache {rows} -> {shrunk} rows", functools.partial(self._resize, shrunk))
+            )
+            rows = shrunk
+        return steps
 
     def _run(self) -> None:
         while True:
