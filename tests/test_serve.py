@@ -219,3 +219,70 @@ def test_a_client_that_disconnects_frees_its_slot(served, monkeypatch, stream):
     after = engine.status()
     assert after["finished_cancelled"] == before.get("finished_cancelled", 0) + 1
     assert after.get("finished_length") == before.get("finished_length")
+
+
+def test_openai_fields_at_neutral_values_are_accepted(served):
+    url, _, generator = served
+    client = _client(url)
+    want = generator.complete(PROMPTS[2], max_tokens=10, sampler=GREEDY)
+    neutral = dict(
+        logprobs=None,
+        echo=False,
+        frequency_penalty=0,
+        presence_penalty=0,
+        n=1,
+        best_of=1,
+        user="someone",
+        suffix=None,
+        logit_bias={},
+        seed=5,
+        stop=[],
+    )
+    got = client.completions.create(
+        model=NAME, prompt=PROMPTS[2], max_tokens=10, temperature=0, **neutral
+    )
+    assert got.choices[0].text == want.text
+    # As some clients send them: every field, null where it has no value.
+    nulls = dict.fromkeys(["max_tokens", "n", "stop", "seed", "top_p", "stream", "suffix"])
+    extra = {**nulls, "top_k": None, "logit_bias": {"5": 0}, "stream_options": None}
+    got = client.completions.create(model=NAME, prompt=PROMPTS[2], temperature=0, extra_body=extra)
+    # max_tokens null is OpenAI's default of 16.
+    assert got.usage.completion_tokens == 16 or got.choices[0].finish_reason == "stop"
+    assert got.choices[0].text.startswith(want.text)
+
+
+def test_echo_token_prompts_and_usage_in_a_stream(served):
+    url, _, generator = served
+    client = _client(url)
+    want = generator.complete(PROMPTS[3], max_tokens=8, sampler=GREEDY)
+    kwargs = dict(model=NAME, max_tokens=8, temperature=0)
+    echoed = client.completions.create(prompt=PROMPTS[3], echo=True, **kwargs)
+    assert echoed.choices[0].text == PROMPTS[3] + want.text
+    ids = generator.encode_prompt(PROMPTS[3], 8)  # BOS included: token prompts are used as given
+    for prompt in (ids, [ids], [PROMPTS[3]]):
+        assert client.completions.create(prompt=prompt, **kwargs).choices[0].text == want.text
+    chunks = list(
+        client.completions.create(
+            prompt=PROMPTS[3],
+            stream=True,
+            stream_options={"include_usage": True, "include_obfuscation": False},
+            echo=True,
+            **kwargs,
+        )
+    )
+    *text_chunks, last = chunks
+    assert "".join(c.choices[0].text for c in text_chunks) == PROMPTS[3] + want.text
+    assert all(c.usage is None for c in text_chunks) and last.choices == []
+    assert last.usage.completion_tokens == want.completion_tokens
+    assert last.usage.prompt_tokens == want.prompt_tokens
+
+
+def test_a_model_is_retrieved_by_id(served):
+    url, _, _ = served
+    client = _client(url)
+    model = client.models.retrieve(NAME)
+    assert model.id == NAME and model.object == "model"
+    with pytest.raises(openai.NotFoundError, match="model 'other' does not exist"):
+        client.models.retrieve("other")
+    missing = httpx.get(f"{url}/v1/models/other").json()["error"]
+    assert missing["code"] == "model_not_found" and missing["param"] == "model"

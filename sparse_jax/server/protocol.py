@@ -1,26 +1,43 @@
 """The OpenAI completions protocol as this server speaks it: request schema, errors, bodies.
 
 :func:`parse_completion_request` turns raw body bytes into a :class:`CompletionRequest` or
-raises :class:`ApiError` (malformed JSON, a wrong type, an unknown field, a value out of
-range), whose :meth:`~ApiError.body` is OpenAI's ``{"error": {"message", "type", "param",
-"code"}}``. The supported fields are OpenAI's ``model``, ``prompt`` (one string),
-``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``stream``, ``stream_options``,
-``n`` (1 only) and ``user``, plus ``top_k`` (as vLLM accepts it). :func:`completion_body` and
-:func:`chunk_body` build the response objects, whole or as server-sent-event chunks.
+raises :class:`ApiError` (malformed JSON at any nesting depth, a wrong type, an unknown field, a
+value out of range, a value this server cannot serve), whose :meth:`~ApiError.body` is OpenAI's
+``{"error": {"message", "type", "param", "code"}}``. Every field of OpenAI's legacy completions
+API is accepted; ``null`` means the field's default, as in OpenAI's API.
+
+* Honoured: ``model``, ``prompt`` (a string, a list of token ids, or a list holding one of
+  either), ``max_tokens``, ``temperature``, ``top_p``, ``stop``, ``seed``, ``stream``,
+  ``stream_options.include_usage`` and ``echo``; also ``top_k``, as vLLM accepts it.
+* Accepted and ignored: ``user`` and ``stream_options.include_obfuscation`` (no obfuscation
+  field is sent).
+* Accepted only at their neutral value (:data:`NEUTRAL`), since this server returns one
+  completion per request, samples without penalties or logit biases and returns no log
+  probabilities: ``n``, ``best_of``, ``frequency_penalty``, ``presence_penalty``,
+  ``logit_bias``, ``logprobs`` and ``suffix``. Any other value is a 400 naming the field.
+
+:func:`request_schema` is the body's JSON schema for the OpenAPI document;
+:func:`completion_body` and :func:`chunk_body` build the response objects, whole or as
+server-sent-event chunks.
 """
 
 from __future__ import annotations
 
 import json
+import reprlib
 import time
-from typing import Any
+from typing import Annotated, Any
 
 import pydantic
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
 
 _STRICT = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
 MAX_STOP_STRINGS = 4
 DEFAULT_MAX_TOKENS = 16
+# Values quoted back in error messages stay short (and shallow: a deeply nested value would
+# otherwise be repr'd recursively).
+_QUOTE = reprlib.Repr()
+_QUOTE.maxlevel, _QUOTE.maxstring, _QUOTE.maxother, _QUOTE.maxlist, _QUOTE.maxdict = 2, 60, 60, 4, 4
 
 
 class ApiError(Exception):
@@ -42,6 +59,8 @@ class ApiError(Exception):
         param: str | None = None,
         code: str | None = None,
     ):
+        # A lone surrogate quoted from the request could not be encoded in the response.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = (
             status,
@@ -64,44 +83,146 @@ class ApiError(Exception):
 
 class StreamOptions(BaseModel):
     model_config = _STRICT
-    include_usage: bool = False
+    include_usage: bool | None = False
+    include_obfuscation: bool | None = None
+
+
+def _one_prompt(value: Any) -> Any:
+    """A string or a list of token ids; a list holding one of either is unwrapped."""
+    if isinstance(value, list) and value and all(isinstance(v, str | list) for v in value):
+        if len(value) > 1:
+            raise ValueError(
+                f"a batch of {len(value)} prompts; this server completes one prompt per "
+                "request: send each prompt in a request of its own"
+            )
+        value = value[0]
+    if isinstance(value, str) and value:
+        return value
+    if (
+        isinstance(value, list)
+        and value
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+    ):
+        return value
+    raise ValueError(
+        "must be a non-empty string, a non-empty list of token ids, or a list holding one of those"
+    )
+
+
+_PROMPT_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+        {"type": "array", "items": {"type": "string", "minLength": 1}, "maxItems": 1},
+        {
+            "type": "array",
+            "items": {"type": "array", "items": {"type": "integer"}, "minItems": 1},
+            "maxItems": 1,
+        },
+    ]
+}
+Prompt = Annotated[str | list[int], BeforeValidator(_one_prompt), WithJsonSchema(_PROMPT_SCHEMA)]
+_STOP_SCHEMA = {
+    "anyOf": [
+        {"type": "string", "minLength": 1},
+        {
+            "type": "array",
+            "items": {"type": "string", "minLength": 1},
+            "maxItems": MAX_STOP_STRINGS,
+        },
+        {"type": "null"},
+    ]
+}
+Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
 class CompletionRequest(BaseModel):
     """The body of ``POST /v1/completions``; defaults are OpenAI's.
 
     ``max_tokens`` left out means :data:`DEFAULT_MAX_TOKENS` (OpenAI's 16), lowered to the
-    server's limit if that is smaller.
+    server's limit if that is smaller. A token-id ``prompt`` is used as given (no BOS is
+    added); a string gets the tokenizer's BOS.
     """
 
     model_config = _STRICT
     model: str
-    prompt: str = Field(min_length=1)
+    prompt: Prompt
+    best_of: int | None = Field(1, ge=1)
+    echo: bool | None = False
+    frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, Bias] | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
     max_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int | None = Field(None, ge=1)
-    stop: list[str] | None = None
+    n: int | None = Field(1, ge=1)
+    presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     seed: int | None = Field(None, ge=0, lt=1 << 63)
-    stream: bool = False
+    stop: Annotated[list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
-    n: int = Field(1, ge=1, le=1)
+    suffix: str | None = None
+    temperature: float | None = Field(1.0, ge=0.0, le=2.0)
+    top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
+    top_k: int | None = Field(None, ge=1)
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, value: Any) -> Any:
+        # null is "not given" in OpenAI's API: the field keeps its default.
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if v is not None}
+        return value
 
     @pydantic.field_validator("stop", mode="before")
     @classmethod
-    def _one_or_more_stop_strings(cls, value: Any) -> list[str] | None:
+    def _stop_strings(cls, value: Any) -> list[str] | None:
         if isinstance(value, str):
             value = [value]
-        if value is not None and (
-            not isinstance(value, list)
-            or not 1 <= len(value) <= MAX_STOP_STRINGS
-            or not all(isinstance(s, str) and s for s in value)
+        if not (
+            isinstance(value, list)
+            and len(value) <= MAX_STOP_STRINGS
+            and all(isinstance(s, str) and s for s in value)
         ):
             raise ValueError(
-                f"must be a non-empty string or a list of 1 to {MAX_STOP_STRINGS} non-empty strings"
+                f"must be a non-empty string or a list of up to {MAX_STOP_STRINGS} non-empty "
+                "strings"
             )
         return value
+
+
+# What each field that this server cannot honour must be, and why.
+_ONE_COMPLETION = "this server returns one completion per request"
+_NO_PENALTIES = "this server samples without frequency or presence penalties"
+NEUTRAL = {
+    "n": (lambda v: v == 1, "1", _ONE_COMPLETION),
+    "best_of": (lambda v: v == 1, "1", _ONE_COMPLETION),
+    "frequency_penalty": (lambda v: v == 0, "0", _NO_PENALTIES),
+    "presence_penalty": (lambda v: v == 0, "0", _NO_PENALTIES),
+    "logit_bias": (
+        lambda v: v is None or not any(v.values()),
+        "null, {} or biases that are all 0",
+        "this server samples without logit biases",
+    ),
+    "logprobs": (lambda v: v is None, "null", "this server returns no log probabilities"),
+    "suffix": (
+        lambda v: not v,
+        "null or an empty string",
+        "this server completes after the prompt only (no insertion before a suffix)",
+    ),
+}
+
+
+def _check_servable(req: CompletionRequest) -> None:
+    for name, (neutral, allowed, why) in NEUTRAL.items():
+        value = getattr(req, name)
+        if not neutral(value):
+            raise ApiError(
+                400,
+                f"{name}={_QUOTE.repr(value)} is not supported: {why}; leave {name} out "
+                f"or send {allowed}",
+                param=name,
+                code="unsupported_value",
+            )
 
 
 def _reject_constant(name: str) -> None:
@@ -121,27 +242,50 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
     if error["type"] == "missing":
         return field, f"{field} is required"
     message = error["msg"].removeprefix("Value error, ")
-    return field, f"{field}: {message} (got {error.get('input')!r})"
+    return field, f"{field}: {message} (got {_QUOTE.repr(error.get('input'))})"
 
 
 def parse_completion_request(body: bytes) -> CompletionRequest:
     """Validates a request body.
 
     Raises:
-      ApiError: 400 for a body that is not a JSON object or does not fit the schema.
+      ApiError: 400 for a body that is not a JSON object, does not fit the schema, or asks for
+        what this server cannot serve (see :data:`NEUTRAL`).
     """
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as err:
         raise ApiError(400, f"the body is not valid JSON: {err}", code="invalid_json") from None
+    except RecursionError:
+        raise ApiError(
+            400, "the body nests arrays or objects too deeply to parse", code="invalid_json"
+        ) from None
     if not isinstance(data, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}")
     try:
-        return CompletionRequest.model_validate(data)
+        req = CompletionRequest.model_validate(data)
     except pydantic.ValidationError as err:
         described = [_describe(e) for e in err.errors(include_url=False)]
         message = "; ".join(dict.fromkeys(m for _, m in described))
         raise ApiError(400, message, param=described[0][0]) from None
+    _check_servable(req)
+    return req
+
+
+def _inline(node: Any, definitions: dict[str, Any]) -> Any:
+    if isinstance(node, dict):
+        if "$ref" in node:
+            return _inline(definitions[node["$ref"].rsplit("/", 1)[-1]], definitions)
+        return {k: _inline(v, definitions) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_inline(v, definitions) for v in node]
+    return node
+
+
+def request_schema() -> dict[str, Any]:
+    """The JSON schema of :class:`CompletionRequest`, self-contained (no ``$ref``)."""
+    schema = CompletionRequest.model_json_schema()
+    return _inline(schema, schema.pop("$defs", {}))
 
 
 def completion_body(
@@ -164,9 +308,18 @@ def completion_body(
     return body
 
 
-def chunk_body(request_id: str, model: str, text: str, finish_reason: str | None) -> str:
-    """One server-sent event carrying a completion chunk."""
-    return sse(completion_body(request_id, model, text, finish_reason, None))
+def chunk_body(
+    request_id: str, model: str, text: str, finish_reason: str | None, with_usage: bool = False
+) -> str:
+    """One server-sent event carrying a completion chunk.
+
+    With ``with_usage`` (a stream that ends with a usage chunk) it holds ``"usage": null``, as
+    OpenAI's chunks do then.
+    """
+    body = completion_body(request_id, model, text, finish_reason, None)
+    if with_usage:
+        body["usage"] = None
+    return sse(body)
 
 
 def sse(data: dict[str, Any] | str) -> str:
