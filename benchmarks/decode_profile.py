@@ -4,7 +4,7 @@ Run from the repository root: ``python -m benchmarks.decode_profile``. Each grou
 one process, its variants alternated (median of ``--repeats`` calls):
 
 * ``gather``: the sparse FFN's row gather of 1312 of 13824 rows from K2 [13824, 1280] and
-  V [13824, 2304] (``sparse_decode.sparse_ffn_gathered``, a 1-D ``take``, sorted/unique
+  V [13824, 2304] (``pallas_kernels.sparse_ffn.xla``, a 1-D ``take``, sorted/unique
   index flags), against a matvec reading the same bytes of K2;
 * ``unembed``: the 256k x 2304 output projection through ``decode_layout.linear`` from bf16
   and from f32 weights;
@@ -31,10 +31,10 @@ import jax.numpy as jnp
 
 from benchmarks.decode import synthetic_cache
 from configs import get_model_config
+from pallas_kernels.sparse_ffn.xla import sparse_ffn as sparse_ffn_gathered
 from sparse_jax.decode import DecodeOptions
 from sparse_jax.decode_attention import _grouped, attend_sparse, spark_scores
 from sparse_jax.decode_layout import linear, linear_rows
-from sparse_jax.sparse_decode import sparse_ffn_gathered
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 

@@ -6,7 +6,7 @@ window) are masked. The sparse path, for one query per row, reads the predictor 
 ``k_pred`` of all cached keys, thresholds each query head's scores by statistical top-k over
 the valid keys (the same threshold as the masked path, so both keep the same keys), compacts the
 kept slots into a static capacity and gathers only their ``k_rest`` and ``v`` rows
-(:func:`sparse_jax.sparse_decode.topk_attention_gathered`). If any query head keeps more keys
+(:func:`pallas_kernels.topk_attention.xla.topk_attention` on CPU). If any query head keeps more keys
 than the capacity, the step's layer takes the masked combination instead (``lax.cond``) and
 reports an overflow, so a result is never silently truncated.
 """
@@ -16,12 +16,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.attention import attention_mask
 from sparse_jax.config import ModelConfig
 from sparse_jax.kernels import XLA_KERNELS, Kernels
 from sparse_jax.layers import safe_softmax, softcap
 from sparse_jax.sparse_decode import capacity, compact
-from sparse_jax.topk import statistical_threshold
 
 # Relative cost of one gathered byte against one streamed byte on the project's 2-core CPU:
 # XLA's row gather of 8% of a [13824, 1280] table ran at 5-6 GB/s, a matvec at 22-28 GB/s.

@@ -17,6 +17,7 @@ from typing import Literal
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.config import ModelConfig
 from sparse_jax.decode_attention import GATHER_COST
 from sparse_jax.decode_layout import linear, linear_rows
@@ -28,7 +29,6 @@ from sparse_jax.sparse_decode import (
     sparse_ffn_union,
     union_capacity,
 )
-from sparse_jax.topk import statistical_threshold
 
 FFNMode = Literal["masked", "per_token", "union"]
 # Relative cost of a row in the union gather (sorted, dense index sets), against a streamed

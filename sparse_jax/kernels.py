@@ -9,8 +9,9 @@ Every sparse op that has a kernel reaches it through a :class:`Kernels` value:
 
 ``implementation`` is one of ``"auto"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``.
 ``"auto"`` resolves by JAX's default backend (TPU -> ``pallas_tpu``, GPU -> ``pallas_gpu``,
-anything else -> ``xla``); ``"xla"`` runs this package's own jnp code (with the closed-form
-top-k backward); an explicit Pallas implementation on a backend that cannot run it raises
+anything else -> ``xla``); ``"xla"`` runs each op's ``xla`` module in ``pallas_kernels`` (the
+statistical top-k with its closed-form backward), the same code the op's API runs for
+``"xla"``; an explicit Pallas implementation on a backend that cannot run it raises
 :class:`pallas_kernels._common.dispatch.ImplementationUnavailableError` when the op is traced,
 never a silent fallback. ``interpret=True`` runs an explicit Pallas implementation in Pallas
 interpret mode on any backend (the tests use it on CPU to check the model end to end).
@@ -29,9 +30,11 @@ from jax.sharding import Mesh
 
 from pallas_kernels._common import dispatch
 from pallas_kernels.sparse_ffn import api as sparse_ffn_api
+from pallas_kernels.sparse_ffn import xla as sparse_ffn_xla
 from pallas_kernels.stat_topk import api as stat_topk_api
+from pallas_kernels.stat_topk import xla as stat_topk_xla
 from pallas_kernels.topk_attention import api as topk_attention_api
-from sparse_jax import sparse_decode, topk
+from pallas_kernels.topk_attention import xla as topk_attention_xla
 
 IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
 
@@ -102,7 +105,7 @@ class Kernels:
         ``enabled`` (a traced bool is fine) false returns x unchanged. Differentiable.
         """
         if not self._use_kernel(method):
-            return topk.statistical_topk(x, k, enabled=enabled, method=method)
+            return stat_topk_xla.statistical_topk(x, k, enabled=enabled, method=method)
         out = stat_topk_api.statistical_topk(x, k, form="soft", **self._kernel_args())
         return jnp.where(enabled, out, x)
 
@@ -121,7 +124,9 @@ class Kernels:
         valid entry.
         """
         if not self._use_kernel(method):
-            return topk.statistical_topk_mask(x, k, valid=valid, enabled=enabled, method=method)
+            return stat_topk_xla.statistical_topk_mask(
+                x, k, valid=valid, enabled=enabled, method=method
+            )
         valid = jnp.broadcast_to(valid, x.shape)
         out = stat_topk_api.statistical_topk(x, k, valid=valid, form="mask", **self._kernel_args())
         return jnp.where(enabled, out, jnp.where(valid, x, -jnp.inf))
@@ -134,7 +139,7 @@ class Kernels:
         Returns [B, D] float32.
         """
         if self.resolved() == "xla":
-            return sparse_decode.sparse_ffn_gathered(h, idx, x_rest, k2, v)
+            return sparse_ffn_xla.sparse_ffn(h, idx, x_rest, k2, v)
         out = sparse_ffn_api.sparse_ffn(h, idx, x_rest, k2, v, **self._kernel_args())
         return out.astype(jnp.float32)
 
@@ -151,7 +156,7 @@ class Kernels:
         Returns [B, N, H] float32.
         """
         if self.resolved() == "xla":
-            return sparse_decode.topk_attention_gathered(q_rest, p, idx, k_rest, v)
+            return topk_attention_xla.topk_attention(q_rest, p, idx, k_rest, v)
         out = topk_attention_api.topk_attention(
             q_rest, p, idx, k_rest, v, head_axis=None, **self._kernel_args()
         )

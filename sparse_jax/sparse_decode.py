@@ -2,10 +2,9 @@
 
 The sparse path first turns a boolean keep mask (active FFN neurons, or kept keys of a query
 head) into a fixed number of indices, a static capacity sized from statistical top-k's error
-(:func:`capacity`); then it reads only those rows. The two gathered computations have the
-signatures of ``pallas_kernels.sparse_ffn`` and ``pallas_kernels.topk_attention``: they are
-the ``"xla"`` implementations behind :class:`sparse_jax.kernels.Kernels`, jnp gathers and
-reductions in float32.
+(:func:`capacity`); then it reads only those rows. The per-token gathered computations are
+the kernel ops ``pallas_kernels.sparse_ffn`` and ``pallas_kernels.topk_attention`` (their
+``xla`` modules on CPU); the batch-shared union gather of the FFN is here.
 """
 
 from __future__ import annotations
@@ -15,6 +14,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels._common.rows import gather_rows
 from sparse_jax.decode_layout import linear, linear_rows
 
 
@@ -93,32 +93,6 @@ def compact(keep: jax.Array, size: int) -> tuple[jax.Array, jax.Array]:
     return idx.reshape((*keep.shape[:-1], size)), running[:, -1].reshape(keep.shape[:-1])
 
 
-def gather_rows(table: jax.Array, idx: jax.Array) -> jax.Array:
-    """``table[idx]``: rows [..., W] of a [rows, W] table at in-range indices."""
-    return table.at[idx].get(mode="promise_in_bounds")
-
-
-def sparse_ffn_gathered(
-    h: jax.Array, idx: jax.Array, x_rest: jax.Array, k2: jax.Array, v: jax.Array
-) -> jax.Array:
-    """``y[b] = sum_a h[b, a] * (k2[idx[b, a]] . x_rest[b]) * v[idx[b, a]]``, per token.
-
-    Args:
-      h: [B, A] activations at the selected neurons; 0 on padding slots.
-      idx: int32 [B, A] neuron indices in [0, F).
-      x_rest: [B, D-R] input dims after the predictor width.
-      k2: [F, D-R] value-branch weights, one neuron per row.
-      v: [F, D] down projection, one neuron per row.
-
-    Returns:
-      [B, D] float32.
-    """
-    k2_rows = gather_rows(k2, idx).astype(jnp.float32)
-    value = jnp.einsum("bad,bd->ba", k2_rows, x_rest.astype(jnp.float32))
-    v_rows = gather_rows(v, idx).astype(jnp.float32)
-    return jnp.einsum("ba,bad->bd", h * value, v_rows)
-
-
 def sparse_ffn_union(
     h: jax.Array, idx: jax.Array, x_rest: jax.Array, k2: jax.Array, v: jax.Array
 ) -> jax.Array:
@@ -127,41 +101,10 @@ def sparse_ffn_union(
     Args:
       h: [B, A] activations at the union's neurons (0 where a token's neuron is inactive).
       idx: int32 [A] neuron indices in [0, F).
-      x_rest, k2, v: as in :func:`sparse_ffn_gathered`.
+      x_rest, k2, v: as in :func:`pallas_kernels.sparse_ffn.xla.sparse_ffn`.
 
     Returns:
       [B, D] float32.
     """
     value = linear(x_rest, gather_rows(k2, idx))
     return linear_rows(h * value, gather_rows(v, idx))
-
-
-def topk_attention_gathered(
-    q_rest: jax.Array, p: jax.Array, idx: jax.Array, k_rest: jax.Array, v: jax.Array
-) -> jax.Array:
-    """``out[b, n] = sum_a p * softplus(q_rest . k_rest[b, kv, idx]) * v[b, kv, idx]``.
-
-    Query head n reads kv head ``n // (N // K)``.
-
-    Args:
-      q_rest: [B, N, H-R] non-predictor half of each query, scaled and rotated.
-      p: [B, N, A] softmax weights of the selected keys; 0 on padding slots.
-      idx: int32 [B, N, A] selected cache slots in [0, S).
-      k_rest: [B, K, S, H-R] cached non-predictor key halves.
-      v: [B, K, S, H] cached values.
-
-    Returns:
-      [B, N, H] float32.
-    """
-    b, n, a = p.shape
-    kv = k_rest.shape[1]
-    g = n // kv
-    per_kv = idx.reshape(b, kv, g * a)
-    rows = jax.vmap(jax.vmap(gather_rows))
-    k_sel = rows(k_rest, per_kv).reshape(b, kv, g, a, -1).astype(jnp.float32)
-    v_sel = rows(v, per_kv).reshape(b, kv, g, a, -1).astype(jnp.float32)
-    q = q_rest.reshape(b, kv, g, -1).astype(jnp.float32)
-    gate = jnp.einsum("bkgr,bkgar->bkga", q, k_sel)
-    weights = p.reshape(b, kv, g, a) * jax.nn.softplus(gate)
-    out = jnp.einsum("bkga,bkgah->bkgh", weights, v_sel)
-    return out.reshape(b, n, -1)

@@ -8,6 +8,8 @@ import pytest
 from test_decode import BASE, MASKED, VARIANTS, T
 from tolerances import F32_VS_F64
 
+from pallas_kernels.sparse_ffn.xla import sparse_ffn as sparse_ffn_gathered
+from pallas_kernels.topk_attention.xla import topk_attention as topk_attention_gathered
 from sparse_jax.decode import DecodeOptions, decode_step, prefill
 from sparse_jax.decode_ffn import ffn_mode
 from sparse_jax.decode_layout import to_decode_params
@@ -17,9 +19,7 @@ from sparse_jax.model import init_params
 from sparse_jax.sparse_decode import (
     capacity,
     compact,
-    sparse_ffn_gathered,
     sparse_ffn_union,
-    topk_attention_gathered,
     union_capacity,
 )
 

@@ -10,7 +10,11 @@ from jax.sharding import AxisType
 from jax.sharding import PartitionSpec as P
 from tolerances import F32_VS_F64, GRAD_FD, SHARDED
 
-from sparse_jax.topk import statistical_threshold, statistical_topk, statistical_topk_mask
+from pallas_kernels.stat_topk.xla import (
+    statistical_threshold,
+    statistical_topk,
+    statistical_topk_mask,
+)
 
 
 def _np_threshold(x: np.ndarray, k: int) -> np.ndarray:

@@ -68,15 +68,15 @@ def tpu_interpret(interpret: bool) -> pltpu.InterpretParams | bool:
 
 
 def forward_of(
-    name: str, reference_fn: Callable, kernels: Mapping[str, Callable], block_sizes, interpret: bool
+    name: str, xla_fn: Callable, kernels: Mapping[str, Callable], block_sizes, interpret: bool
 ) -> Callable:
     """The forward of a resolved implementation over the op's array arguments.
 
-    ``"xla"`` is the jnp reference itself; a Pallas name is its kernel called with the tiling
-    and the interpret flag as keywords.
+    ``"xla"`` is the op's own XLA implementation (its ``xla.py``, never the reference); a
+    Pallas name is its kernel called with the tiling and the interpret flag as keywords.
     """
     if name == "xla":
-        return reference_fn
+        return xla_fn
     kernel = kernels[name]
 
     def forward(*arrays):

@@ -1,7 +1,9 @@
 """Public entry point of the decode-time sparse FFN: validation, dispatch and sharding.
 
 Forward only: this is the inference path over already-selected neurons (training computes
-the Spark FFN densely with the mask). The ``"xla"`` implementation is the jnp reference.
+the Spark FFN densely with the mask). The ``"xla"`` implementation is the op's ``xla`` module,
+the one the model runs on CPU; ``reference`` is only the oracle the tests compare every
+implementation against.
 """
 
 from collections.abc import Sequence
@@ -11,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels._common import dispatch, sharding
-from pallas_kernels.sparse_ffn import pallas_gpu, pallas_tpu, reference
+from pallas_kernels.sparse_ffn import pallas_gpu, pallas_tpu, xla
 from pallas_kernels.sparse_ffn.block_sizes import BlockSizes
 
 _KERNELS = {"pallas_tpu": pallas_tpu.sparse_ffn, "pallas_gpu": pallas_gpu.sparse_ffn}
@@ -53,7 +55,7 @@ def sparse_ffn(
       x_rest: [B, D-R] input dims after the predictor width R.
       k2: [F, D-R] value-branch weights, one neuron per contiguous row (float32 or bf16).
       v: [F, D] down projection, one neuron per contiguous row (float32 or bf16).
-      implementation: ``"auto"``, ``"xla"`` (the jnp reference), ``"pallas_tpu"`` or
+      implementation: ``"auto"``, ``"xla"`` (the ``xla`` module), ``"pallas_tpu"`` or
         ``"pallas_gpu"``.
       interpret: run the requested Pallas implementation in Pallas interpret mode (any
         backend); needs ``implementation`` ``"pallas_tpu"`` or ``"pallas_gpu"``.
@@ -73,7 +75,12 @@ def sparse_ffn(
     _check_shapes(h, idx, x_rest, k2, v)
     name = dispatch.resolve_implementation(implementation, interpret)
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
-    forward = dispatch.forward_of(name, reference.sparse_ffn, _KERNELS, block_sizes, interpret)
+    out_dtype = jnp.result_type(x_rest, v)
+
+    def xla_forward(*arrays):
+        return xla.sparse_ffn(*arrays).astype(out_dtype)
+
+    forward = dispatch.forward_of(name, xla_forward, _KERNELS, block_sizes, interpret)
     if mesh is not None:
         sharding.check_mesh_axes(mesh, batch_axes, "batch_axes")
         batch = PartitionSpec(sharding.batch_entry(batch_axes))

@@ -1,8 +1,9 @@
 """Public entry point of statistical top-k: validation, dispatch, sharding and the VJP.
 
-The forward runs the chosen implementation; the backward is the VJP of the jnp reference
-(gradients through x, the mean and the std), which costs one reference forward in the
-backward pass and is exact for the reference's definition.
+``"xla"`` runs the op's ``xla`` module (the model's CPU path, with its own gradients). For
+the Pallas kernels the backward is the VJP of the jnp reference (gradients through x, the
+mean and the std), which costs one reference forward in the backward pass and is exact for
+the reference's definition.
 """
 
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ import jax
 from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels._common import dispatch, sharding
-from pallas_kernels.stat_topk import pallas_gpu, pallas_tpu, reference
+from pallas_kernels.stat_topk import pallas_gpu, pallas_tpu, reference, xla
 from pallas_kernels.stat_topk.block_sizes import BlockSizes
 
 _KERNELS = {"pallas_tpu": pallas_tpu.statistical_topk, "pallas_gpu": pallas_gpu.statistical_topk}
@@ -56,7 +57,7 @@ def statistical_topk(
         most ``k`` valid entries keep all of them.
       form: ``"soft"`` (``max(x - theta, 0)``, the FFN form) or ``"mask"``
         (``where(x >= theta, x, -inf)``, the attention form).
-      implementation: ``"auto"``, ``"xla"`` (the jnp reference), ``"pallas_tpu"`` or
+      implementation: ``"auto"``, ``"xla"`` (the ``xla`` module), ``"pallas_tpu"`` or
         ``"pallas_gpu"``.
       interpret: run the requested Pallas implementation in Pallas interpret mode (any
         backend); needs ``implementation`` ``"pallas_tpu"`` or ``"pallas_gpu"``.
@@ -88,9 +89,19 @@ def statistical_topk(
     if valid is not None:
         valid = valid.astype(bool)
 
+    if name == "xla":
+        xla_fn = xla.statistical_topk if form == "soft" else xla.statistical_topk_mask
+        if mesh is None:
+            return xla_fn(x, k, valid=valid)
+        # The reduced axis stays whole on each shard, so the XLA code runs per shard as is.
+        forward = sharding.maybe_shard_map(
+            lambda x_, valid_: xla_fn(x_, k, valid=valid_),
+            mesh,
+            *_specs(x, valid, mesh, batch_axes),
+        )
+        return forward(x, valid)
+
     def forward(x_, valid_):
-        if name == "xla":
-            return reference.statistical_topk(x_, k, valid=valid_, form=form)
         rows = x_.reshape(-1, d)
         flat_valid = None if valid_ is None else valid_.reshape(-1, d)
         z = None if valid_ is not None else reference.quantile_z(k, d)
@@ -100,10 +111,14 @@ def statistical_topk(
         return out.reshape(x_.shape)
 
     if mesh is not None:
-        if x.ndim < 2:
-            raise ValueError("with a mesh, x needs a leading batch axis besides the reduced one")
-        sharding.check_mesh_axes(mesh, batch_axes, "batch_axes")
-        spec = PartitionSpec(sharding.batch_entry(batch_axes))
-        specs = (spec, None if valid is None else spec)
-        forward = sharding.maybe_shard_map(forward, mesh, specs, spec)
+        forward = sharding.maybe_shard_map(forward, mesh, *_specs(x, valid, mesh, batch_axes))
     return _with_reference_vjp(forward, k, form)(x, valid)
+
+
+def _specs(x, valid, mesh: Mesh, batch_axes: Sequence[str]):
+    """(in_specs, out_spec) splitting axis 0 over ``batch_axes``, the reduced axis whole."""
+    if x.ndim < 2:
+        raise ValueError("with a mesh, x needs a leading batch axis besides the reduced one")
+    sharding.check_mesh_axes(mesh, batch_axes, "batch_axes")
+    spec = PartitionSpec(sharding.batch_entry(batch_axes))
+    return (spec, None if valid is None else spec), spec

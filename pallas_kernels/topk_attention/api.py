@@ -1,6 +1,8 @@
 """Public entry point of decode attention over selected keys: validation, dispatch, sharding.
 
-Forward only (decode). The ``"xla"`` implementation is the jnp reference.
+Forward only (decode). The ``"xla"`` implementation is the op's ``xla`` module, the one the
+model runs on CPU; ``reference`` is only the oracle the tests compare every implementation
+against.
 """
 
 from collections.abc import Sequence
@@ -10,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels._common import dispatch, sharding
-from pallas_kernels.topk_attention import pallas_gpu, pallas_tpu, reference
+from pallas_kernels.topk_attention import pallas_gpu, pallas_tpu, xla
 from pallas_kernels.topk_attention.block_sizes import BlockSizes
 
 _KERNELS = {"pallas_tpu": pallas_tpu.topk_attention, "pallas_gpu": pallas_gpu.topk_attention}
@@ -63,7 +65,7 @@ def topk_attention(
         valid position (its p is 0). Out-of-range positions are not checked.
       k_rest: [B, K, S, H-R] contiguous cache of the non-predictor halves of the keys.
       v: [B, K, S, H] contiguous value cache.
-      implementation: ``"auto"``, ``"xla"`` (the jnp reference), ``"pallas_tpu"`` or
+      implementation: ``"auto"``, ``"xla"`` (the ``xla`` module), ``"pallas_tpu"`` or
         ``"pallas_gpu"``.
       interpret: run the requested Pallas implementation in Pallas interpret mode (any
         backend); needs ``implementation`` ``"pallas_tpu"`` or ``"pallas_gpu"``.
@@ -85,7 +87,12 @@ def topk_attention(
     _check_shapes(q_rest, p, idx, k_rest, v)
     name = dispatch.resolve_implementation(implementation, interpret)
     block_sizes = BlockSizes() if block_sizes is None else block_sizes
-    forward = dispatch.forward_of(name, reference.topk_attention, _KERNELS, block_sizes, interpret)
+    out_dtype = jnp.result_type(q_rest, v)
+
+    def xla_forward(*arrays):
+        return xla.topk_attention(*arrays).astype(out_dtype)
+
+    forward = dispatch.forward_of(name, xla_forward, _KERNELS, block_sizes, interpret)
     if mesh is not None:
         sharding.check_mesh_axes(mesh, (*batch_axes, head_axis), "batch_axes/head_axis")
         spec = PartitionSpec(sharding.batch_entry(batch_axes), head_axis)

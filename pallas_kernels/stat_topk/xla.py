@@ -1,7 +1,9 @@
-"""Statistical top-k: a linear-time threshold from the row mean and standard deviation.
+"""Statistical top-k in XLA: the implementation the model runs on CPU (and for ``"xla"``).
+
+A linear-time threshold from the row mean and standard deviation.
 
 For a row x of width d and a target count k, ``theta = mean(x) + z * std(x)`` with
-``z = Phi^-1(1 - k/d)``; entries above theta are kept. Two forms (SPEC section 1):
+``z = Phi^-1(1 - k/d)``; entries above theta are kept. Two forms:
 
 * soft (FFN): ``max(x - theta, 0)``;
 * mask (attention): ``where(x >= theta, x, -inf)``, applied before a softmax.
