@@ -29,7 +29,7 @@ from pallas_kernels._common.dispatch import resolve_implementation
 
 @dataclasses.dataclass(frozen=True)
 class Shapes:
-    """Benchmark dimensions (letters as in SPEC.md)."""
+    """Benchmark dimensions (letters as in docs/method.md)."""
 
     batch: int
     model_dim: int

@@ -1,4 +1,4 @@
-"""Grouped-query attention, dense (Gemma-2) and Spark (SPEC section 3).
+"""Grouped-query attention, dense (Gemma-2) and Spark (docs/method.md, section 3).
 
 Both variants share the projections q [D, N, H], k and v [D, K, H] and o [N, H, D]; they differ
 in how a query weighs the keys:

@@ -43,8 +43,8 @@ class ModelConfig:
       head_dim: H.
       ffn_dim: F. For ``ffn_kind="gated"`` the gated FFN hidden width; for ``"spark"`` the
         Spark FFN width (1.5x the dense width gives parameter parity).
-      ffn_kind: ``"gated"`` (Gemma-2 GeGLU) or ``"spark"`` (SPEC section 2).
-      attn_kind: ``"dense"`` or ``"spark"`` (SPEC section 3).
+      ffn_kind: ``"gated"`` (Gemma-2 GeGLU) or ``"spark"`` (docs/method.md, section 2).
+      attn_kind: ``"dense"`` or ``"spark"`` (docs/method.md, section 3).
       ffn_keep_fraction: fraction of the F neurons kept by statistical top-k, in (0, 1].
       ffn_predictor_dim: R of the Spark FFN, in [1, D); ``None`` means D // 2.
       attn_top_k: keys kept per query by Spark attention, >= 1.

@@ -1,4 +1,4 @@
-"""Feed-forward blocks: Gemma-2's gated GeLU FFN and the Spark FFN (SPEC section 2).
+"""Feed-forward blocks: Gemma-2's gated GeLU FFN and the Spark FFN (docs/method.md, section 2).
 
 Spark FFN, per token x of width D with predictor width R:
 ``y = V^T [gelu(statistical_topk(K1^T x[:R])) * (K2 x[R:])]``. K1 is stored [R, F]; K2 [F, D-R]

@@ -1,4 +1,7 @@
-"""Spark FFN and attention against straight-line float64 numpy transcriptions of the SPEC."""
+"""Spark FFN and attention against straight-line float64 numpy transcriptions of the method.
+
+The formulas are those of docs/method.md, sections 2 and 3.
+"""
 
 import dataclasses
 from statistics import NormalDist

@@ -28,7 +28,7 @@ def test_2b_presets_have_equal_parameters_and_spark_ffn_costs_3_5x_less():
     assert abs(flops.param_count(spark) / flops.param_count(dense) - 1) < 0.01
     d = flops.decode_flops(dense, 8192, sparse=False)
     s = flops.decode_flops(spark, 8192, sparse=True)
-    assert 3.4 < d.ffn / s.ffn < 3.6  # SPEC: about 3.5x fewer FFN FLOPs
+    assert 3.4 < d.ffn / s.ffn < 3.6  # docs/method.md: about 3.5x fewer FFN FLOPs
     ratio = flops.flops_ratio(dense, spark, 8192)
     assert 2.0 < ratio["with_unembed"] < ratio["without_unembed"] < 2.7
 
