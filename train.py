@@ -7,6 +7,10 @@ of the model config (``num_layers=2``) or the train config (``steps=100``,
 processes train one model when each is started with ``--coordinator HOST:PORT
 --num-processes N --process-id I``, or with ``--distributed`` where JAX reads the cluster from
 the environment (TPU pods, SLURM); see docs/distributed.md.
+
+Exit status: 0 when the run finished or stopped cleanly (SIGTERM/SIGINT or ``--stop-after``
+save a checkpoint first), 2 for a bad argument, config, path or checkpoint (one line on
+stderr), 3 when the loss became NaN or Inf.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import dataclasses
 import logging
 import math
 import sys
+from typing import NoReturn
 
 from configs import MODEL_PRESETS, get_model_config, get_train_config
 from sparse_jax import distributed
@@ -47,18 +52,87 @@ def split_overrides(assignments: list[str], model_cfg, train_cfg) -> tuple[list[
     return to_model, to_train
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line like every other error of this script."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} (see --help)\n")
+
+
+def _integer(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is invalid: must be >= {minimum}")
+        return value
+
+    return parse
+
+
+def summary_line(summary: dict) -> str:
+    """What the run did, in one line: steps, losses, how it ended, where the checkpoints are."""
+    step, steps = summary["step"], summary["steps"]
+    parts = []
+    if not math.isnan(summary["loss"]):
+        parts.append(f"train loss {summary['loss']:.4f}")
+    if not summary["has_eval_set"]:
+        parts.append("no eval set (eval_fraction=0)")
+    elif summary["eval_step"] is None:
+        parts.append("not evaluated yet")
+    else:
+        at = "" if summary["eval_step"] == step else f" at step {summary['eval_step']}"
+        parts.append(f"eval loss {summary['eval_loss']:.4f}{at}")
+    parts.append(f"unigram entropy {summary['unigram_entropy']:.4f}")
+    ending = {
+        "signal": " (stopped by a signal; checkpoint saved, rerun to resume)",
+        "stop_after": " (stopped by --stop-after; checkpoint saved, rerun to resume)",
+    }.get(summary["stopped"], "")
+    return (
+        f"step {step} of {steps}{ending}: {', '.join(parts)}; "
+        f"checkpoints in {summary['workdir']}/checkpoints"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = _Parser(
+        description=__doc__.splitlines()[0],
+        epilog=__doc__.split("\n\n")[-1].replace("``", ""),
+    )
     parser.add_argument("--config", default="tiny", choices=sorted(MODEL_PRESETS))
-    parser.add_argument("--workdir", default=None, help="default: runs/<config>")
+    parser.add_argument(
+        "--workdir", default=None, help="run directory, created if missing (default: runs/<config>)"
+    )
     parser.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE")
-    parser.add_argument("--stop-after", type=int, default=None, help="stop after N steps")
+    parser.add_argument(
+        "--stop-after",
+        type=_integer(1),
+        default=None,
+        metavar="N",
+        help="save and stop after N (>= 1) steps of this invocation",
+    )
+    parser.add_argument(
+        "--restart-if-unreadable",
+        action="store_true",
+        help="when no checkpoint in the workdir restores (damaged steps are moved to "
+        "checkpoints_unreadable/), start again from step 0 instead of stopping with an error; "
+        "a readable checkpoint is still resumed",
+    )
+    parser.add_argument(
+        "--allow-schedule-change",
+        action="store_true",
+        help="resume even though steps, learning_rate, warmup_steps or min_lr_ratio differ "
+        "from the checkpoint's (the learning rate jumps to the new schedule); without it that "
+        "is an error, except more steps for a finished run",
+    )
     parser.add_argument(
         "--mesh", default=None, metavar="AXIS=SIZE,...", help="e.g. data=2,fsdp=2,tensor=2"
     )
     parser.add_argument("--coordinator", default=None, metavar="HOST:PORT")
-    parser.add_argument("--num-processes", type=int, default=None)
-    parser.add_argument("--process-id", type=int, default=None)
+    parser.add_argument("--num-processes", type=_integer(1), default=None)
+    parser.add_argument("--process-id", type=_integer(0), default=None)
     parser.add_argument(
         "--distributed",
         action="store_true",
@@ -83,20 +157,20 @@ def main(argv: list[str] | None = None) -> int:
         to_model, to_train = split_overrides(assignments, model_cfg, train_cfg)
         model_cfg, train_cfg = override(model_cfg, to_model), override(train_cfg, to_train)
         summary = train(
-            model_cfg, train_cfg, args.workdir or f"runs/{args.config}", stop_after=args.stop_after
+            model_cfg,
+            train_cfg,
+            args.workdir or f"runs/{args.config}",
+            stop_after=args.stop_after,
+            restart_if_unreadable=args.restart_if_unreadable,
+            allow_schedule_change=args.allow_schedule_change,
         )
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    trained = "" if math.isnan(summary["loss"]) else f"train loss {summary['loss']:.4f}, "
-    print(
-        f"step {summary['step']}: {trained}eval loss "
-        f"{summary['eval_loss']:.4f} (unigram entropy {summary['unigram_entropy']:.4f}); "
-        f"checkpoints in {summary['workdir']}/checkpoints"
-    )
+    print(summary_line(summary))
     return 0
 
 

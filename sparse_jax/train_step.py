@@ -196,8 +196,12 @@ def make_train_step(
         params = optax.apply_updates(state.params, updates)
         rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        # Soft-capped logits keep the loss finite after an update has already overflowed the
+        # parameters, so the loss alone cannot tell the trainer a state is unfit to save.
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))
         metrics = {
             "loss": loss,
+            "params_finite": finite,
             "grad_norm": optax.global_norm(grads),
             "tokens": count,
             "ffn_active_fraction": jnp.mean(stats["ffn_active_fraction"], axis=0),

@@ -132,13 +132,58 @@ def test_an_unfinished_save_is_reported_as_partial(sharded_run, tmp_path):
         load(tmp_path / "run")
 
 
+def _array_files(step):
+    return [p for p in (step / "state").rglob("*") if p.is_file() and p.parent.name == "d"]
+
+
+def _truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
 def test_a_step_with_missing_array_files_is_unreadable(sharded_run, tmp_path):
     step = _copy_step(sharded_run, tmp_path)
-    for path in (step / "state").rglob("*"):
-        if path.is_file() and path.parent.name == "d":
-            path.unlink()
-    with pytest.raises(CheckpointError, match=r"30: parameters unreadable"):
+    for path in _array_files(step):
+        path.unlink()
+    with pytest.raises(CheckpointError, match=r"step 30: parameters: NOT_FOUND reading state/"):
         load(tmp_path / "run")
+
+
+def test_a_damaged_newest_step_falls_back_to_the_older_one_with_one_warning(
+    sharded_run, tmp_path, caplog
+):
+    older = _copy_step(sharded_run, tmp_path, "20")
+    meta = older / "meta" / "metadata"
+    meta.write_text(json.dumps({**json.loads(meta.read_text()), "step": 20}))
+    for path in _array_files(_copy_step(sharded_run, tmp_path, "30")):
+        _truncate(path)
+    model = load(tmp_path / "run")
+    assert model.step == 20 and model.path == older
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "\n" not in warning and "tensorstore_spec" not in warning
+    assert warning.startswith("skipped damaged checkpoint step 30 (parameters: OUT_OF_RANGE ")
+    assert "reading state/" in warning and warning.endswith("loaded step 20")
+
+
+@pytest.mark.parametrize(
+    ("damaged", "named"),
+    [
+        ("arrays", r"parameters: OUT_OF_RANGE reading state/(ocdbt\.process_0/)?d/[0-9a-f]+: "),
+        ("tree metadata", r"files: state/_METADATA is not valid JSON \("),
+    ],
+    ids=["arrays", "tree-metadata"],
+)
+def test_an_unreadable_step_is_one_short_line_naming_the_step_and_file(
+    sharded_run, tmp_path, damaged, named
+):
+    step = _copy_step(sharded_run, tmp_path)
+    for path in _array_files(step) if damaged == "arrays" else [step / "state" / "_METADATA"]:
+        _truncate(path)
+    message = rf"no readable checkpoint in \S+/30: step 30: {named}"
+    with pytest.raises(CheckpointError, match=message):
+        load(step)
+    with pytest.raises(CheckpointError) as err:
+        load(tmp_path / "run")
+    assert "\n" not in str(err.value) and len(str(err.value)) < 400, str(err.value)
 
 
 def test_a_step_without_its_parameters_is_not_a_checkpoint(sharded_run, tmp_path):

@@ -1,11 +1,14 @@
 """Training: exact resume after kill -9 and SIGTERM, bad checkpoints, NaN stop, accumulation."""
 
 import dataclasses
+import errno
 import functools
+import importlib.util
 import json
 import os
 import pathlib
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,9 +23,10 @@ from micro_configs import MICRO_MODEL, MICRO_TRAIN
 from tolerances import ACCUMULATED_GRADIENT, REORDER
 
 from configs import get_model_config, get_train_config
-from sparse_jax.checkpoint import CheckpointError
+from sparse_jax.checkpoint import Checkpointer, CheckpointError
 from sparse_jax.config import override
 from sparse_jax.loading import load
+from sparse_jax.metrics import MetricsWriter
 from sparse_jax.optim import make_optimizer
 from sparse_jax.train_config import TrainConfig
 from sparse_jax.train_step import accumulate_gradients, init_train_state, make_train_step
@@ -58,6 +62,13 @@ def _wait_for_step(workdir, target, proc, timeout=180):
     raise TimeoutError(f"step {target} not reached")
 
 
+def _train_script():
+    spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def _params(workdir):
     return load(workdir).params
 
@@ -75,6 +86,21 @@ def reference_run(tmp_path_factory):
     return workdir
 
 
+def _copy_run(reference_run, tmp_path, steps=None):
+    """A copy of the reference workdir, keeping only checkpoint ``steps`` (default: all)."""
+    workdir = tmp_path / "run"
+    shutil.copytree(reference_run, workdir)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        if steps is not None and int(step_dir.name) not in steps:
+            shutil.rmtree(step_dir)
+    return workdir
+
+
+def _metric_rows(workdir):
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [(row["step"], row["kind"]) for row in map(json.loads, lines)]
+
+
 def test_kill_9_then_rerun_is_bitwise_identical(reference_run, tmp_path):
     proc = _run_cli(tmp_path)
     _wait_for_step(tmp_path, random.Random(0).randint(3, 9), proc)
@@ -85,6 +111,9 @@ def test_kill_9_then_rerun_is_bitwise_identical(reference_run, tmp_path):
     assert rerun.returncode == 0, out.decode()
     assert load(tmp_path).step == 12
     _assert_bitwise_equal(_params(tmp_path), _params(reference_run))
+    # The steps replayed after the last checkpoint are logged once, as in one run.
+    rows = [row for row in _metric_rows(tmp_path) if row[1] != "run"]
+    assert rows == [row for row in _metric_rows(reference_run) if row[1] != "run"]
 
 
 def test_sigterm_saves_exits_zero_and_resumes_identically(reference_run, tmp_path):
@@ -95,6 +124,9 @@ def test_sigterm_saves_exits_zero_and_resumes_identically(reference_run, tmp_pat
     assert proc.returncode == 0, out.decode()
     stopped_at = load(tmp_path).step
     assert 5 <= stopped_at < 12  # saved the step it was on, not only the last multiple of 2
+    summary = out.decode().strip().splitlines()[-1]
+    assert summary.startswith(f"step {stopped_at} of 12 (stopped by a signal; checkpoint saved")
+    assert ("nan" not in summary and "eval loss" in summary) or "not evaluated yet" in summary
     rerun = _run_cli(tmp_path)
     out, _ = rerun.communicate(timeout=300)
     assert rerun.returncode == 0, out.decode()
@@ -102,40 +134,126 @@ def test_sigterm_saves_exits_zero_and_resumes_identically(reference_run, tmp_pat
     _assert_bitwise_equal(_params(tmp_path), _params(reference_run))
 
 
-def test_truncated_latest_checkpoint_is_skipped(tmp_path, caplog):
-    model, tc = micro_configs(steps=4)
-    train(model, tc, tmp_path, verbose=False)
-    latest = tmp_path / "checkpoints" / "4" / "state"
-    for f in latest.rglob("*"):
-        if f.is_file() and f.stat().st_size > 0 and "d" in f.parent.name:
-            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate array data
-    summary = train(model, dataclasses.replace(tc, steps=6), tmp_path, verbose=False)
-    assert "step 4 failed to restore" in caplog.text
-    assert len(list((tmp_path / "checkpoints_unreadable").iterdir())) == 1  # kept, not deleted
-    assert summary["step"] == 6
-    reference = tmp_path / "ref"
-    train(model, dataclasses.replace(tc, steps=6), reference, verbose=False)
-    _assert_bitwise_equal(_params(tmp_path), _params(reference))
+def _truncate_arrays(step_dir):
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.stat().st_size > 0 and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])
 
 
-def test_mismatched_config_is_rejected(tmp_path):
-    model, tc = micro_configs(steps=2)
-    train(model, tc, tmp_path, verbose=False)
+def test_truncated_latest_checkpoint_is_skipped(reference_run, tmp_path, caplog):
+    workdir = _copy_run(reference_run, tmp_path)
+    _truncate_arrays(workdir / "checkpoints" / "12")
+    model, tc = micro_configs()
+    caplog.set_level("INFO")
+    summary = train(model, tc, workdir, verbose=False)
+    assert "step 12 is damaged (train state: OUT_OF_RANGE reading state/d/" in caplog.text
+    assert "resumed from step 10" in caplog.text
+    assert len(list((workdir / "checkpoints_unreadable").iterdir())) == 1  # kept, not deleted
+    assert summary["step"] == 12
+    _assert_bitwise_equal(_params(workdir), _params(reference_run))
+
+
+def test_when_no_checkpoint_restores_the_run_stops_unless_asked_to_restart(reference_run, tmp_path):
+    workdir = _copy_run(reference_run, tmp_path)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        _truncate_arrays(step_dir)
+    model, tc = micro_configs()
+    for _ in range(2):  # the second run finds the checkpoints moved aside by the first
+        with pytest.raises(CheckpointError, match=r"no checkpoint in .* restores") as err:
+            train(model, tc, workdir, verbose=False)
+        for step in (8, 10, 12):
+            assert f"checkpoints_unreadable/{step}-" in str(err.value)
+    moved = (workdir / "checkpoints_unreadable").iterdir()
+    assert sorted(int(p.name.split("-")[0]) for p in moved) == [8, 10, 12]
+    summary = train(model, tc, workdir, stop_after=1, restart_if_unreadable=True)
+    assert summary["step"] == 1 and load(workdir).step == 1
+    assert [row for row in _metric_rows(workdir) if row[0] > 1] == []  # the old run's rows
+
+
+def test_a_failing_read_is_retried_and_never_moves_the_checkpoint(
+    reference_run, tmp_path, monkeypatch, caplog
+):
+    workdir = _copy_run(reference_run, tmp_path, steps=(12,))
+    model, tc = micro_configs()
+    target = init_train_state(model, make_optimizer(tc), tc.seed)
+    real_restore = Checkpointer.restore
+    failures = {"left": 2}
+
+    def flaky_restore(self, step, state):
+        if failures["left"]:
+            failures["left"] -= 1
+            raise OSError(errno.EIO, "Input/output error")
+        return real_restore(self, step, state)
+
+    monkeypatch.setattr(Checkpointer, "restore", flaky_restore)
+    with Checkpointer(workdir / "checkpoints", retry_delay_s=0.0) as ckpt:
+        assert ckpt.restore_latest(target, model).step == 12  # third attempt
+        assert caplog.text.count("retrying") == 2
+        failures["left"] = 3
+        with pytest.raises(CheckpointError, match=r"could not be read in 3 attempts \(OSError"):
+            ckpt.restore_latest(target, model)
+    assert (workdir / "checkpoints" / "12" / "state").is_dir()
+    assert not (workdir / "checkpoints_unreadable").exists()
+
+
+def test_metrics_past_the_restored_step_are_dropped(tmp_path):
+    rows = [(0, "run"), (1, "train"), (2, "train"), (2, "eval"), (2, "run"), (3, "train")]
+    lines = [json.dumps({"step": step, "kind": kind}) for step, kind in rows]
+    (tmp_path / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 4, "ki')  # cut short
+    with MetricsWriter(tmp_path, total_steps=6, start_step=2, enabled=True) as writer:
+        writer.write(2, "run", {"unigram_entropy": 1.0})
+        writer.write(3, "train", {"loss": 2.0})
+    assert _metric_rows(tmp_path) == [*rows[:4], (2, "run"), (3, "train")]
+
+
+def test_a_run_without_eval_set_reports_none(tmp_path):
+    model, tc = micro_configs(steps=1, eval_fraction=0.0)
+    summary = train(model, tc, tmp_path)
+    assert summary["has_eval_set"] is False and summary["eval_step"] is None
+    assert [kind for _, kind in _metric_rows(tmp_path)] == ["run", "train"]
+    cli = _train_script()
+    assert "no eval set (eval_fraction=0)" in cli.summary_line(summary)
+    assert "eval loss" not in cli.summary_line(summary)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (dict(learning_rate=1e-2), "learning_rate 0.003 -> 0.01"),
+        (dict(steps=20), "steps 12 -> 20"),
+        (dict(warmup_steps=0), "warmup_steps 30 -> 0"),
+        (dict(seed=1), "TrainConfig.seed=1 but the checkpoint at step 8 .* seed=0"),
+    ],
+)
+def test_resuming_mid_run_refuses_a_changed_schedule_or_seed(
+    reference_run, tmp_path, change, named
+):
+    workdir = _copy_run(reference_run, tmp_path, steps=(8,))
+    model, tc = micro_configs(**change)
+    with pytest.raises(CheckpointError, match=named):
+        train(model, tc, workdir, verbose=False)
+    assert (workdir / "checkpoints" / "8").is_dir()
+
+
+def test_mismatched_config_is_rejected(reference_run, tmp_path):
+    model, tc = micro_configs()
+    workdir = _copy_run(reference_run, tmp_path)
     with pytest.raises(CheckpointError, match="num_layers: checkpoint 2 != run 3"):
-        train(override(model, ["num_layers=3"]), tc, tmp_path)
+        train(override(model, ["num_layers=3"]), tc, workdir)
 
 
-def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
-    model, tc = micro_configs(steps=2)
-    train(model, tc, tmp_path, verbose=False)
-    before = _params(tmp_path)
-    bad = dataclasses.replace(tc, steps=8, learning_rate=1e30, warmup_steps=0)
-    with pytest.raises(TrainingDiverged, match="loss is nan"):
-        train(model, bad, tmp_path, verbose=False)
-    assert load(tmp_path).step < 8
-    if load(tmp_path).step == 2:
-        _assert_bitwise_equal(_params(tmp_path), before)
-    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(_params(tmp_path)))
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(reference_run, tmp_path):
+    model, tc = micro_configs()
+    workdir = _copy_run(reference_run, tmp_path)
+    before = _params(workdir)
+    bad = dataclasses.replace(tc, steps=20, learning_rate=1e30, warmup_steps=0)
+    # Soft-capped logits keep the loss finite one step after the parameters overflow.
+    with pytest.raises(TrainingDiverged, match=r"loss is nan|parameters NaN or Inf"):
+        train(model, bad, workdir, verbose=False, allow_schedule_change=True)
+    assert load(workdir).step < 20
+    if load(workdir).step == 12:
+        _assert_bitwise_equal(_params(workdir), before)
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(_params(workdir)))
 
 
 def _random_batch(key, rows, cfg, seq=16):
@@ -169,9 +287,10 @@ def test_gradient_accumulation_equals_one_big_batch():
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, **ACCUMULATED_GRADIENT), micro, whole
     )
-    # The tolerance still separates the bugs accumulation can have.
-    three_of_four = jax.tree.map(lambda a: a[:6], batch)
-    dropped, dropped_loss, _, _ = grads(model, state.params, three_of_four, 3)
+    # The tolerance still separates the bugs accumulation can have. A micro-batch of masked
+    # rows adds nothing: the mean over the other three, as if the fourth had been dropped.
+    three_of_four = {**batch, "mask": batch["mask"].at[6:].set(0.0)}
+    dropped, dropped_loss, _, _ = grads(model, state.params, three_of_four, 4)
     assert not _allclose(dropped, whole, ACCUMULATED_GRADIENT)
     assert not np.allclose(dropped_loss, whole_loss, **REORDER)
     for scale in (3 / 4, 2.0, 4.0, 1 / 4):  # a dropped sum term, or a wrong 1/n
@@ -201,12 +320,47 @@ def test_bad_data_path_is_a_clear_error(tmp_path):
         train(model, tc, tmp_path / "run", verbose=False)
 
 
-def test_cli_rejects_unknown_override(tmp_path):
-    out = subprocess.run(
-        [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path), "--set", "depth=3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        env={**os.environ},
-    )
-    assert out.returncode == 2 and "no such field" in out.stderr
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--set", "depth=3"], "no such field"),
+        (["--set", "tokenizer_path=123"], "TrainConfig.tokenizer_path=123 is invalid"),
+        (["--set", "tokenizer_path={not_a_model}"], "not a SentencePiece model"),
+        (["--set", "steps=1.5"], "steps='1.5': expected a int"),
+        (["--workdir", "{a_file}"], "is a file; the workdir must be a directory"),
+        (["--stop-after", "0"], "--stop-after: 0 is invalid: must be >= 1"),
+        (["--stop-after", "-1"], "--stop-after: -1 is invalid: must be >= 1"),
+    ],
+)
+def test_cli_errors_are_one_line_with_status_2(tmp_path, args, says):
+    # The bad tokenizer fails after the checkpointer starts: closing it must leave no traceback.
+    (tmp_path / "a_file").write_text("not a directory")
+    (tmp_path / "not_a.model").write_bytes(b"garbage")
+    paths = {"a_file": tmp_path / "a_file", "not_a_model": tmp_path / "not_a.model"}
+    args = [a.format(**paths) for a in args]
+    sets = [*MICRO_MODEL, *MICRO_TRAIN, *(args[1:] if args[0] == "--set" else [])]
+    options = [] if args[0] == "--set" else args
+    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path / "run")]
+    cmd += [*options, "--set", *sets]
+    out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
+    assert says in out.stderr
+
+
+def test_train_config_rejects_wrong_types_naming_the_field():
+    cases = {
+        "tokenizer_path": 123,
+        "data_paths": "corpus.txt",
+        "text_field": "",
+        "seed": -1,
+        "eval_fraction": 1.0,
+        "learning_rate": float("nan"),
+        "steps": True,
+    }
+    for field, value in cases.items():
+        with pytest.raises(ValueError, match=rf"TrainConfig\.{field}=.* is invalid: "):
+            TrainConfig(**{field: value})
+    model, tc = micro_configs()
+    with pytest.raises(ValueError, match="stop_after=0 is invalid: must be an integer >= 1"):
+        train(model, tc, "unused", stop_after=0)
