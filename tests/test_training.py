@@ -1,4 +1,5 @@
-"""Training: exact resume after kill -9 and SIGTERM, bad checkpoints, NaN stop, accumulation."""
+"""Training: exact resume after kill -9 and SIGTERM, damaged and unreadable checkpoints, refused
+resumes, metrics after a resume, NaN stop, accumulation, and the CLI's errors."""
 
 import dataclasses
 import errno
@@ -124,7 +125,7 @@ def test_sigterm_saves_exits_zero_and_resumes_identically(reference_run, tmp_pat
     assert proc.returncode == 0, out.decode()
     stopped_at = load(tmp_path).step
     assert 5 <= stopped_at < 12  # saved the step it was on, not only the last multiple of 2
-    summary = out.decode().strip().splitlines()[-1]
+    (summary,) = [x for x in out.decode().splitlines() if x.startswith(f"step {stopped_at} of")]
     assert summary.startswith(f"step {stopped_at} of 12 (stopped by a signal; checkpoint saved")
     assert ("nan" not in summary and "eval loss" in summary) or "not evaluated yet" in summary
     rerun = _run_cli(tmp_path)
