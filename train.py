@@ -10,7 +10,7 @@ the environment (TPU pods, SLURM); see docs/distributed.md.
 
 Exit status: 0 when the run finished or stopped cleanly (SIGTERM/SIGINT or ``--stop-after``
 save a checkpoint first), 2 for a bad argument, config, path or checkpoint (one line on
-stderr), 3 when the loss became NaN or Inf.
+stderr), 3 when the loss or the parameters became NaN or Inf.
 """
 
 from __future__ import annotations
