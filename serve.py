@@ -21,7 +21,9 @@ import logging
 import os
 import sys
 
+from pallas_kernels import IMPLEMENTATIONS, ImplementationUnavailableError
 from sparse_jax.checkpoint import CheckpointError
+from sparse_jax.decode import DEFAULT_OPTIONS, PATHS
 from sparse_jax.loading import load
 from sparse_jax.sampling import Sampler
 from sparse_jax.textgen import TextGenerator
@@ -69,8 +71,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         server.add_argument("--prefill-group", type=_count, default=1, help="prefilled at once"),
         server.add_argument("--max-tokens-limit", type=_count, default=256, help="per request"),
         server.add_argument("--max-request-bytes", type=_count, default=1 << 20),
-        server.add_argument("--decode-path", choices=("auto", "sparse", "masked"), default="auto"),
     ]
+    decoding = parser.add_argument_group("decoding (both modes)")
+    decoding.add_argument("--decode-path", choices=PATHS, default="auto")
+    decoding.add_argument(
+        "--kernels",
+        choices=IMPLEMENTATIONS,
+        default="auto",
+        help="implementation of the sparse ops (auto: Pallas on TPU/GPU, XLA on CPU)",
+    )
     args = parser.parse_args(argv)
     # An option of the other mode would be silently ignored: refuse it instead.
     ignored = one_only if args.prompt is None else server_only
@@ -90,6 +99,9 @@ def run_prompt(args: argparse.Namespace) -> int:
         sampler=sampler,
         seed=args.seed,
         stop=args.stop,
+        options=dataclasses.replace(
+            DEFAULT_OPTIONS, path=args.decode_path, implementation=args.kernels
+        ),
     )
     # The generator checks the prompt and every setting before its first piece: a request that
     # fails prints nothing but its error.
@@ -134,7 +146,9 @@ def run_server(args: argparse.Namespace) -> int:
             model.config,
             model.params,
             slots=args.slots,
-            options=dataclasses.replace(SERVING_OPTIONS, path=args.decode_path),
+            options=dataclasses.replace(
+                SERVING_OPTIONS, path=args.decode_path, implementation=args.kernels
+            ),
             max_queue=args.max_queue,
             max_prefill_group=args.prefill_group,
         )
@@ -167,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.prompt is not None:
             return run_prompt(args)
         return run_server(args)
-    except (CheckpointError, ValueError) as err:
+    except (CheckpointError, ValueError, ImplementationUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
 

@@ -18,14 +18,11 @@ import jax.numpy as jnp
 
 from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.attention import attention_mask
+from sparse_jax.backend_policy import policy_for
 from sparse_jax.config import ModelConfig
 from sparse_jax.kernels import XLA_KERNELS, Kernels
 from sparse_jax.layers import safe_softmax, softcap
 from sparse_jax.sparse_decode import capacity, compact
-
-# Relative cost of one gathered byte against one streamed byte on the project's 2-core CPU:
-# XLA's row gather of 8% of a [13824, 1280] table ran at 5-6 GB/s, a matvec at 22-28 GB/s.
-GATHER_COST = 4.0
 
 
 def _grouped(cfg: ModelConfig, q: jax.Array) -> jax.Array:
@@ -190,10 +187,10 @@ def sparse_attention_pays(cfg: ModelConfig, cache_size: int, cap: int) -> bool:
 
     Per kv head the masked path streams ``S * 2H`` values; the sparse path streams ``S * R``
     predictor values and gathers ``G * C * (2H - R)``, each gathered value costing
-    :data:`GATHER_COST` streamed ones.
+    the backend policy's ``gather_cost`` streamed ones (:mod:`sparse_jax.backend_policy`).
     """
     h, r, g = cfg.head_dim, cfg.attn_predictor_dim, cfg.group_size
-    sparse = cache_size * r + GATHER_COST * g * cap * (2 * h - r)
+    sparse = cache_size * r + policy_for().gather_cost * g * cap * (2 * h - r)
     return sparse < cache_size * 2 * h
 
 

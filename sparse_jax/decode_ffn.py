@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.stat_topk.xla import statistical_threshold
+from sparse_jax.backend_policy import policy_for
 from sparse_jax.config import ModelConfig
-from sparse_jax.decode_attention import GATHER_COST
 from sparse_jax.decode_layout import linear, linear_rows
 from sparse_jax.ffn import gelu
 from sparse_jax.kernels import XLA_KERNELS, Kernels
@@ -31,9 +31,6 @@ from sparse_jax.sparse_decode import (
 )
 
 FFNMode = Literal["masked", "per_token", "union"]
-# Relative cost of a row in the union gather (sorted, dense index sets), against a streamed
-# row: a cost-model constant; benchmarks/decode.py times all three batch modes.
-UNION_GATHER_COST = 2.0
 
 
 def gated_ffn(p: dict[str, jax.Array], x: jax.Array) -> jax.Array:
@@ -83,8 +80,9 @@ def ffn_mode(
 ) -> str:
     """How a sparse Spark FFN layer runs at this batch size: masked, per-token or union.
 
-    Compares gathered row-equivalents: per token ``B * C * GATHER_COST``, union
-    ``C_union * UNION_GATHER_COST``, masked ``F`` (every row streamed once).
+    Compares gathered row-equivalents: per token ``B * C * gather_cost``, union
+    ``C_union * union_gather_cost`` (the backend policy's constants,
+    :mod:`sparse_jax.backend_policy`), masked ``F`` (every row streamed once).
 
     Args:
       cfg: model config.
@@ -98,9 +96,10 @@ def ffn_mode(
     """
     if path == "masked" or cfg.ffn_keep_count >= cfg.ffn_dim:
         return "masked"
+    policy = policy_for()
     costs = {
-        "per_token": batch_size * caps[0] * GATHER_COST,
-        "union": caps[1] * UNION_GATHER_COST,
+        "per_token": batch_size * caps[0] * policy.gather_cost,
+        "union": caps[1] * policy.union_gather_cost,
     }
     if batch_size == 1:
         costs.pop("union")

@@ -25,22 +25,20 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from sparse_jax.backend_policy import policy_for
 from sparse_jax.config import ModelConfig
 
 DecodeParams = dict[str, Any]
 NORMS = ("pre_attn_norm", "post_attn_norm", "pre_ffn_norm", "post_ffn_norm")
-# From 2 to this many rows an elementwise product and sum beats XLA's CPU dot (16-19 GB/s
-# against 7-9 GB/s at 2-8 rows, float32); a single float32 row is a matvec, which the dot
-# streams, while the same product and sum on one row runs orders of magnitude slower.
-ELEMENTWISE_MAX_ROWS = 16
 
 
 def linear(x: jax.Array, w: jax.Array) -> jax.Array:
     """``x @ w.T`` in float32 for a weight stored [out, in].
 
-    Narrow weights (bfloat16) at few rows are read through an elementwise product and sum,
-    which fuses the upcast into the one pass over the weight; XLA's CPU dot is many times
-    slower in bfloat16.
+    The formulation is the backend policy's (:mod:`sparse_jax.backend_policy`): on CPU, narrow
+    weights (bfloat16) at few rows are read through an elementwise product and sum, which
+    fuses the upcast into the one pass over the weight; XLA's CPU dot is many times slower
+    in bfloat16. On TPU and GPU every product is a dot.
 
     Args:
       x: [M, in] activations.
@@ -50,12 +48,12 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
       [M, out] float32.
     """
     x = x.astype(jnp.float32)
-    rows, narrow = x.shape[0], w.dtype != jnp.float32
-    if (rows == 1 and narrow) or 2 <= rows <= ELEMENTWISE_MAX_ROWS:
+    form = _form(x.shape[0], w.dtype)
+    if form != "dot":
         x = _fence(x)  # producers fused into the product would be recomputed per output
-    if rows == 1 and narrow:
+    if form == "one_narrow_row":
         return _fence(jnp.sum(w.astype(jnp.float32) * x[0], axis=-1)[None])
-    if 2 <= rows <= ELEMENTWISE_MAX_ROWS:
+    if form == "few_rows":
         return _fence(jnp.sum(w[None].astype(jnp.float32) * x[:, None, :], axis=-1))
     return jnp.einsum("mi,oi->mo", x, w.astype(jnp.float32))
 
@@ -71,14 +69,30 @@ def linear_rows(a: jax.Array, w: jax.Array) -> jax.Array:
       [M, out] float32.
     """
     a = a.astype(jnp.float32)
-    rows, narrow = a.shape[0], w.dtype != jnp.float32
-    if (rows == 1 and narrow) or 2 <= rows <= ELEMENTWISE_MAX_ROWS:
+    form = _form(a.shape[0], w.dtype)
+    if form != "dot":
         a = _fence(a)
-    if rows == 1 and narrow:
+    if form == "one_narrow_row":
         return _fence(jnp.sum(a[0][:, None] * w.astype(jnp.float32), axis=0)[None])
-    if 2 <= rows <= ELEMENTWISE_MAX_ROWS:
+    if form == "few_rows":
         return _fence(jnp.sum(a[:, :, None] * w[None].astype(jnp.float32), axis=1))
     return jnp.einsum("mi,io->mo", a, w.astype(jnp.float32))
+
+
+def _form(rows: int, weight_dtype) -> str:
+    """The backend policy's formulation for a product of ``rows`` rows with a weight.
+
+    Where the policy allows it (CPU): a single row of a narrow (bfloat16) weight and 2 to
+    ``elementwise_max_rows`` rows take an elementwise product and sum; a single float32 row
+    stays a dot (a matvec, which XLA streams; the elementwise form on one row is orders of
+    magnitude slower). Elsewhere every product is a dot.
+    """
+    policy = policy_for()
+    if not policy.elementwise:
+        return "dot"
+    if rows == 1:
+        return "one_narrow_row" if weight_dtype != jnp.float32 else "dot"
+    return "few_rows" if rows <= policy.elementwise_max_rows else "dot"
 
 
 def _fence(y: jax.Array) -> jax.Array:

@@ -29,6 +29,7 @@ from sparse_jax.decode import (
     prefill,
 )
 from sparse_jax.decode_layout import DecodeParams, to_decode_params
+from sparse_jax.kernels import Kernels
 from sparse_jax.kv_cache import KVCache, init_cache
 from sparse_jax.sampling import GREEDY, Sampler, sample, step_keys
 
@@ -148,8 +149,11 @@ def stream(
     Raises:
       ValueError: empty or out-of-range prompts, a prompt plus ``max_new_tokens`` beyond the
         context, bad seeds or a sampler that does not fit the vocabulary.
+      ImplementationUnavailableError: ``options`` asks for kernels this backend cannot run.
     """
     max_new_tokens = as_count(max_new_tokens, "max_new_tokens")
+    # Decoding runs now, on this backend: a kernel it cannot run fails before the first token.
+    Kernels(options.implementation, options.interpret).resolved()
     params, padded, lengths, seeds_arr = _prepare(
         cfg, params, prompts, max_new_tokens, sampler, seeds
     )

@@ -15,6 +15,7 @@ import dataclasses
 from collections.abc import Iterator, Sequence
 
 from sparse_jax.config import as_count, check_context
+from sparse_jax.decode import DEFAULT_OPTIONS, DecodeOptions
 from sparse_jax.decode_layout import to_decode_params
 from sparse_jax.generate import stream as stream_tokens
 from sparse_jax.loading import LoadedModel
@@ -141,9 +142,11 @@ class TextGenerator:
         sampler: Sampler,
         seed: int = 0,
         stop: Sequence[str] = (),
+        options: DecodeOptions = DEFAULT_OPTIONS,
     ) -> Iterator[str]:
         """Yields the completion's text as it grows; stops at EOS, a stop string or the limit.
 
+        ``options`` picks the decode path and kernels (:class:`sparse_jax.decode.DecodeOptions`).
         After the generator is exhausted, ``self.last`` holds the :class:`Completion`.
         """
         ids = self.encode_prompt(prompt, max_tokens)
@@ -157,6 +160,7 @@ class TextGenerator:
             sampler=sampler,
             seeds=seed,
             stop_tokens=(self.tokenizer.eos_id,),
+            options=options,
         ):
             token = int(out.tokens[0])
             if token < 0:

@@ -42,11 +42,11 @@ def _serve(checkpoint, *args, **kwargs):
         (["--port", "70000"], "port 70000 is invalid: use 1 to 65535, or 0 for any free port"),
         (["--port", "-1"], "port -1 is invalid"),
         (["--prompt", "hi", "--max-tokens", "0"], "--max-tokens: '0' is invalid"),
-        (["--prompt", "hi", "--decode-path", "sparse"], "--decode-path applies only to the server"),
+        (["--prompt", "hi", "--kernels", "triton"], "--kernels: invalid choice: 'triton'"),
         (["--prompt", "hi", "--slots", "2"], "--slots applies only to the server"),
         (["--temperature", "0.5"], "--temperature applies only to --prompt"),
     ],
-    ids=["port_high", "port_negative", "max_tokens", "decode_path", "slots", "temperature"],
+    ids=["port_high", "port_negative", "max_tokens", "kernels", "slots", "temperature"],
 )
 def test_bad_options_exit_2_before_anything_runs(tmp_path, capsys, args, message):
     with pytest.raises(SystemExit) as exited:
@@ -90,9 +90,29 @@ def test_port_0_binds_a_free_port_and_the_url_names_it():
 
 
 def test_one_prompt_streams_to_the_terminal(checkpoint):
-    proc = _serve(checkpoint, "--prompt", PROMPTS[0], "--max-tokens", "5", "--stop", "zzzz")
+    args = [
+        "--prompt",
+        PROMPTS[0],
+        "--max-tokens",
+        "5",
+        "--stop",
+        "zzzz",
+        "--decode-path",
+        "sparse",
+    ]
+    proc = _serve(checkpoint, *args)
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 0 and output.startswith(PROMPTS[0]), output
+
+
+def test_the_kernel_choice_reaches_the_decode_path(checkpoint):
+    # A GPU kernel on this CPU-only machine must fail cleanly, which shows the option is used.
+    proc = _serve(
+        checkpoint, "--prompt", PROMPTS[0], "--max-tokens", "4", "--kernels", "pallas_gpu"
+    )
+    output = proc.communicate(timeout=120)[0]
+    assert proc.returncode == 2 and "needs the 'gpu' backend" in output, output
+    assert PROMPTS[0] not in output and "Traceback" not in output
 
 
 def test_a_prompt_that_cannot_be_served_prints_only_the_error(checkpoint):

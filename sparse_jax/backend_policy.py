@@ -1,0 +1,68 @@
+"""How the decode path computes on each backend: product formulation and cost constants.
+
+The model's decode code says what to compute; this module says how, per JAX backend, so
+that a trick measured on one backend never runs on another by default:
+
+* ``elementwise_max_rows``: from 2 to this many rows (and a single row of a narrow weight) a
+  product is an elementwise multiply-and-sum behind a fusion fence instead of a dot. On the
+  project's 2-core CPUs XLA's dot streamed 7-9 GB/s at 2-8 float32 rows against 16-19 GB/s
+  for the elementwise form, and a bfloat16 dot was many times slower than the fused upcast.
+  On TPU and GPU a dot runs on the matrix units: 0 turns the formulation off.
+* ``gather_cost``: cost of one gathered row against one streamed row, which decides where
+  ``path="auto"`` takes the sparse gathers. XLA:CPU's row gather of 8% of a [13824, 1280]
+  table ran at 5-6 GB/s against 22-28 GB/s for a matvec: 4. On TPU and GPU the Pallas
+  kernels gather rows by DMA at close to streaming rate; the figure 1 there is the design
+  assumption, not yet measured on hardware.
+* ``union_gather_cost``: the same for the batch's union gather (sorted, dense index sets).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendPolicy:
+    """Decode formulation and cost constants of one backend (see the module docstring).
+
+    Attributes:
+      elementwise_max_rows: largest row count computed by the elementwise product form;
+        0 computes every product with a dot.
+      gather_cost: cost of a gathered row in streamed rows, > 0.
+      union_gather_cost: cost of a row of the batch's union gather in streamed rows, > 0.
+    """
+
+    elementwise_max_rows: int
+    gather_cost: float
+    union_gather_cost: float
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.elementwise_max_rows, int) or self.elementwise_max_rows < 0:
+            raise ValueError(
+                f"BackendPolicy.elementwise_max_rows={self.elementwise_max_rows!r} must be an "
+                "integer >= 0"
+            )
+        for name in ("gather_cost", "union_gather_cost"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"BackendPolicy.{name}={getattr(self, name)!r} must be > 0")
+
+    @property
+    def elementwise(self) -> bool:
+        """Whether any product takes the elementwise form."""
+        return self.elementwise_max_rows > 0
+
+
+CPU = BackendPolicy(elementwise_max_rows=16, gather_cost=4.0, union_gather_cost=2.0)
+ACCELERATOR = BackendPolicy(elementwise_max_rows=0, gather_cost=1.0, union_gather_cost=1.0)
+POLICIES = {"cpu": CPU, "tpu": ACCELERATOR, "gpu": ACCELERATOR}
+
+
+def policy_for(backend: str | None = None) -> BackendPolicy:
+    """The policy of ``backend`` (default: JAX's default backend).
+
+    Called while tracing, so each compiled program follows the backend it is built for. A
+    backend without an entry gets plain dots: the CPU formulation runs only on CPU.
+    """
+    return POLICIES.get(backend or jax.default_backend(), ACCELERATOR)
