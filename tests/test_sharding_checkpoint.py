@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import sharding_cases as cases
 from micro_configs import MICRO_MODEL
-from tolerances import SHARDED
+from tolerances import SHARDED_LOGITS
 
 from configs import get_model_config, get_train_config
 from sparse_jax.config import override
@@ -56,5 +56,5 @@ def test_checkpoints_move_between_one_and_eight_devices(tmp_path, caplog):
         assert k1.addressable_shards[0].data.shape == (2, 8, 48)  # [L, R/fsdp, F/tensor]
         split_tokens = jax.device_put(tokens, plan.sharding(TOKENS, tokens.shape))
         np.testing.assert_allclose(
-            _logits(split, split_tokens, plan), _logits(whole, tokens), **SHARDED
+            _logits(split, split_tokens, plan), _logits(whole, tokens), **SHARDED_LOGITS
         )

@@ -8,14 +8,14 @@ For a row x of width d and a target count k, ``theta = mean(x) + z * std(x)`` wi
 * soft (FFN): ``max(x - theta, 0)``;
 * mask (attention): ``where(x >= theta, x, -inf)``, applied before a softmax.
 
-Moments are taken in float32 over the last axis, of the row shifted by one of its own entries
-(no cancellation when the mean dwarfs the spread). With a ``valid`` mask they cover valid
+Moments are taken in float32 over the last axis in two passes (mean, then the centred second
+moment: no cancellation when the mean dwarfs the spread). With a ``valid`` mask they cover valid
 entries only, ``z`` uses the row's valid count, and rows with at most k valid entries keep all
 of them. theta is capped at the row's largest valid entry, so every row with a valid entry keeps
 at least one (an all-equal row keeps all); a row with no valid entry keeps none. With
 ``axis_name`` the last axis is taken to be sharded over that mapped axis: the moments come from
-one ``pmax`` of the shift and one ``psum`` of (count, shifted sum, shifted sum of squares) per
-row, never an all-gather of the row.
+a ``psum`` of (sum, count) and one of the centred sum of squares per row, and the cap from a
+``pmax``: per-row scalars, never an all-gather of the row.
 
 ``method`` swaps the threshold for the k-th largest value found by ``jax.lax.top_k`` or
 ``jax.lax.approx_max_k``: the baselines the benchmarks compare against (unsharded only).
@@ -54,33 +54,34 @@ def _valid_max(xf: jax.Array, valid: jax.Array | None, axis_name: str | None) ->
 
 
 def _row_moments(
-    x: jax.Array, valid: jax.Array | None, axis_name: str | None, shift: jax.Array
+    x: jax.Array, valid: jax.Array | None, axis_name: str | None
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Mean, population std and count over the last axis (at least float32, keepdims).
 
-    The sums are taken of ``x - shift`` (one value per row, the same on every shard): the
-    one-pass ``E[x^2] - mean^2`` loses every digit of the variance to cancellation when the
-    mean dwarfs the spread (scores bunched under the soft-cap, mean 40 with std 0.01), and a
-    shift inside the row keeps the two terms small. A constant row then has exactly zero
-    deviations, so its mean is exact and its std exactly 0. Moments do not depend on the
-    shift, so no gradient flows through it.
+    Two passes: the mean, then the mean squared deviation from it. The one-pass
+    ``E[x^2] - mean^2`` loses every digit of the variance to cancellation when the mean
+    dwarfs the spread (scores bunched under the soft-cap, mean 40 with std 0.01); the second
+    pass costs one more read of the row, small beside the matmul that produced it. Sharded,
+    each pass is one ``psum`` of per-row scalars.
     """
     xf = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(shift), shift, 0.0).astype(xf.dtype))
-    dev = xf - shift
     if valid is None:
         count = jnp.full((*xf.shape[:-1], 1), xf.shape[-1], xf.dtype)
+        total = jnp.sum(xf, axis=-1, keepdims=True)
     else:
-        dev = jnp.where(valid, dev, 0.0)
         count = jnp.sum(valid, axis=-1, keepdims=True, dtype=xf.dtype)
-    total = jnp.sum(dev, axis=-1, keepdims=True)
+        total = jnp.sum(jnp.where(valid, xf, 0.0), axis=-1, keepdims=True)
+    if axis_name is not None:
+        total, count = jax.lax.psum((total, count), axis_name)
+    safe_count = jnp.maximum(count, 1.0)
+    mean = total / safe_count
+    dev = xf - mean
+    if valid is not None:
+        dev = jnp.where(valid, dev, 0.0)
     squares = jnp.sum(dev * dev, axis=-1, keepdims=True)
     if axis_name is not None:
-        total, squares, count = jax.lax.psum((total, squares, count), axis_name)
-    safe_count = jnp.maximum(count, 1.0)
-    mean_dev = total / safe_count
-    var = jnp.maximum(squares / safe_count - mean_dev * mean_dev, 0.0)
-    return shift + mean_dev, _safe_sqrt(var), count
+        squares = jax.lax.psum(squares, axis_name)
+    return mean, _safe_sqrt(squares / safe_count), count
 
 
 def _kth_largest(x: jax.Array, k: int, method: str) -> jax.Array:
@@ -130,7 +131,7 @@ def statistical_threshold(
         )
         return theta, count <= k
     row_max = _valid_max(x.astype(jnp.promote_types(x.dtype, jnp.float32)), valid, axis_name)
-    mean, std, count = _row_moments(x, valid, axis_name, row_max)
+    mean, std, count = _row_moments(x, valid, axis_name)
     if valid is None and axis_name is None:
         d = x.shape[-1]
         if k >= d:
@@ -158,12 +159,9 @@ def _soft_threshold(x: jax.Array, z: float, axis_name: str | None) -> jax.Array:
 def _soft_threshold_fwd(
     x: jax.Array, z: float, axis_name: str | None
 ) -> tuple[jax.Array, tuple[jax.Array, ...]]:
-    # Any entry of the row is a sound shift: the first one costs no extra pass. theta is not
-    # clamped to the row maximum here: above it or at it, max(x - theta, 0) is 0 everywhere.
-    shift = x[..., :1].astype(jnp.promote_types(x.dtype, jnp.float32))
-    if axis_name is not None:
-        shift = _valid_max(shift, None, axis_name)
-    mean, std, count = _row_moments(x, None, axis_name, shift)
+    # theta is not capped at the row maximum here: above it or at it, max(x - theta, 0) is 0
+    # everywhere.
+    mean, std, count = _row_moments(x, None, axis_name)
     theta = (mean + z * std).astype(x.dtype)
     return jnp.maximum(x - theta, 0), (x, theta, mean, std, count)
 
