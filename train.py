@@ -23,6 +23,7 @@ import sys
 from typing import NoReturn
 
 from configs import MODEL_PRESETS, get_model_config, get_train_config
+from pallas_kernels import ImplementationUnavailableError
 from sparse_jax import distributed
 from sparse_jax.config import override
 from sparse_jax.trainer import TrainingDiverged, train
@@ -167,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, OSError) as err:
+    except (ValueError, OSError, ImplementationUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary_line(summary))

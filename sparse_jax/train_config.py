@@ -16,6 +16,7 @@ from typing import Any
 
 from sparse_jax.checkpoint import CheckpointError
 from sparse_jax.data import DataConfig
+from sparse_jax.kernels import IMPLEMENTATIONS
 from sparse_jax.sharding import parse_mesh
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class TrainConfig:
       eval_every, log_every, checkpoint_every: intervals in steps.
       keep_checkpoints: how many recent checkpoints to keep.
       peak_flops: peak FLOP/s of the whole machine, for MFU.
+      kernels: implementation of the model's sparse ops in training and evaluation: "auto"
+        (Pallas on TPU and GPU, XLA elsewhere), "xla", "pallas_tpu" or "pallas_gpu"
+        (:class:`sparse_jax.kernels.Kernels`).
       mesh: device mesh as ``data=2,fsdp=2,tensor=2`` (see :func:`sparse_jax.sharding.parse_mesh`;
         unnamed axes are 1 and ``data`` takes the remaining devices). Empty: one device when
         there is one process (the unsharded program), ``data`` over every device otherwise.
@@ -91,6 +95,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     peak_flops: float = 2e11
     mesh: str = ""
+    kernels: str = "auto"
 
     def __post_init__(self) -> None:
         for field in (
@@ -152,6 +157,8 @@ class TrainConfig:
                 self.tokenizer_path,
                 "must be a path (a string) to a SentencePiece .model file, or None to train one",
             )
+        if self.kernels not in IMPLEMENTATIONS:
+            _fail("kernels", self.kernels, f"must be one of {IMPLEMENTATIONS}")
         if not isinstance(self.mesh, str):
             _fail("mesh", self.mesh, "must be a string like 'data=2,fsdp=2,tensor=2'")
         try:

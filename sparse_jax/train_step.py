@@ -25,6 +25,7 @@ import optax
 from jax.sharding import NamedSharding
 
 from sparse_jax.config import ModelConfig
+from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.model import Params, forward, init_params
 from sparse_jax.sharding import TOKENS, ShardingPlan
 
@@ -116,10 +117,14 @@ def batch_sharding(plan: ShardingPlan, batch_size: int, seq_len: int) -> NamedSh
 
 
 def token_loss_sum(
-    cfg: ModelConfig, params: Params, batch: Batch, plan: ShardingPlan | None = None
+    cfg: ModelConfig,
+    params: Params,
+    batch: Batch,
+    plan: ShardingPlan | None = None,
+    kernels: Kernels = DEFAULT_KERNELS,
 ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
     """Sum of masked next-token cross-entropies, the token count, and sparsity stats."""
-    logits, stats = forward(cfg, params, batch["inputs"], plan=plan)
+    logits, stats = forward(cfg, params, batch["inputs"], plan=plan, kernels=kernels)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
     mask = batch["mask"].astype(jnp.float32)
     return jnp.sum(losses * mask), (jnp.sum(mask), stats)
@@ -132,6 +137,7 @@ def accumulate_gradients(
     grad_accum: int,
     plan: ShardingPlan | None = None,
     grad_shardings: Any = None,
+    kernels: Kernels = DEFAULT_KERNELS,
 ) -> tuple[Params, jax.Array, jax.Array, dict[str, jax.Array]]:
     """Mean token-loss gradient of ``batch``, taken over ``grad_accum`` micro-batches in turn.
 
@@ -146,12 +152,15 @@ def accumulate_gradients(
       grad_accum: number of micro-batches; must divide the batch's rows.
       plan: optional sharding plan of the model.
       grad_shardings: optional shardings the running gradient sum is constrained to.
+      kernels: implementation of the sparse ops (:class:`sparse_jax.kernels.Kernels`).
 
     Returns:
       (grads, loss, count, stats): the mean gradient (a tree like ``params``), the mean token
       loss, the token count (at least 1) and per-micro-batch sparsity stats ([grad_accum, L]).
     """
-    grad_fn = jax.value_and_grad(lambda p, mb: token_loss_sum(cfg, p, mb, plan), has_aux=True)
+    grad_fn = jax.value_and_grad(
+        lambda p, mb: token_loss_sum(cfg, p, mb, plan, kernels), has_aux=True
+    )
     micro = jax.tree.map(lambda a: a.reshape(grad_accum, -1, *a.shape[1:]), batch)
     if plan is not None:
         # Rows of every micro-batch split over the batch axes (a cheap shuffle of tokens).
@@ -177,6 +186,7 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     grad_accum: int,
     plan: ShardingPlan | None = None,
+    kernels: Kernels = DEFAULT_KERNELS,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]:
     """Builds the jitted step; ``batch`` arrays are [grad_accum * b, T].
 
@@ -190,7 +200,7 @@ def make_train_step(
     def step(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, jax.Array]]:
         grad_shardings = None if shardings is None else shardings.params
         grads, loss, count, stats = accumulate_gradients(
-            cfg, state.params, batch, grad_accum, plan, grad_shardings
+            cfg, state.params, batch, grad_accum, plan, grad_shardings, kernels
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
@@ -215,12 +225,12 @@ def make_train_step(
 
 
 def make_eval_step(
-    cfg: ModelConfig, plan: ShardingPlan | None = None
+    cfg: ModelConfig, plan: ShardingPlan | None = None, kernels: Kernels = DEFAULT_KERNELS
 ) -> Callable[[Params, Batch], tuple[jax.Array, jax.Array]]:
     """Jitted ``(params, batch) -> (summed loss, token count)``."""
 
     def evaluate(params: Params, batch: Batch) -> tuple[jax.Array, jax.Array]:
-        loss, (count, _) = token_loss_sum(cfg, params, batch, plan)
+        loss, (count, _) = token_loss_sum(cfg, params, batch, plan, kernels)
         return loss, count
 
     if plan is None:

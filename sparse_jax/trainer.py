@@ -45,6 +45,7 @@ from sparse_jax.checkpoint import (
 )
 from sparse_jax.config import ModelConfig
 from sparse_jax.corpus import split_documents
+from sparse_jax.kernels import Kernels
 from sparse_jax.metrics import MetricsWriter
 from sparse_jax.optim import learning_rate_schedule, make_optimizer
 from sparse_jax.sharding import ShardingPlan, make_mesh
@@ -266,6 +267,9 @@ def train(
     _check_arguments(model_cfg, tc, stop_after)
     workdir = _prepare_workdir(workdir)
     plan = sharding_plan(tc)
+    # Resolved once, here: an implementation this backend cannot run fails before any work.
+    kernels = Kernels(tc.kernels)
+    kernels.resolved()
     feed = _Feeder(plan, tc)
     if plan is not None:
         log.info("mesh %s, %s", dict(plan.mesh.shape), distributed.describe())
@@ -309,8 +313,8 @@ def train(
             "tokenizer": tokenizer_to_json(tokenizer),
         }
         start = int(state.step)
-        train_step = make_train_step(model_cfg, optimizer, tc.grad_accum, plan)
-        eval_step = make_eval_step(model_cfg, plan)
+        train_step = make_train_step(model_cfg, optimizer, tc.grad_accum, plan, kernels)
+        eval_step = make_eval_step(model_cfg, plan, kernels)
         per_token = flops.train_flops_per_token(model_cfg, tc.seq_len)
         enabled = verbose and distributed.is_primary()
         with MetricsWriter(workdir, tc.steps, start, enabled) as writer:

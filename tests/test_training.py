@@ -26,6 +26,7 @@ from tolerances import ACCUMULATED_GRADIENT, REORDER
 from configs import get_model_config, get_train_config
 from sparse_jax.checkpoint import Checkpointer, CheckpointError
 from sparse_jax.config import override
+from sparse_jax.kernels import Kernels
 from sparse_jax.loading import load
 from sparse_jax.metrics import MetricsWriter
 from sparse_jax.optim import make_optimizer
@@ -315,6 +316,20 @@ def test_overfitting_one_batch_drives_loss_near_zero():
     assert float(metrics["loss"]) < 0.1
 
 
+def test_the_train_step_runs_the_chosen_kernels():
+    model, tc = micro_configs()
+    opt = make_optimizer(tc)
+    state = jax.eval_shape(lambda: init_train_state(model, opt, 0))
+    batch = jax.eval_shape(lambda: _random_batch(jax.random.key(2), 2, model))
+
+    def traced(kernels):
+        step = make_train_step(model, opt, 1, kernels=kernels)
+        return str(jax.make_jaxpr(lambda s, b: step(s, b))(state, batch))
+
+    assert "stat_topk_tpu" in traced(Kernels("pallas_tpu", interpret=True))
+    assert "stat_topk_tpu" not in traced(Kernels("xla"))
+
+
 def test_bad_data_path_is_a_clear_error(tmp_path):
     model, tc = micro_configs(data_paths=(str(tmp_path / "missing.txt"),))
     with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
@@ -331,6 +346,8 @@ def test_bad_data_path_is_a_clear_error(tmp_path):
         (["--workdir", "{a_file}"], "is a file; the workdir must be a directory"),
         (["--stop-after", "0"], "--stop-after: 0 is invalid: must be >= 1"),
         (["--stop-after", "-1"], "--stop-after: -1 is invalid: must be >= 1"),
+        (["--set", "kernels=triton"], "TrainConfig.kernels='triton' is invalid"),
+        (["--set", "kernels=pallas_gpu"], "needs the 'gpu' backend"),
     ],
 )
 def test_cli_errors_are_one_line_with_status_2(tmp_path, args, says):
