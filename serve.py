@@ -22,11 +22,11 @@ import os
 import sys
 
 from pallas_kernels import IMPLEMENTATIONS, ImplementationUnavailableError
-from sparse_jax.checkpoint import CheckpointError
-from sparse_jax.decode import DEFAULT_OPTIONS, PATHS
-from sparse_jax.loading import load
-from sparse_jax.sampling import Sampler
-from sparse_jax.textgen import TextGenerator
+from sparse_jax.decode.sampling import Sampler
+from sparse_jax.decode.step import DEFAULT_OPTIONS, PATHS
+from sparse_jax.serve.loading import load
+from sparse_jax.serve.textgen import TextGenerator
+from sparse_jax.train.checkpoint import CheckpointError
 
 API_KEY_ENV = "SPARSE_JAX_API_KEY"
 
@@ -39,7 +39,7 @@ def _count(text: str) -> int:
 
 
 def _port(text: str) -> int:
-    from sparse_jax.server.listen import check_port
+    from sparse_jax.serve.listen import check_port
 
     try:
         return check_port(int(text))
@@ -115,7 +115,7 @@ def run_prompt(args: argparse.Namespace) -> int:
 
 def api_key(args: argparse.Namespace) -> str | None:
     """The key from ``--api-key``, else from the environment; None when neither is given."""
-    from sparse_jax.server.app import check_api_key
+    from sparse_jax.serve.app import check_api_key
 
     if args.api_key is not None:
         check_api_key(args.api_key, "--api-key")
@@ -128,9 +128,9 @@ def api_key(args: argparse.Namespace) -> str | None:
 
 def run_server(args: argparse.Namespace) -> int:
     # The one-prompt path does not need the server's imports.
-    from sparse_jax.server.app import ServerSettings, create_app
-    from sparse_jax.server.engine import SERVING_OPTIONS, Engine
-    from sparse_jax.server.listen import bind, serve, url
+    from sparse_jax.serve.app import ServerSettings, create_app
+    from sparse_jax.serve.engine import SERVING_OPTIONS, Engine
+    from sparse_jax.serve.listen import bind, serve, url
 
     key = api_key(args)
     sock = bind(args.host, args.port)

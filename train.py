@@ -24,9 +24,9 @@ from typing import NoReturn
 
 from configs import MODEL_PRESETS, get_model_config, get_train_config
 from pallas_kernels import ImplementationUnavailableError
-from sparse_jax import distributed
-from sparse_jax.config import override
-from sparse_jax.trainer import TrainingDiverged, train
+from sparse_jax.model.config import override
+from sparse_jax.parallel import distributed
+from sparse_jax.train.loop import TrainingDiverged, train
 
 
 def split_overrides(assignments: list[str], model_cfg, train_cfg) -> tuple[list[str], list[str]]:

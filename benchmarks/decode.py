@@ -8,7 +8,7 @@ by a prefill), batch 8 at 128 (Spark's masked, per-token and union FFN modes, an
 ``"auto"`` picks), one FFN block, one global attention layer's cache read at 32768, and the
 prefill of a 2048-token prompt (compute-bound and the same in every layer, so it is timed on
 the first ``--prefill-layers`` layers and scaled to the whole depth). Every ratio is printed
-beside its bound: the bytes each variant must read per step (:mod:`sparse_jax.decode_cost`)
+beside its bound: the bytes each variant must read per step (:mod:`sparse_jax.cost.decode_bytes`)
 over the read bandwidth measured in the same run. ``--quick`` keeps the widths (and the
 vocabulary) with 2 layers. Results go to ``benchmarks/results/decode[_quick].{json,md,png}``.
 """
@@ -30,12 +30,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import get_model_config
-from sparse_jax.decode import DecodeOptions, decode_step_jit, prefill
-from sparse_jax.decode_attention import attend_masked, attend_sparse
-from sparse_jax.decode_cost import attention_op_bytes, ffn_block_bytes, step_bytes
-from sparse_jax.decode_ffn import ffn_mode, gated_ffn, spark_ffn_masked, spark_ffn_sparse
-from sparse_jax.decode_layout import random_decode_params
-from sparse_jax.kv_cache import KVCache, init_cache
+from sparse_jax.cost.decode_bytes import attention_op_bytes, ffn_block_bytes, step_bytes
+from sparse_jax.decode.attention import attend_masked, attend_sparse
+from sparse_jax.decode.cache import KVCache, init_cache
+from sparse_jax.decode.ffn import ffn_mode, gated_ffn, spark_ffn_masked, spark_ffn_sparse
+from sparse_jax.decode.layout import random_decode_params
+from sparse_jax.decode.step import DecodeOptions, decode_step_jit, prefill
 
 NAMES = ("gemma2_2b", "spark_gemma2_2b")
 RESULTS = pathlib.Path(__file__).parent / "results"

@@ -17,7 +17,7 @@ stores its weights in bfloat16 and computes and caches in float32 (``param_dtype
 
 Per prompt length the report compares the faster dtype of each side: HF ms / Spark ms, against
 the target of at least ``0.9 x`` the bandwidth-bound dense/Spark ratio that
-``benchmarks.decode.bounds_and_ratios`` computes from :mod:`sparse_jax.decode_cost` (in the
+``benchmarks.decode.bounds_and_ratios`` computes from :mod:`sparse_jax.cost.decode_bytes` (in the
 dtype Spark's best time was measured in). ``--layers N`` keeps the widths and vocabulary with
 N layers, as ``benchmarks/decode.py --quick`` does with 2. Results go to
 ``benchmarks/results/decode_peers.{json,md}``, or to the ``--out`` folder.
@@ -47,9 +47,9 @@ import jax
 
 from benchmarks.decode import NAMES, bounds_and_ratios, decode_ms, ffn_ms, read_bandwidth
 from configs import get_model_config
-from sparse_jax.config import ModelConfig
-from sparse_jax.decode import DecodeOptions
-from sparse_jax.decode_layout import random_decode_params
+from sparse_jax.decode.layout import random_decode_params
+from sparse_jax.decode.step import DecodeOptions
+from sparse_jax.model.config import ModelConfig
 
 if TYPE_CHECKING:
     from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -280,7 +280,7 @@ def markdown(report: dict[str, Any]) -> str:
         f"`{report['hf_attn_implementation']}`. Batch 1, median of {report['args']['steps']} "
         "steps, cache filled with random keys and values of the prompt length.",
         f"Target: HF / Spark >= {TARGET_FRACTION} x the bandwidth-bound dense/Spark ratio (bytes "
-        "read per step, `sparse_jax.decode_cost`), in the dtype of Spark's best time.",
+        "read per step, `sparse_jax.cost.decode_bytes`), in the dtype of Spark's best time.",
         "",
         "| prompt | HF best ms | Spark best ms | HF / Spark | bound dense/Spark | target | met |",
         "|---|---|---|---|---|---|---|",

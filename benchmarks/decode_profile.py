@@ -32,9 +32,9 @@ import jax.numpy as jnp
 from benchmarks.decode import synthetic_cache
 from configs import get_model_config
 from pallas_kernels.sparse_ffn.xla import sparse_ffn as sparse_ffn_gathered
-from sparse_jax.decode import DecodeOptions
-from sparse_jax.decode_attention import _grouped, attend_sparse, spark_scores
-from sparse_jax.decode_layout import linear, linear_rows
+from sparse_jax.decode.attention import _grouped, attend_sparse, spark_scores
+from sparse_jax.decode.layout import linear, linear_rows
+from sparse_jax.decode.step import DecodeOptions
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 

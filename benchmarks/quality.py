@@ -24,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 from configs import get_model_config, get_train_config
-from sparse_jax.trainer import train
+from sparse_jax.train.loop import train
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

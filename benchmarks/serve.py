@@ -41,11 +41,11 @@ def serve_random_model(preset: str, port: int, slots: int, max_tokens: int) -> N
     import uvicorn
 
     from configs import get_model_config
-    from sparse_jax.data import DataConfig, load_documents
-    from sparse_jax.decode_layout import random_decode_params
-    from sparse_jax.server.app import ServerSettings, create_app
-    from sparse_jax.server.engine import Engine
-    from sparse_jax.tokenizer import Tokenizer
+    from sparse_jax.data.pipeline import DataConfig, load_documents
+    from sparse_jax.data.tokenizer import Tokenizer
+    from sparse_jax.decode.layout import random_decode_params
+    from sparse_jax.serve.app import ServerSettings, create_app
+    from sparse_jax.serve.engine import Engine
 
     cfg = get_model_config(preset)
     tokenizer = Tokenizer.train(load_documents(DataConfig()), cfg.vocab_size)
@@ -57,7 +57,7 @@ def serve_random_model(preset: str, port: int, slots: int, max_tokens: int) -> N
 
 def prompts(count: int, seed: int = 0) -> list[str]:
     """Openings of random corpus chapters, 4 to 16 words long."""
-    from sparse_jax.data import DataConfig, load_documents
+    from sparse_jax.data.pipeline import DataConfig, load_documents
 
     docs = load_documents(DataConfig())
     rng = random.Random(seed)

@@ -26,9 +26,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import get_model_config
-from sparse_jax.optim import make_optimizer
-from sparse_jax.train_config import TrainConfig
-from sparse_jax.train_step import init_train_state, make_train_step
+from sparse_jax.train.config import TrainConfig
+from sparse_jax.train.optim import make_optimizer
+from sparse_jax.train.step import init_train_state, make_train_step
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 

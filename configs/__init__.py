@@ -9,8 +9,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from configs import gemma2_2b, small, tiny
-from sparse_jax.config import ModelConfig
-from sparse_jax.train_config import TrainConfig
+from sparse_jax.model.config import ModelConfig
+from sparse_jax.train.config import TrainConfig
 
 MODEL_PRESETS: dict[str, Callable[[], ModelConfig]] = {
     "tiny": tiny.spark,

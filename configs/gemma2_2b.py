@@ -7,7 +7,7 @@ predictor. About 2.6B parameters, 10.5 GB in float32: used for cost accounting a
 benchmarks (``python benchmarks/decode.py``), not trained on CPU.
 """
 
-from sparse_jax.config import ModelConfig
+from sparse_jax.model.config import ModelConfig
 
 _BASE = dict(
     vocab_size=256_000,

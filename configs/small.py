@@ -4,8 +4,8 @@ Run: ``python benchmarks/quality.py`` trains both variants on the same tokens an
 eval loss (see the README for the command, the token budget and the result).
 """
 
-from sparse_jax.config import ModelConfig
-from sparse_jax.train_config import TrainConfig
+from sparse_jax.model.config import ModelConfig
+from sparse_jax.train.config import TrainConfig
 
 _BASE = dict(
     vocab_size=8192,

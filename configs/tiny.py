@@ -5,8 +5,8 @@ A good result after the default few minutes: eval loss well below the corpus's u
 (about 6 nats with the 4096-piece tokenizer) and text with English word order.
 """
 
-from sparse_jax.config import ModelConfig
-from sparse_jax.train_config import TrainConfig
+from sparse_jax.model.config import ModelConfig
+from sparse_jax.train.config import TrainConfig
 
 _BASE = dict(
     vocab_size=4096,

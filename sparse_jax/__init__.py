@@ -5,11 +5,17 @@ from pallas_kernels.stat_topk.xla import (
     statistical_topk,
     statistical_topk_mask,
 )
-from sparse_jax.config import ModelConfig, override
 from sparse_jax.kernels import Kernels
-from sparse_jax.loading import LoadedModel, load
-from sparse_jax.model import Transformer, abstract_params, count_params, forward, init_params
-from sparse_jax.sharding import ShardingPlan, ShardingRules, make_mesh
+from sparse_jax.model.config import ModelConfig, override
+from sparse_jax.model.transformer import (
+    Transformer,
+    abstract_params,
+    count_params,
+    forward,
+    init_params,
+)
+from sparse_jax.parallel.sharding import ShardingPlan, ShardingRules, make_mesh
+from sparse_jax.serve.loading import LoadedModel, load
 
 __all__ = [
     "Kernels",

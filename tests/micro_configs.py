@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from sparse_jax.config import ModelConfig
+from sparse_jax.model.config import ModelConfig
 
 # The tiny preset shrunk for speed, as ``--set`` overrides, for runs through the trainer/CLI.
 MICRO_MODEL = [

@@ -13,10 +13,10 @@ from micro_configs import MICRO_MODEL_GQA
 from tolerances import SHARDED, SHARDED_LOGITS
 
 from configs import get_model_config
-from sparse_jax.config import override
-from sparse_jax.model import forward
-from sparse_jax.sharding import ShardingPlan, make_mesh
-from sparse_jax.train_step import batch_sharding, init_train_state, make_train_step, state_shardings
+from sparse_jax.model.config import override
+from sparse_jax.model.transformer import forward
+from sparse_jax.parallel.sharding import ShardingPlan, make_mesh
+from sparse_jax.train.step import batch_sharding, init_train_state, make_train_step, state_shardings
 
 CFG = override(get_model_config("tiny"), MICRO_MODEL_GQA)
 ROWS, SEQ, GRAD_ACCUM = 16, 16, 2

@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 from tolerances import F32_VS_F64
 
-from sparse_jax.attention import Attention, attention_mask
-from sparse_jax.config import ModelConfig
-from sparse_jax.ffn import GatedFFN, SparkFFN
+from sparse_jax.model.attention import Attention, attention_mask
+from sparse_jax.model.config import ModelConfig
+from sparse_jax.model.ffn import GatedFFN, SparkFFN
 
 CFG = ModelConfig(
     vocab_size=64,

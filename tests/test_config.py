@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from configs import MODEL_PRESETS, get_model_config
-from sparse_jax.config import ModelConfig, override
+from sparse_jax.model.config import ModelConfig, override
 
 
 @pytest.mark.parametrize(

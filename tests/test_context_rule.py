@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from micro_configs import model_variants
 
-from sparse_jax.config import as_count, check_context
-from sparse_jax.data import DataConfig, load_documents
-from sparse_jax.model import forward, init_params
-from sparse_jax.textgen import encode_prompt
-from sparse_jax.tokenizer import Tokenizer
+from sparse_jax.data.pipeline import DataConfig, load_documents
+from sparse_jax.data.tokenizer import Tokenizer
+from sparse_jax.model.config import as_count, check_context
+from sparse_jax.model.transformer import forward, init_params
+from sparse_jax.serve.textgen import encode_prompt
 
 CFG = model_variants((True, False), (True, False))["spark"]
 

@@ -8,8 +8,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from sparse_jax import corpus, data
-from sparse_jax.tokenizer import Tokenizer
+from sparse_jax.data import corpus
+from sparse_jax.data import pipeline as data
+from sparse_jax.data.tokenizer import Tokenizer
 
 CFG = data.DataConfig(seq_len=32, batch_size=8, eval_batches=3, vocab_size=600)
 

@@ -9,14 +9,14 @@ import pytest
 from micro_configs import model_variants
 from tolerances import F32_VS_F64
 
-from sparse_jax.decode import DecodeOptions, decode_step, prefill
-from sparse_jax.decode_layout import (
+from sparse_jax.decode.cache import init_cache
+from sparse_jax.decode.layout import (
     decode_param_shapes,
     random_decode_params,
     to_decode_params,
 )
-from sparse_jax.kv_cache import init_cache
-from sparse_jax.model import forward, init_params, unstack_layers
+from sparse_jax.decode.step import DecodeOptions, decode_step, prefill
+from sparse_jax.model.transformer import forward, init_params, unstack_layers
 
 # Local window 6 with 20-token sequences: local rings wrap several times.
 VARIANTS = model_variants((True, False), (False, True))

@@ -5,7 +5,7 @@ import dataclasses
 import pytest
 
 from configs import get_model_config
-from sparse_jax.decode_cost import attention_op_bytes, ffn_block_bytes, step_bytes
+from sparse_jax.cost.decode_bytes import attention_op_bytes, ffn_block_bytes, step_bytes
 
 DENSE = get_model_config("gemma2_2b")
 SPARK = get_model_config("spark_gemma2_2b")

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 from test_decode import BASE, MASKED, T
 
-from sparse_jax.decode_layout import to_decode_params
-from sparse_jax.generate import generate, stream
-from sparse_jax.model import init_params
-from sparse_jax.sampling import Sampler
+from sparse_jax.decode.generate import generate, stream
+from sparse_jax.decode.layout import to_decode_params
+from sparse_jax.decode.sampling import Sampler
+from sparse_jax.model.transformer import init_params
 
 NEW = 8
 

@@ -18,7 +18,7 @@ if str(ROOT) not in sys.path:
 
 from benchmarks import decode_peers  # noqa: E402
 from configs import get_model_config  # noqa: E402
-from sparse_jax.config import ModelConfig  # noqa: E402
+from sparse_jax.model.config import ModelConfig  # noqa: E402
 
 PRESET = get_model_config("gemma2_2b")
 

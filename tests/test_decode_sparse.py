@@ -10,18 +10,18 @@ from tolerances import F32_VS_F64
 
 from pallas_kernels.sparse_ffn.xla import sparse_ffn as sparse_ffn_gathered
 from pallas_kernels.topk_attention.xla import topk_attention as topk_attention_gathered
-from sparse_jax.decode import DecodeOptions, decode_step, prefill
-from sparse_jax.decode_ffn import ffn_mode
-from sparse_jax.decode_layout import to_decode_params
-from sparse_jax.generate import generate
-from sparse_jax.kv_cache import init_cache
-from sparse_jax.model import init_params
-from sparse_jax.sparse_decode import (
+from sparse_jax.decode.cache import init_cache
+from sparse_jax.decode.ffn import ffn_mode
+from sparse_jax.decode.gather import (
     capacity,
     compact,
     sparse_ffn_union,
     union_capacity,
 )
+from sparse_jax.decode.generate import generate
+from sparse_jax.decode.layout import to_decode_params
+from sparse_jax.decode.step import DecodeOptions, decode_step, prefill
+from sparse_jax.model.transformer import init_params
 
 PROMPT = 8
 

@@ -25,12 +25,12 @@ from tolerances import F32_VS_F64
 from pallas_kernels.stat_topk import api as stat_topk_api
 from pallas_kernels.stat_topk.xla import statistical_topk, statistical_topk_mask
 from sparse_jax import forward, init_params
-from sparse_jax.decode import DecodeOptions, decode_step, prefill
-from sparse_jax.decode_attention import spark_keep
-from sparse_jax.decode_layout import to_decode_params
+from sparse_jax.decode.attention import spark_keep
+from sparse_jax.decode.cache import init_cache
+from sparse_jax.decode.layout import to_decode_params
+from sparse_jax.decode.step import DecodeOptions, decode_step, prefill
 from sparse_jax.kernels import Kernels
-from sparse_jax.kv_cache import init_cache
-from sparse_jax.layers import safe_softmax, softcap
+from sparse_jax.model.layers import safe_softmax, softcap
 
 D, K = 64, 8
 SOFTCAP = 50.0

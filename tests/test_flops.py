@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import pytest
 
 from configs import get_model_config
-from sparse_jax import flops
-from sparse_jax.model import abstract_params, count_params, forward, init_params
+from sparse_jax.cost import flops
+from sparse_jax.model.transformer import abstract_params, count_params, forward, init_params
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny_dense", "small", "small_dense"])

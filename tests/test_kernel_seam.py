@@ -16,12 +16,12 @@ from test_decode import BASE, VARIANTS
 from tolerances import F32_VS_F64
 
 from pallas_kernels._common.dispatch import ImplementationUnavailableError
-from sparse_jax.decode import DecodeOptions, _decode_compute, decode_step, prefill
-from sparse_jax.decode_layout import to_decode_params
+from sparse_jax.decode.cache import init_cache
+from sparse_jax.decode.layout import to_decode_params
+from sparse_jax.decode.step import DecodeOptions, _decode_compute, decode_step, prefill
 from sparse_jax.kernels import Kernels
-from sparse_jax.kv_cache import init_cache
-from sparse_jax.model import forward, init_params
-from sparse_jax.sharding import ShardingPlan, ShardingRules, make_mesh
+from sparse_jax.model.transformer import forward, init_params
+from sparse_jax.parallel.sharding import ShardingPlan, ShardingRules, make_mesh
 
 XLA = Kernels("xla")
 T = 12

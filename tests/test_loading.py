@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 from micro_configs import MICRO_MODEL, MICRO_TRAIN
 
-from sparse_jax.checkpoint import CheckpointError
-from sparse_jax.loading import load
-from sparse_jax.sampling import GREEDY
-from sparse_jax.sharding import ShardingPlan, make_mesh
-from sparse_jax.textgen import TextGenerator
+from sparse_jax.decode.sampling import GREEDY
+from sparse_jax.parallel.sharding import ShardingPlan, make_mesh
+from sparse_jax.serve.loading import load
+from sparse_jax.serve.textgen import TextGenerator
+from sparse_jax.train.checkpoint import CheckpointError
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 MESH = "fsdp=4,tensor=2"
@@ -31,9 +31,9 @@ TRAIN = [
 ONE_DEVICE = """
 import json, sys
 import jax, numpy as np
-from sparse_jax.loading import load
-from sparse_jax.sampling import GREEDY
-from sparse_jax.textgen import TextGenerator
+from sparse_jax.serve.loading import load
+from sparse_jax.decode.sampling import GREEDY
+from sparse_jax.serve.textgen import TextGenerator
 model = load(sys.argv[1])
 leaves = jax.tree_util.tree_leaves_with_path(model.params)
 np.savez(sys.argv[2], **{jax.tree_util.keystr(p): np.asarray(x) for p, x in leaves})

@@ -9,7 +9,13 @@ import pytest
 from micro_configs import model_variants
 from tolerances import REORDER
 
-from sparse_jax.model import Transformer, forward, init_params, stack_layers, unstack_layers
+from sparse_jax.model.transformer import (
+    Transformer,
+    forward,
+    init_params,
+    stack_layers,
+    unstack_layers,
+)
 
 VARIANTS = model_variants((True, False, True), (False, True, True))
 BASE = VARIANTS["spark"]

@@ -22,8 +22,8 @@ import sharding_cases as cases
 from micro_configs import MICRO_MODEL
 from tolerances import SHARDED_LOGITS
 
-from sparse_jax.loading import load
-from sparse_jax.model import forward
+from sparse_jax.model.transformer import forward
+from sparse_jax.serve.loading import load
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 3

@@ -16,9 +16,9 @@ import pytest
 from micro_configs import MICRO_TRAIN
 from test_serve import serving
 
-from sparse_jax.loading import load
-from sparse_jax.server.app import ServerSettings, create_app
-from sparse_jax.server.engine import Engine
+from sparse_jax.serve.app import ServerSettings, create_app
+from sparse_jax.serve.engine import Engine
+from sparse_jax.serve.loading import load
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sparse_jax.sampling import GREEDY, Sampler, filter_logits, sample, step_keys
+from sparse_jax.decode.sampling import GREEDY, Sampler, filter_logits, sample, step_keys
 
 DRAWS = 20_000
 PROBS = np.array([0.5, 0.3, 0.15, 0.05])

@@ -16,12 +16,12 @@ import pytest
 import uvicorn
 from micro_configs import MICRO_MODEL, MICRO_TRAIN
 
-from sparse_jax.generate import generate
-from sparse_jax.loading import load
-from sparse_jax.sampling import GREEDY, Sampler
-from sparse_jax.server.app import ServerSettings, create_app
-from sparse_jax.server.engine import Engine
-from sparse_jax.textgen import TextGenerator
+from sparse_jax.decode.generate import generate
+from sparse_jax.decode.sampling import GREEDY, Sampler
+from sparse_jax.serve.app import ServerSettings, create_app
+from sparse_jax.serve.engine import Engine
+from sparse_jax.serve.loading import load
+from sparse_jax.serve.textgen import TextGenerator
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 NAME = "micro"

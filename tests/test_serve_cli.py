@@ -16,7 +16,7 @@ import httpx
 import pytest
 from test_serve import PROMPTS, train_checkpoint
 
-from sparse_jax.server.listen import bind, url
+from sparse_jax.serve.listen import bind, url
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("serve_cli", ROOT / "serve.py")

@@ -11,16 +11,16 @@ import pytest
 from test_decode import VARIANTS
 from tolerances import F32_VS_F64
 
-from sparse_jax.decode import DecodeOptions, decode_step, decode_step_jit, prefill
-from sparse_jax.decode_layout import to_decode_params
-from sparse_jax.generate import generate
-from sparse_jax.kv_cache import init_cache
-from sparse_jax.model import init_params
-from sparse_jax.sampling import GREEDY, Sampler, sample, step_keys
-from sparse_jax.server.engine import SERVING_OPTIONS, Engine
-from sparse_jax.server.row_sampling import RowSettings, sample_rows, settings_arrays
-from sparse_jax.server.slots import insert_rows, prefill_group
-from sparse_jax.server.tickets import EngineBusy, Request
+from sparse_jax.decode.cache import init_cache
+from sparse_jax.decode.generate import generate
+from sparse_jax.decode.layout import to_decode_params
+from sparse_jax.decode.sampling import GREEDY, Sampler, sample, step_keys
+from sparse_jax.decode.step import DecodeOptions, decode_step, decode_step_jit, prefill
+from sparse_jax.model.transformer import init_params
+from sparse_jax.serve.engine import SERVING_OPTIONS, Engine
+from sparse_jax.serve.row_sampling import RowSettings, sample_rows, settings_arrays
+from sparse_jax.serve.slots import insert_rows, prefill_group
+from sparse_jax.serve.tickets import EngineBusy, Request
 
 SAMPLERS = [
     GREEDY,
@@ -207,7 +207,7 @@ def test_warmup_reports_each_compiled_program(model, caplog):
     cfg, params = model
     engine = Engine(cfg, params, slots=2, options=OPTIONS, max_prefill_group=2)
     steps = len(engine._warmup_steps())
-    with caplog.at_level(logging.INFO, logger="sparse_jax.server.engine"):
+    with caplog.at_level(logging.INFO, logger="sparse_jax.serve.engine"):
         engine.start(warmup=True)
     engine.close()
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compiled ")]

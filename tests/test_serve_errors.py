@@ -13,12 +13,12 @@ from openai.types.completion_create_params import CompletionCreateParamsBase
 from test_serve import serving
 from test_training import micro_configs
 
-from sparse_jax.data import DataConfig, load_documents
-from sparse_jax.model import init_params
-from sparse_jax.server.app import ServerSettings, create_app, longest_piece
-from sparse_jax.server.engine import Engine
-from sparse_jax.server.protocol import CompletionRequest
-from sparse_jax.tokenizer import Tokenizer
+from sparse_jax.data.pipeline import DataConfig, load_documents
+from sparse_jax.data.tokenizer import Tokenizer
+from sparse_jax.model.transformer import init_params
+from sparse_jax.serve.app import ServerSettings, create_app, longest_piece
+from sparse_jax.serve.engine import Engine
+from sparse_jax.serve.protocol import CompletionRequest
 
 NAME, KEY = "micro", "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}

@@ -19,11 +19,10 @@ from micro_configs import MICRO_MODEL_GQA
 from tolerances import SHARDED
 
 from configs import get_model_config
-from sparse_jax.config import override
-from sparse_jax.ffn import SparkFFN
-from sparse_jax.model import abstract_params, forward, init_params
-from sparse_jax.optim import make_optimizer
-from sparse_jax.sharding import (
+from sparse_jax.model.config import override
+from sparse_jax.model.ffn import SparkFFN
+from sparse_jax.model.transformer import abstract_params, forward, init_params
+from sparse_jax.parallel.sharding import (
     RESIDUAL,
     TOKENS,
     ShardingPlan,
@@ -33,8 +32,9 @@ from sparse_jax.sharding import (
     mesh_shape,
     parse_mesh,
 )
-from sparse_jax.train_config import TrainConfig
-from sparse_jax.train_step import (
+from sparse_jax.train.config import TrainConfig
+from sparse_jax.train.optim import make_optimizer
+from sparse_jax.train.step import (
     abstract_train_state,
     batch_sharding,
     init_train_state,

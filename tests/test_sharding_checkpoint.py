@@ -11,11 +11,11 @@ from micro_configs import MICRO_MODEL
 from tolerances import SHARDED_LOGITS
 
 from configs import get_model_config, get_train_config
-from sparse_jax.config import override
-from sparse_jax.loading import load
-from sparse_jax.model import forward
-from sparse_jax.sharding import TOKENS, ShardingPlan, make_mesh
-from sparse_jax.trainer import train
+from sparse_jax.model.config import override
+from sparse_jax.model.transformer import forward
+from sparse_jax.parallel.sharding import TOKENS, ShardingPlan, make_mesh
+from sparse_jax.serve.loading import load
+from sparse_jax.train.loop import train
 
 MESH = "data=2,fsdp=2,tensor=2"
 

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from sparse_jax.data import DataConfig, load_documents
-from sparse_jax.tokenizer import Tokenizer
+from sparse_jax.data.pipeline import DataConfig, load_documents
+from sparse_jax.data.tokenizer import Tokenizer
 
 VOCAB = 1024
 TEXTS = [

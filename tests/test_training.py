@@ -24,15 +24,15 @@ from micro_configs import MICRO_MODEL, MICRO_TRAIN
 from tolerances import ACCUMULATED_GRADIENT, REORDER
 
 from configs import get_model_config, get_train_config
-from sparse_jax.checkpoint import Checkpointer, CheckpointError
-from sparse_jax.config import override
 from sparse_jax.kernels import Kernels
-from sparse_jax.loading import load
-from sparse_jax.metrics import MetricsWriter
-from sparse_jax.optim import make_optimizer
-from sparse_jax.train_config import TrainConfig
-from sparse_jax.train_step import accumulate_gradients, init_train_state, make_train_step
-from sparse_jax.trainer import TrainingDiverged, train
+from sparse_jax.model.config import override
+from sparse_jax.serve.loading import load
+from sparse_jax.train.checkpoint import Checkpointer, CheckpointError
+from sparse_jax.train.config import TrainConfig
+from sparse_jax.train.loop import TrainingDiverged, train
+from sparse_jax.train.metrics import MetricsWriter
+from sparse_jax.train.optim import make_optimizer
+from sparse_jax.train.step import accumulate_gradients, init_train_state, make_train_step
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
