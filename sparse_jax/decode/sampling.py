@@ -58,35 +58,68 @@ class Sampler:
 GREEDY = Sampler(temperature=0.0)
 
 
-def filter_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
-    """Temperature-scaled logits with filtered-out tokens set to -inf.
+def filter_rows(
+    logits: jax.Array,
+    temperature: jax.Array | float,
+    top_k: jax.Array | int | None = None,
+    top_p: jax.Array | float | None = None,
+    min_p: jax.Array | float | None = None,
+) -> jax.Array:
+    """Temperature-scaled logits with filtered-out tokens set to -inf: the one filter chain.
+
+    Each setting is a Python scalar (one value for the batch; ``None`` skips the filter) or an
+    array [B] (one value per row, for a batch of different requests). The filters apply in
+    the order temperature, top-k, top-p, min-p, each on what the previous ones left.
 
     Args:
       logits: [B, V] float32.
-      sampler: a non-greedy :class:`Sampler`.
+      temperature: > 0 where the row samples; rows at 0 are scaled by 1 (the caller takes
+        their argmax).
+      top_k: keep the k most likely tokens; per row, 0 disables. Ties keep the lower id.
+      top_p: keep the smallest set of most likely tokens whose mass reaches p; per row, a
+        value above 1 disables.
+      min_p: keep tokens with probability >= min_p times the top one.
 
     Returns:
       [B, V] float32; at least the most likely token of each row stays finite.
     """
-    scaled = logits.astype(jnp.float32) / jnp.float32(sampler.temperature)
-    rows = jnp.arange(scaled.shape[0])[:, None]
-    if sampler.top_k is not None:
-        _, idx = jax.lax.top_k(scaled, sampler.top_k)
+    b, v = logits.shape
+    rows = jnp.arange(b)[:, None]
+
+    def per_row(value):
+        return jnp.asarray(value, jnp.float32).reshape(-1, 1)
+
+    temperature = per_row(temperature)
+    scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)
+    if isinstance(top_k, int):
+        _, idx = jax.lax.top_k(scaled, top_k)
         keep = jnp.zeros(scaled.shape, bool).at[rows, idx].set(True)
         scaled = jnp.where(keep, scaled, -jnp.inf)
-    if sampler.top_p is not None:
+    elif top_k is not None:
+        # A different k per row: each token's rank, from a stable descending sort (ties keep
+        # the lower id first, as lax.top_k does).
+        order = jnp.argsort(-scaled, axis=-1, stable=True)
+        rank = jnp.zeros((b, v), jnp.int32).at[rows, order].set(jnp.arange(v, dtype=jnp.int32))
+        k = jnp.where(top_k > 0, top_k, v).reshape(-1, 1)
+        scaled = jnp.where(rank < k, scaled, -jnp.inf)
+    if top_p is not None:
         order = jnp.argsort(-scaled, axis=-1)
         probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
         # A token is kept when the mass strictly before it is below p: the smallest such set.
         before = jnp.cumsum(probs, axis=-1) - probs
-        keep_sorted = (before < sampler.top_p).at[:, 0].set(True)
+        keep_sorted = (before < per_row(top_p)).at[:, 0].set(True)
         keep = jnp.zeros(scaled.shape, bool).at[rows, order].set(keep_sorted)
         scaled = jnp.where(keep, scaled, -jnp.inf)
-    if sampler.min_p is not None:
+    if min_p is not None:
         probs = jax.nn.softmax(scaled, axis=-1)
         top = jnp.max(probs, axis=-1, keepdims=True)
-        scaled = jnp.where(probs >= sampler.min_p * top, scaled, -jnp.inf)
+        scaled = jnp.where(probs >= per_row(min_p) * top, scaled, -jnp.inf)
     return scaled
+
+
+def filter_logits(logits: jax.Array, sampler: Sampler) -> jax.Array:
+    """:func:`filter_rows` with one non-greedy :class:`Sampler`'s settings for every row."""
+    return filter_rows(logits, sampler.temperature, sampler.top_k, sampler.top_p, sampler.min_p)
 
 
 def sample(logits: jax.Array, keys: jax.Array, sampler: Sampler) -> jax.Array:

@@ -4,10 +4,11 @@
 :class:`~sparse_jax.decode.sampling.Sampler` for the whole batch, and every new value compiles a
 new function. A continuous batch mixes requests with their own temperature, top-k, top-p, seed
 and step, so :func:`sample_rows` takes them as arrays [B] and compiles once per batch size. It
-applies the same filters in the same order as :func:`sparse_jax.decode.sampling.filter_logits`
-and draws with the same per-row keys (``fold_in(key(seed), step)``), so a request draws the
-tokens it would draw alone with the equivalent ``Sampler``. :class:`RowSettings` is one
-request's settings.
+filters with the same function as :class:`~sparse_jax.decode.sampling.Sampler` does
+(:func:`sparse_jax.decode.sampling.filter_rows`, given arrays instead of scalars) and draws
+with the same per-row keys (``fold_in(key(seed), step)``), so a request draws the tokens it
+would draw alone with the equivalent ``Sampler``. :class:`RowSettings` is one request's
+settings.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_jax.decode.sampling import Sampler
+from sparse_jax.decode.sampling import Sampler, filter_rows
 
 # top_p above 1 keeps every token: the cumulative mass before a token is at most 1 (+ rounding).
 TOP_P_OFF = 2.0
@@ -63,24 +64,6 @@ def settings_arrays(rows: list[RowSettings]) -> dict[str, np.ndarray]:
     }
 
 
-def _filtered(logits: jax.Array, temperature, top_k, top_p) -> jax.Array:
-    """Temperature-scaled logits [B, V], top-k then top-p applied per row (-inf dropped)."""
-    b, v = logits.shape
-    rows = jnp.arange(b)[:, None]
-    scaled = logits.astype(jnp.float32) / jnp.where(temperature > 0, temperature, 1.0)[:, None]
-    # Rank by stable descending sort: ties keep the lower id first, as lax.top_k does.
-    order = jnp.argsort(-scaled, axis=-1, stable=True)
-    rank = jnp.zeros((b, v), jnp.int32).at[rows, order].set(jnp.arange(v, dtype=jnp.int32))
-    k = jnp.where(top_k > 0, top_k, v)[:, None]
-    scaled = jnp.where(rank < k, scaled, -jnp.inf)
-    order = jnp.argsort(-scaled, axis=-1)
-    probs = jax.nn.softmax(jnp.take_along_axis(scaled, order, axis=-1), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs
-    keep_sorted = (before < top_p[:, None]).at[:, 0].set(True)
-    keep = jnp.zeros((b, v), bool).at[rows, order].set(keep_sorted)
-    return jnp.where(keep, scaled, -jnp.inf)
-
-
 @jax.jit
 def sample_rows(
     logits: jax.Array,
@@ -107,7 +90,7 @@ def sample_rows(
 
     def draw(_: None) -> jax.Array:
         keys = jax.vmap(lambda s, t: jax.random.fold_in(jax.random.key(s), t))(seeds, steps)
-        filtered = _filtered(logits, temperature, top_k, top_p)
+        filtered = filter_rows(logits, temperature, top_k, top_p)
         drawn = jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
         return jnp.where(temperature > 0, drawn, greedy)
 
