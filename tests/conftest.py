@@ -1,6 +1,19 @@
-"""Test session set-up: 8 host CPU devices for the sharding tests, before jax is imported."""
+"""Test session set-up and the fixtures several test modules share.
+
+8 host CPU devices for the sharding tests are asked for before jax is imported.
+"""
 
 import os
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+@pytest.fixture(scope="session")
+def served_checkpoint(tmp_path_factory):
+    """The serving tests' micro model, trained once per session by ``train.py`` (read only)."""
+    from serve_cases import train_checkpoint
+
+    return train_checkpoint(tmp_path_factory.mktemp("served"))

@@ -2,7 +2,8 @@
 
 import dataclasses
 
-from sparse_jax.model.config import ModelConfig
+from configs import get_model_config, get_train_config
+from sparse_jax.model.config import ModelConfig, override
 
 # The tiny preset shrunk for speed, as ``--set`` overrides, for runs through the trainer/CLI.
 MICRO_MODEL = [
@@ -61,3 +62,10 @@ def model_variants(
             base, attn_sparse_layers=attn_sparse_layers, ffn_sparse_layers=ffn_sparse_layers
         ),
     }
+
+
+def micro_train_configs(**train_changes):
+    """The micro model and its training config (``TrainConfig`` fields changed as given)."""
+    model = override(get_model_config("tiny"), MICRO_MODEL)
+    tc = override(get_train_config("tiny"), MICRO_TRAIN)
+    return model, dataclasses.replace(tc, **train_changes)

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 from micro_configs import MICRO_TRAIN
-from test_serve import serving
+from serve_cases import serving
 
 from sparse_jax.serve.app import ServerSettings, create_app
 from sparse_jax.serve.engine import Engine

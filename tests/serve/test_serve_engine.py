@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_decode import VARIANTS
+from decode_cases import VARIANTS
 from tolerances import F32_VS_F64
 
 from sparse_jax.decode.cache import init_cache

@@ -6,8 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from micro_configs import model_variants
-from tolerances import F32_VS_F64
+from decode_cases import BASE, CACHED, MASKED, VARIANTS, T, full_forward
 
 from sparse_jax.decode.cache import init_cache
 from sparse_jax.decode.layout import (
@@ -16,17 +15,7 @@ from sparse_jax.decode.layout import (
     to_decode_params,
 )
 from sparse_jax.decode.step import DecodeOptions, decode_step, prefill
-from sparse_jax.model.transformer import forward, init_params, unstack_layers
-
-# Local window 6 with 20-token sequences: local rings wrap several times.
-VARIANTS = model_variants((True, False), (False, True))
-BASE = VARIANTS["spark"]
-T = 20
-# Cached decoding reorders float32 sums (chunked keys, fused projections) against the forward.
-CACHED = F32_VS_F64
-# One options object (a static jit argument) and few shapes keep compilations shared.
-MASKED = DecodeOptions(path="masked", prefill_chunk=4)
-full_forward = jax.jit(forward, static_argnums=0)
+from sparse_jax.model.transformer import init_params, unstack_layers
 
 
 def _setup(name, seed=0, b=2):

@@ -14,19 +14,19 @@ import time
 
 import httpx
 import pytest
-from test_serve import PROMPTS, train_checkpoint
+from serve_cases import PROMPTS
 
 from sparse_jax.serve.listen import bind, url
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("serve_cli", ROOT / "serve.py")
 serve = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(serve)
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_checkpoint(tmp_path_factory.mktemp("serve_cli"))
+def checkpoint(served_checkpoint):
+    return served_checkpoint
 
 
 def _serve(checkpoint, *args, **kwargs):

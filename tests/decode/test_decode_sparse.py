@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from test_decode import BASE, MASKED, VARIANTS, T
+from decode_cases import BASE, MASKED, VARIANTS, T
 from tolerances import F32_VS_F64
 
 from pallas_kernels.sparse_ffn.xla import sparse_ffn as sparse_ffn_gathered

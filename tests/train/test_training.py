@@ -21,9 +21,9 @@ import numpy as np
 import optax
 import pytest
 from micro_configs import MICRO_MODEL, MICRO_TRAIN
+from micro_configs import micro_train_configs as micro_configs
 from tolerances import ACCUMULATED_GRADIENT, REORDER
 
-from configs import get_model_config, get_train_config
 from sparse_jax.kernels import Kernels
 from sparse_jax.model.config import override
 from sparse_jax.serve.loading import load
@@ -34,13 +34,7 @@ from sparse_jax.train.metrics import MetricsWriter
 from sparse_jax.train.optim import make_optimizer
 from sparse_jax.train.step import accumulate_gradients, init_train_state, make_train_step
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def micro_configs(**train_changes):
-    model = override(get_model_config("tiny"), MICRO_MODEL)
-    tc = override(get_train_config("tiny"), MICRO_TRAIN)
-    return model, dataclasses.replace(tc, **train_changes)
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 def _run_cli(workdir, extra=(), **popen):

@@ -3,7 +3,7 @@
 import jax
 import numpy as np
 import pytest
-from test_decode import BASE, MASKED, T
+from decode_cases import BASE, MASKED, T
 
 from sparse_jax.decode.generate import generate, stream
 from sparse_jax.decode.layout import to_decode_params

@@ -2,7 +2,7 @@
 creation, and the collectives of the tensor-parallel Spark FFN (no all-gather of activations).
 
 Regenerate the golden listings after an intended change of the rules with
-``python tests/test_sharding.py``.
+``PYTHONPATH=tests python tests/parallel/test_sharding.py``.
 """
 
 import os
@@ -42,7 +42,7 @@ from sparse_jax.train.step import (
     state_shardings,
 )
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden"
 GOLDEN_MESH = {"data": 2, "fsdp": 2, "tensor": 2}
 PRESETS = ("tiny", "tiny_dense")
@@ -79,7 +79,9 @@ def test_mesh_strings():
 @pytest.mark.parametrize("preset", PRESETS)
 def test_param_shardings_match_golden_listing(preset):
     want = (GOLDEN / f"param_shardings_{preset}.txt").read_text()
-    assert _listing(preset) == want, "rules changed: rerun python tests/test_sharding.py"
+    assert _listing(preset) == want, (
+        "rules changed: rerun PYTHONPATH=tests python tests/parallel/test_sharding.py"
+    )
 
 
 def test_unknown_parameter_and_indivisible_dims():

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from test_decode import BASE, VARIANTS
+from decode_cases import BASE, VARIANTS
 from tolerances import F32_VS_F64
 
 from pallas_kernels._common.dispatch import ImplementationUnavailableError

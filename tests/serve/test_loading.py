@@ -19,7 +19,7 @@ from sparse_jax.serve.loading import load
 from sparse_jax.serve.textgen import TextGenerator
 from sparse_jax.train.checkpoint import CheckpointError
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 MESH = "fsdp=4,tensor=2"
 PROMPTS = ["And the LORD said", "Let there be"]  # one length: one compilation
 TRAIN = [

@@ -9,9 +9,9 @@ import httpx
 import jax
 import openai
 import pytest
+from micro_configs import micro_train_configs as micro_configs
 from openai.types.completion_create_params import CompletionCreateParamsBase
-from test_serve import serving
-from test_training import micro_configs
+from serve_cases import serving
 
 from sparse_jax.data.pipeline import DataConfig, load_documents
 from sparse_jax.data.tokenizer import Tokenizer

@@ -25,7 +25,7 @@ from tolerances import SHARDED_LOGITS
 from sparse_jax.model.transformer import forward
 from sparse_jax.serve.loading import load
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 STEPS = 3
 
 

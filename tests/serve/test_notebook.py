@@ -8,15 +8,14 @@ import nbclient
 import nbformat
 import pytest
 from jupyter_client.manager import KernelManager
-from test_serve import train_checkpoint
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 KERNEL = "sparse-jax-test"
 
 
 @pytest.fixture(scope="module")
-def checkpoint(tmp_path_factory):
-    return train_checkpoint(tmp_path_factory.mktemp("notebook"))
+def checkpoint(served_checkpoint):
+    return served_checkpoint
 
 
 @pytest.fixture
