@@ -99,7 +99,7 @@ def _prepare(cfg, params, prompts, max_new_tokens, sampler, seeds):
 
 def _stop_ids(stop_tokens: int | Sequence[int]) -> np.ndarray:
     """Stop ids as int64 [n]: one integer-like id, or a sequence of them."""
-    if hasattr(stop_tokens, "__index__") and not isinstance(stop_tokens, bool):
+    if np.ndim(stop_tokens) == 0 and hasattr(stop_tokens, "__index__"):
         stop_tokens = [stop_tokens]
     try:
         ids = list(stop_tokens)
@@ -108,7 +108,7 @@ def _stop_ids(stop_tokens: int | Sequence[int]) -> np.ndarray:
             f"stop_tokens={stop_tokens!r} must be a token id or a sequence of token ids"
         ) from None
     for i in ids:
-        if isinstance(i, bool) or not hasattr(i, "__index__"):
+        if isinstance(i, bool) or np.ndim(i) != 0 or not hasattr(i, "__index__"):
             raise ValueError(f"stop_tokens must hold integer token ids, got {i!r}")
     return np.asarray([operator.index(i) for i in ids], np.int64)
 

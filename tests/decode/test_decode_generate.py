@@ -113,3 +113,11 @@ def test_a_prompt_that_fills_the_context_still_yields_one_token(model):
     assert len(result.tokens[0]) == 1
     with pytest.raises(ValueError, match="needs 33 positions"):
         generate(BASE, params, [[1] * context], max_new_tokens=2, options=MASKED)
+
+
+def test_stop_tokens_may_be_a_numpy_array(model):
+    params, prompts = model
+    want = _run(params, prompts[:1], stop_tokens=[5, 7])
+    assert _run(params, prompts[:1], stop_tokens=np.asarray([5, 7])).tokens == want.tokens
+    with pytest.raises(ValueError, match="stop_tokens"):
+        _run(params, prompts[:1], stop_tokens=[[5, 7]])
