@@ -33,6 +33,20 @@ from sparse_jax.train.step import init_train_state, make_train_step
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 
 
+def cpu_model() -> str:
+    """The CPU's model name and vector extensions: XLA:CPU's speed depends on both."""
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    name = next((ln.split(":", 1)[1].strip() for ln in info.splitlines() if "model name" in ln), "")
+    flags = next(
+        (ln.split(":", 1)[1].split() for ln in info.splitlines() if ln.startswith("flags")), []
+    )
+    wanted = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_tile") if f in flags]
+    return f"{name or platform.machine()} ({' '.join(wanted) or 'no AVX2'})"
+
+
 def variants(preset: str) -> dict[str, object]:
     spark = get_model_config(preset)
     return {
@@ -92,8 +106,7 @@ def main() -> None:
         "batch": args.batch,
         "seq_len": args.seq,
         "rounds": args.rounds,
-        "machine": f"{platform.processor() or platform.machine()}, {jax.device_count()} "
-        f"{jax.default_backend()} device(s)",
+        "machine": f"{cpu_model()}, {jax.device_count()} {jax.default_backend()} device(s)",
         "variants": rows,
     }
     out = pathlib.Path(args.out)
