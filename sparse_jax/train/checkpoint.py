@@ -190,7 +190,9 @@ class _AbandonedReadFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
-        abandoned = record.getMessage().startswith("Task exception was never retrieved")
+        abandoned = record.getMessage().startswith(
+            ("Task exception was never retrieved", "Future exception was never retrieved")
+        )
         return not (abandoned and error is not None and is_damage(error))
 
 
@@ -199,9 +201,9 @@ def _mute_abandoned_reads() -> None:
 
     When one array of a restore fails, Orbax raises and closes its event loop while TensorStore
     still completes the reads of the other arrays. Each completion then reports an unraisable
-    "Event loop is closed" RuntimeError, or asyncio logs a "Task exception was never retrieved"
-    for another damaged array: tracebacks on stderr, at any later time, after the one error
-    that matters. Every other unraisable exception and log record passes through.
+    "Event loop is closed" RuntimeError, or asyncio logs a "Task (or Future) exception was
+    never retrieved" for another damaged array: tracebacks on stderr, at any later time, after
+    the one error that matters. Every other unraisable exception and log record passes through.
     """
     previous = sys.unraisablehook
     if getattr(previous, "mutes_abandoned_reads", False):
