@@ -1,7 +1,8 @@
 """Decode speed of ``gemma2_2b`` against ``spark_gemma2_2b``, beside the memory-bandwidth bound.
 
 Run from the repository root: ``.venv/bin/python -m benchmarks.decode [--quick]``. Random
-weights are built directly in the decode layout, one model at a time (each is 10.5 GB in
+weights are built leaf by leaf in the model's layout
+(:func:`sparse_jax.model.weights.random_params`), one model at a time (each is 10.5 GB in
 float32), and the two models alternate within the run. Measured: batch-1 decode ms/token at
 prompt lengths 128, 2048 and 8192 (the cache is filled with random keys and values rather than
 by a prefill), batch 8 at 128 (Spark's masked, per-token and union FFN modes, and the one
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
 import json
 import os
@@ -31,11 +31,12 @@ import numpy as np
 
 from configs import get_model_config
 from sparse_jax.cost.decode_bytes import attention_op_bytes, ffn_block_bytes, step_bytes
-from sparse_jax.decode.attention import attend_masked, attend_sparse
 from sparse_jax.decode.cache import KVCache, init_cache
-from sparse_jax.decode.ffn import ffn_mode, gated_ffn, spark_ffn_masked, spark_ffn_sparse
-from sparse_jax.decode.layout import random_decode_params
-from sparse_jax.decode.step import DecodeOptions, decode_step_jit, prefill
+from sparse_jax.decode.step import DecodeOptions, decode_step_jit, ffn_mode, prefill
+from sparse_jax.kernels import XLA_KERNELS
+from sparse_jax.model.attention import attend_masked, attend_sparse
+from sparse_jax.model.ffn import make_ffn
+from sparse_jax.model.weights import random_params
 
 NAMES = ("gemma2_2b", "spark_gemma2_2b")
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -100,13 +101,14 @@ def decode_ms(cfg, params, opts, batch, context, steps) -> tuple[float, dict]:
 
 def ffn_ms(cfg, params, repeats) -> dict[str, float]:
     """One FFN layer at batch 1: the gated FFN, or Spark's sparse and masked paths."""
-    p = params["blocks"][0]
-    x = jax.random.normal(jax.random.key(1), (1, cfg.model_dim), jnp.float32)
+    p = {"params": params["layers_0"]["ffn"]}
+    x = jax.random.normal(jax.random.key(1), (1, 1, cfg.model_dim), jnp.float32)
+    ffn = make_ffn(cfg, "ffn", XLA_KERNELS)
+    masked = jax.jit(lambda p, x: ffn.apply(p, x, True)[0])
     if cfg.ffn_kind != "spark":
-        return {"ffn": timed(jax.jit(gated_ffn), p, x, repeats=repeats)}
+        return {"ffn": timed(masked, p, x, repeats=repeats)}
     cap = DecodeOptions().ffn_caps(cfg, 1)[0]
-    sparse = jax.jit(lambda p, x: spark_ffn_sparse(cfg, p, x, "per_token", cap)[0])
-    masked = jax.jit(lambda p, x: spark_ffn_masked(cfg, p, x, True)[0])
+    sparse = jax.jit(lambda p, x: ffn.apply(p, x, True, "per_token", cap)[0])
     return {
         "ffn": timed(sparse, p, x, repeats=repeats),
         "ffn_masked": timed(masked, p, x, repeats=repeats),
@@ -143,13 +145,21 @@ def attention_ms(base_cfgs, context: int, repeats: int) -> dict[str, float]:
         new["pos"] = jnp.full((1, 1), context - 1, jnp.int32)
         q = jax.random.normal(jax.random.key(4), (1, 1, cfg.num_heads, cfg.head_dim))
         window = cfg.layer_windows[layer_idx]
-        masked = jax.jit(functools.partial(attend_masked, cfg, window=window, enabled=True))
-        out[name] = timed(masked, q, layer, new["pos"], new=new, repeats=repeats)
+        masked = jax.jit(
+            lambda q, layer, new, window=window, cfg=cfg: attend_masked(
+                cfg, q, (layer, new), new["pos"], window, True, XLA_KERNELS
+            )
+        )
+        out[name] = timed(masked, q, layer, new, repeats=repeats)
         if cfg.attn_kind == "spark":
             cap = DecodeOptions().attn_cap(cfg, context)
-            sparse = jax.jit(functools.partial(attend_sparse, cfg, window=window, cap=cap))
+            sparse = jax.jit(
+                lambda q, layer, new, window=window, cfg=cfg, cap=cap: attend_sparse(
+                    cfg, q, layer, new, new["pos"], window, cap
+                )
+            )
             out[name + "/masked"] = out[name]
-            out[name] = timed(sparse, q, layer, new["pos"], new=new, repeats=repeats)
+            out[name] = timed(sparse, q, layer, new, repeats=repeats)
         del cache, layer
     return out
 
@@ -157,7 +167,7 @@ def attention_ms(base_cfgs, context: int, repeats: int) -> dict[str, float]:
 def measure_model(cfg, args, dtype_is_f32: bool, first_round: bool) -> dict:
     """Every measurement that needs this model's weights; the weights are freed on return."""
     start = time.perf_counter()
-    params = random_decode_params(cfg, seed=0)
+    params = random_params(cfg, seed=0)
     jax.block_until_ready(params)
     out: dict = {"build_s": time.perf_counter() - start}
     opts = DecodeOptions()
@@ -183,7 +193,11 @@ def measure_model(cfg, args, dtype_is_f32: bool, first_round: bool) -> dict:
             part = dataclasses.replace(
                 cfg, num_layers=n, layer_types=None, attn_sparse_layers=None, ffn_sparse_layers=None
             )
-            sub = {**params, "blocks": params["blocks"][:n]}
+            sub = {
+                k: v
+                for k, v in params.items()
+                if not k.startswith("layers_") or int(k.split("_")[1]) < n
+            }
             out["prefill_layers"] = n
             out["prefill_2048_measured"] = prefill_ms(part, sub, 2048, args.chunk)
             out["prefill_2048"] = out["prefill_2048_measured"] * cfg.num_layers / n

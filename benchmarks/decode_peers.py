@@ -47,9 +47,9 @@ import jax
 
 from benchmarks.decode import NAMES, bounds_and_ratios, decode_ms, ffn_ms, read_bandwidth
 from configs import get_model_config
-from sparse_jax.decode.layout import random_decode_params
 from sparse_jax.decode.step import DecodeOptions
 from sparse_jax.model.config import ModelConfig
+from sparse_jax.model.weights import random_params
 
 if TYPE_CHECKING:
     from transformers import Gemma2Config, Gemma2ForCausalLM
@@ -212,7 +212,7 @@ def measure_jax(cfg: ModelConfig, args: argparse.Namespace) -> dict[str, Any]:
     """This library's decode ms at every context (and one FFN block, which the bound rows of
     ``bounds_and_ratios`` need), as ``benchmarks/decode.py`` measures them; weights freed."""
     start = time.perf_counter()
-    params = random_decode_params(cfg, seed=0)
+    params = random_params(cfg, seed=0)
     jax.block_until_ready(params)
     out: dict[str, Any] = {"build_s": time.perf_counter() - start}
     for context in args.contexts:

@@ -6,7 +6,7 @@ one process, its variants alternated (median of ``--repeats`` calls):
 * ``gather``: the sparse FFN's row gather of 1312 of 13824 rows from K2 [13824, 1280] and
   V [13824, 2304] (``pallas_kernels.sparse_ffn.xla``, a 1-D ``take``, sorted/unique
   index flags), against a matvec reading the same bytes of K2;
-* ``unembed``: the 256k x 2304 output projection through ``decode_layout.linear`` from bf16
+* ``unembed``: the 256k x 2304 output projection through ``products.linear`` from bf16
   and from f32 weights;
 * ``batch8_ffn``: at 8 rows, Spark's V product ``linear_rows`` over V [13824, 2304] (one neuron
   per row) against the dense down projection ``linear`` over [2304, 9216] ([out, in]);
@@ -32,9 +32,9 @@ import jax.numpy as jnp
 from benchmarks.decode import synthetic_cache
 from configs import get_model_config
 from pallas_kernels.sparse_ffn.xla import sparse_ffn as sparse_ffn_gathered
-from sparse_jax.decode.attention import _grouped, attend_sparse, spark_scores
-from sparse_jax.decode.layout import linear, linear_rows
 from sparse_jax.decode.step import DecodeOptions
+from sparse_jax.model.attention import _grouped, attend_sparse, spark_scores
+from sparse_jax.model.products import linear, linear_rows
 
 RESULTS = pathlib.Path(__file__).parent / "results"
 
@@ -125,10 +125,10 @@ def attention_group(repeats: int, context: int = 32768) -> dict:
     cap = DecodeOptions().attn_cap(cfg, context)
 
     def scores(q, layer, new):
-        return spark_scores(cfg, _grouped(cfg, q), layer, new)
+        return spark_scores(cfg, _grouped(cfg, q), (layer, new))
 
     def whole(q, layer, new):
-        return attend_sparse(cfg, q, layer, new["pos"], window, cap, new)[0]
+        return attend_sparse(cfg, q, layer, new, new["pos"], window, cap)[0]
 
     ms = alternate(
         {"predictor_scores": scores, "attend_sparse": whole},

@@ -43,13 +43,13 @@ def serve_random_model(preset: str, port: int, slots: int, max_tokens: int) -> N
     from configs import get_model_config
     from sparse_jax.data.pipeline import DataConfig, load_documents
     from sparse_jax.data.tokenizer import Tokenizer
-    from sparse_jax.decode.layout import random_decode_params
+    from sparse_jax.model.weights import random_params
     from sparse_jax.serve.app import ServerSettings, create_app
     from sparse_jax.serve.engine import Engine
 
     cfg = get_model_config(preset)
     tokenizer = Tokenizer.train(load_documents(DataConfig()), cfg.vocab_size)
-    engine = Engine(cfg, random_decode_params(cfg, seed=0), slots=slots).start(warmup=True)
+    engine = Engine(cfg, random_params(cfg, seed=0), slots=slots).start(warmup=True)
     settings = ServerSettings(preset, max_tokens_limit=max_tokens)
     app = create_app(engine, tokenizer, settings)
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning")
@@ -228,7 +228,7 @@ def main() -> None:
         "settings": {
             "slots": args.slots,
             "max_tokens": args.max_tokens,
-            "weights": "random (decode layout)",
+            "weights": "random (model layout)",
             "sampling": "greedy, streamed",
             "rounds": args.rounds,
         },

@@ -14,8 +14,11 @@ not of one step's selection.
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
+from sparse_jax.model import weights
 from sparse_jax.model.config import ModelConfig
 
 
@@ -25,15 +28,18 @@ def _itemsize(dtype: str) -> int:
 
 def ffn_values(cfg: ModelConfig, batch_size: int, layer: int = 0) -> float:
     """Weight values one FFN layer reads per decode step of ``batch_size`` tokens."""
-    d, f = cfg.model_dim, cfg.ffn_dim
+    f = cfg.ffn_dim
+    dense = float(weights.group_size(cfg, "ffn"))
     if cfg.ffn_kind != "spark":
-        return 3.0 * d * f
-    r, k = cfg.ffn_predictor_dim, cfg.ffn_keep_count
-    rows = 2 * d - r  # one neuron's K2 and V rows
+        return dense
+    k = cfg.ffn_keep_count
     if not cfg.ffn_sparse_layers[layer] or k >= f:
-        return float(r * f + f * rows)
+        return dense
+    spark = weights.SPARK_FFN
+    predictor = math.prod(spark["k1"].shape(cfg))
+    rows = spark["k2"].shape(cfg)[1] + spark["v"].shape(cfg)[1]  # one neuron's K2 and V rows
     union = f * (1.0 - (1.0 - k / f) ** batch_size)
-    return r * f + min(batch_size * k, union) * rows
+    return predictor + min(batch_size * k, union) * rows
 
 
 def attention_kv_values(cfg: ModelConfig, context: int, layer: int) -> float:
@@ -62,8 +68,10 @@ def step_bytes(
     """
     w = _itemsize(cfg.param_dtype)
     c = _itemsize(cfg.dtype if cache_dtype is None else cache_dtype)
-    d, h = cfg.model_dim, cfg.head_dim
-    per_layer_attn = (2 * cfg.num_heads + 2 * cfg.num_kv_heads) * h * d + 4 * d
+    d = cfg.model_dim
+    per_layer_attn = weights.group_size(cfg, "attn") + sum(
+        weights.group_size(cfg, norm) for norm in weights.NORMS
+    )
     layers = range(cfg.num_layers)
     out = {
         "embedding": float(cfg.vocab_size * d + batch_size * d + d) * w,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from sparse_jax.model import weights
 from sparse_jax.model.config import ModelConfig
 
 
@@ -40,12 +41,8 @@ class TokenFlops:
 
 
 def param_count(cfg: ModelConfig) -> int:
-    """Exact number of parameters of ``Transformer(cfg)``."""
-    d, n, k, h, f = cfg.model_dim, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.ffn_dim
-    attn = d * n * h * 2 + d * k * h * 2  # wq, wo; wk, wv
-    ffn = 3 * d * f if cfg.ffn_kind == "gated" else 2 * d * f  # Spark: K1 + K2 = D x F, V
-    norms = 4 * d
-    return cfg.vocab_size * d + cfg.num_layers * (attn + ffn + norms) + d
+    """Exact number of parameters of ``Transformer(cfg)`` (from :mod:`sparse_jax.model.weights`)."""
+    return weights.param_count(cfg)
 
 
 def _attn_proj(cfg: ModelConfig) -> int:

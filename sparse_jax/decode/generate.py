@@ -21,12 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax.decode.cache import KVCache, init_cache
-from sparse_jax.decode.layout import DecodeParams, to_decode_params
 from sparse_jax.decode.sampling import GREEDY, Sampler, sample, step_keys
 from sparse_jax.decode.step import (
     DEFAULT_OPTIONS,
     DecodeOptions,
+    DecodeParams,
     check_tokens,
+    decode_params,
     decode_step_jit,
     prefill,
 )
@@ -91,8 +92,7 @@ def _prepare(cfg, params, prompts, max_new_tokens, sampler, seeds):
     for i, r in enumerate(rows):
         padded[i, longest - r.size :] = r
     lengths = np.array([r.size for r in rows], np.int32)
-    if "blocks" not in params:
-        params = to_decode_params(cfg, params)
+    params = decode_params(cfg, params)
     seeds_arr = jnp.asarray(np.array(seed_list, np.int64) % (1 << 31), jnp.int32)
     return params, padded, lengths, seeds_arr
 
@@ -130,8 +130,8 @@ def stream(
 
     Args:
       cfg: model config.
-      params: decode-layout parameters (model parameters are converted on each call; convert
-        once with :func:`sparse_jax.decode.layout.to_decode_params` instead).
+      params: the model's parameters (scanned ones are split per layer on each call; split
+        them once with :func:`sparse_jax.decode.step.decode_params` instead).
       prompts: B token-id sequences of any lengths >= 1.
       max_new_tokens: most new tokens per request, an integer (``numpy`` integers too) >= 1.
       sampler: how tokens are drawn; greedy by default.
@@ -223,7 +223,7 @@ def generate(
 
     Args:
       cfg: model config.
-      params: decode-layout (or model) parameters.
+      params: the model's parameters (scanned or unstacked).
       prompts: B token-id sequences.
       max_new_tokens: most new tokens per request, an integer-like >= 1.
       sampler: how tokens are drawn; greedy by default.

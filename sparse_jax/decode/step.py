@@ -1,14 +1,17 @@
 """Cached decoding: chunked prefill and a jitted one-token decode step, sparse or masked.
 
-Both are pure functions of (cfg, decode-layout params, :class:`~sparse_jax.decode.cache.KVCache`,
-tokens) returning ``(logits, cache, stats)``; the cache is donated, so it is updated in place.
-``DecodeOptions.path`` picks how Spark layers run: ``"sparse"`` gathers only the selected FFN
-neurons and attention keys, ``"masked"`` computes densely with the masks (as training does),
-and ``"auto"`` takes, per layer, whichever is expected to read fewer byte-equivalents. Prefill
-always takes the masked path, in chunks of ``prefill_chunk`` tokens. Stats are per layer:
-``attn_keys`` and ``ffn_active`` (mean kept keys per query head, mean active neurons per
-token) and ``attn_overflow`` / ``ffn_overflow`` (1 where a sparse selection overflowed its
-capacity and the layer fell back to the masked computation for this step).
+Both run the model's own blocks (:meth:`sparse_jax.model.transformer.Transformer.extend`) over
+a :class:`~sparse_jax.decode.cache.KVCache` and return ``(logits, cache, stats)``; the cache
+is donated, so it is updated in place. Parameters are the model's, with the layers unstacked
+(:func:`decode_params`; scanned parameters are split once). ``DecodeOptions.path`` picks how
+Spark layers run: ``"sparse"`` gathers only the selected FFN neurons and attention keys,
+``"masked"`` computes densely with the masks (as training does), and ``"auto"`` takes, per
+layer, whichever is expected to read fewer byte-equivalents (:func:`layer_choices`, from the
+backend policy's cost constants, :mod:`sparse_jax.policy`). Prefill always takes the masked
+path, in chunks of ``prefill_chunk`` tokens. Stats are per layer: ``attn_keys`` and
+``ffn_active`` (mean kept keys per query head, mean active neurons per token) and
+``attn_overflow`` / ``ffn_overflow`` (1 where a sparse selection overflowed its capacity and
+the layer fell back to the masked computation for this step).
 """
 
 from __future__ import annotations
@@ -16,30 +19,20 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from sparse_jax.decode.attention import (
-    attend_masked,
-    attend_sparse,
-    attention_capacity,
-    sparse_attention_pays,
-)
-from sparse_jax.decode.cache import KVCache, split_keys, write_many, write_one
-from sparse_jax.decode.ffn import (
-    ffn_capacities,
-    ffn_mode,
-    gated_ffn,
-    spark_ffn_masked,
-    spark_ffn_sparse,
-)
-from sparse_jax.decode.layout import DecodeParams, linear
+from sparse_jax.decode.cache import KVCache, write_many, write_one
 from sparse_jax.kernels import Kernels
 from sparse_jax.model.config import ModelConfig
-from sparse_jax.model.layers import softcap, split_rope
+from sparse_jax.model.selection import capacity, union_capacity
+from sparse_jax.model.transformer import MASKED, DecodeChoice, Transformer, unstack_layers
+from sparse_jax.policy import policy_for
 
+DecodeParams = dict[str, Any]
 PATHS = ("sparse", "masked", "auto")
 BATCH_MODES = ("auto", "per_token", "union")
 Stats = dict[str, jax.Array]
@@ -52,17 +45,18 @@ class DecodeOptions:
     Attributes:
       path: "sparse", "masked" or "auto" (see the module docstring).
       capacity_slack: gathered slots per selection are k plus this many ``sqrt(k log d)``
-        (see :func:`sparse_jax.decode.gather.capacity`); >= 0.
+        (see :func:`sparse_jax.model.selection.capacity`); >= 0.
       batch_mode: for batches, "per_token" FFN gathers, one gather of the "union" of the
         batch's active sets, or "auto" (the cheaper by the cost model).
       prefill_chunk: tokens per prefill chunk, >= 1.
       ffn_capacity: if set, the gathered neurons per selection (per token or union) instead of
         the slack rule; >= 1.
       attn_capacity: if set, the gathered keys per query head instead of the slack rule; >= 1.
-      implementation: the gathered FFN and attention of the sparse path run through
+      implementation: the sparse ops of prefill and decoding (statistical top-k of the
+        masked path, the gathered FFN and attention of the sparse path) run through
         :class:`sparse_jax.kernels.Kernels` with this implementation ("auto": Pallas on TPU
-        and GPU, XLA elsewhere; "xla"; "pallas_tpu"; "pallas_gpu"). The union FFN gather for
-        batches is always XLA (one gather shared by the batch).
+        and GPU, XLA elsewhere; "xla"; "pallas_tpu"; "pallas_gpu"). The sparse path's
+        threshold and the union FFN gather for batches are always XLA.
       interpret: run an explicit Pallas implementation in Pallas interpret mode.
     """
 
@@ -97,7 +91,7 @@ class DecodeOptions:
 
     @property
     def kernels(self) -> Kernels:
-        """The kernel seam of the sparse path."""
+        """The kernel seam of prefill and decoding."""
         return Kernels(self.implementation, self.interpret)
 
     def ffn_caps(self, cfg: ModelConfig, batch_size: int) -> tuple[int, int]:
@@ -117,130 +111,163 @@ class DecodeOptions:
 DEFAULT_OPTIONS = DecodeOptions()
 
 
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """Gemma's RMSNorm in float32, as :class:`sparse_jax.model.layers.RMSNorm`."""
-    xf = x.astype(jnp.float32)
-    normed = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return normed * (1.0 + scale.astype(jnp.float32))
+def attention_capacity(cfg: ModelConfig, cache_size: int, slack: float) -> int:
+    """Gathered keys per query head for a cache of ``cache_size`` slots."""
+    return capacity(cfg.attn_top_k, cache_size, slack)
 
 
-def _project(cfg: ModelConfig, p: dict, h: jax.Array, pos: jax.Array):
-    """h [B, T, D] -> rotated q [B, T, N, H], new cache entries (keys, v, pos)."""
-    b, t, d = h.shape
-    n, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    dtype = jnp.dtype(cfg.dtype)
-    qkv = linear(h.reshape(b * t, d), p["wqkv"]).astype(dtype)
-    q, k, v = jnp.split(qkv, [n * hd, (n + kv) * hd], axis=-1)
-    split = cfg.attn_predictor_dim if cfg.attn_kind == "spark" else None
-    q = split_rope(q.reshape(b, t, n, hd), pos, cfg.rope_base, split)
-    k = split_rope(k.reshape(b, t, kv, hd), pos, cfg.rope_base, split)
-    real = (pos >= 0)[:, :, None, None]
-    new = split_keys(cfg, jnp.where(real, k, 0))
-    new["v"] = jnp.swapaxes(jnp.where(real, v.reshape(b, t, kv, hd), 0), 1, 2)
-    new["pos"] = pos
-    return q, new
+def sparse_attention_pays(cfg: ModelConfig, cache_size: int, cap: int) -> bool:
+    """Whether the sparse path reads fewer byte-equivalents than the masked one at this size.
 
-
-def _ffn(cfg, opts, p, i, x, decoding):
-    """Normed FFN input x [M, D] -> (y [M, D], active [M], overflow)."""
-    zero = jnp.zeros((), jnp.int32)
-    if cfg.ffn_kind != "spark":
-        return gated_ffn(p, x), jnp.full(x.shape[:1], cfg.ffn_dim, jnp.float32), zero
-    enabled = cfg.ffn_sparse_layers[i]
-    path = opts.path if (decoding and enabled) else "masked"
-    caps = opts.ffn_caps(cfg, x.shape[0])
-    mode = ffn_mode(cfg, x.shape[0], path, caps, opts.batch_mode)
-    if mode == "masked":
-        y, active = spark_ffn_masked(cfg, p, x, enabled)
-        return y, active, zero
-    cap = caps[0] if mode == "per_token" else caps[1]
-    return spark_ffn_sparse(cfg, p, x, mode, cap, opts.kernels)
-
-
-def _attend(cfg, opts, i, q, layer, pos, decoding, new=None):
-    window = cfg.layer_windows[i]
-    enabled = cfg.attn_sparse_layers[i]
-    cap = opts.attn_cap(cfg, layer["pos"].shape[1])
-    sparse = (
-        decoding
-        and cfg.attn_kind == "spark"
-        and enabled
-        and (
-            opts.path == "sparse"
-            or (opts.path == "auto" and sparse_attention_pays(cfg, layer["pos"].shape[1], cap))
-        )
-    )
-    if sparse:
-        return attend_sparse(cfg, q, layer, pos, window, cap, new, opts.kernels)
-    out, kept = attend_masked(cfg, q, layer, pos, window, enabled, new)
-    return out, kept, jnp.zeros((), jnp.int32)
-
-
-def _block(cfg, opts, p, i, layer, x, pos, start, decoding):
-    """One layer over x [B, T, D] at positions pos [B, T] (-1 padding), writing the cache."""
-    b, t, d = x.shape
-    eps = cfg.norm_eps
-    q, new = _project(cfg, p, rms_norm(x, p["pre_attn_norm"], eps), pos)
-    if decoding:
-        # The cache is only read here; decode_step_jit writes the new entries afterwards.
-        out, kept, attn_over = _attend(cfg, opts, i, q, layer, pos, True, new)
-        layer = new
-    else:
-        # Chunk queries attend to the cache before the chunk plus the chunk itself; the chunk
-        # is written afterwards, as it may evict keys its own first queries still see.
-        joined = {
-            name: jnp.concatenate([layer[name], new[name]], axis=-2 if name != "pos" else 1)
-            for name in layer
-        }
-        out, kept, attn_over = _attend(cfg, opts, i, q, joined, pos, False)
-        layer = write_many(layer, new, start)
-    attn = linear(out.reshape(b * t, -1), p["wo"]).reshape(b, t, d)
-    x = x + rms_norm(attn, p["post_attn_norm"], eps).astype(x.dtype)
-    h = rms_norm(x, p["pre_ffn_norm"], eps).reshape(b * t, d)
-    y, active, ffn_over = _ffn(cfg, opts, p, i, h, decoding)
-    x = x + rms_norm(y.reshape(b, t, d), p["post_ffn_norm"], eps).astype(x.dtype)
-    real = (pos >= 0).astype(jnp.float32)
-    stats = {
-        "attn_keys": jnp.sum(kept * real[:, None]) / (jnp.sum(real) * cfg.num_heads),
-        "ffn_active": jnp.sum(active * real.reshape(-1)) / jnp.sum(real),
-        "attn_overflow": attn_over,
-        "ffn_overflow": ffn_over,
-    }
-    return x, layer, stats
-
-
-def _forward(cfg, opts, params, cache, tokens, pos, decoding):
-    """Embeds tokens [B, T] and runs every layer.
-
-    Returns last-position logits [B, V], per-layer cache entries (the updated layers when
-    prefilling, the new token's entries when decoding) and per-layer stats.
+    Per kv head the masked path streams ``S * 2H`` values; the sparse path streams ``S * R``
+    predictor values and gathers ``G * C * (2H - R)``, each gathered value costing
+    the backend policy's ``gather_cost`` streamed ones (:mod:`sparse_jax.policy`).
     """
-    dtype = jnp.dtype(cfg.dtype)
-    rows = jnp.take(params["lookup"], tokens, axis=0)
-    x = rows.astype(dtype) * jnp.asarray(cfg.model_dim**0.5, dtype)
-    layers, per_layer = [], []
-    for i, (p, layer) in enumerate(zip(params["blocks"], cache.layers, strict=True)):
-        with jax.named_scope(f"layer_{i}"):
-            x, layer, stats = _block(cfg, opts, p, i, layer, x, pos, cache.length, decoding)
-        layers.append(layer)
-        per_layer.append(stats)
-    last = rms_norm(x[:, -1], params["final_norm"], cfg.norm_eps)
-    logits = softcap(linear(last, params["embedding"]), cfg.final_logit_softcap)
-    stats = {name: jnp.stack([s[name] for s in per_layer]) for name in per_layer[0]}
-    return logits, tuple(layers), stats
+    h, r, g = cfg.head_dim, cfg.attn_predictor_dim, cfg.group_size
+    sparse = cache_size * r + policy_for().gather_cost * g * cap * (2 * h - r)
+    return sparse < cache_size * 2 * h
+
+
+def ffn_capacities(cfg: ModelConfig, batch_size: int, slack: float) -> tuple[int, int]:
+    """(per-token, union) capacities of a Spark FFN selection at this batch size."""
+    k, f = cfg.ffn_keep_count, cfg.ffn_dim
+    return capacity(k, f, slack), union_capacity(k, f, batch_size, slack)
+
+
+def ffn_mode(
+    cfg: ModelConfig, batch_size: int, path: str, caps: tuple[int, int], batch_mode: str
+) -> str:
+    """How a sparse Spark FFN layer runs at this batch size: masked, per-token or union.
+
+    Compares gathered row-equivalents: per token ``B * C * gather_cost``, union
+    ``C_union * union_gather_cost`` (the backend policy's constants,
+    :mod:`sparse_jax.policy`), masked ``F`` (every row streamed once).
+
+    Args:
+      cfg: model config.
+      batch_size: B.
+      path: "sparse" (never masked), "masked" or "auto".
+      caps: (per-token, union) capacities.
+      batch_mode: "auto", "per_token" or "union" (forces the sparse variant).
+
+    Returns:
+      "masked", "per_token" or "union".
+    """
+    if path == "masked" or cfg.ffn_keep_count >= cfg.ffn_dim:
+        return "masked"
+    policy = policy_for()
+    costs = {
+        "per_token": batch_size * caps[0] * policy.gather_cost,
+        "union": caps[1] * policy.union_gather_cost,
+    }
+    if batch_size == 1:
+        costs.pop("union")
+    if batch_mode != "auto":
+        costs = {batch_mode: costs.get(batch_mode, 0.0)}
+    if path == "auto":
+        costs["masked"] = float(cfg.ffn_dim)
+    return min(costs, key=costs.__getitem__)
+
+
+def layer_choices(
+    cfg: ModelConfig, opts: DecodeOptions, batch_size: int, cache_sizes: tuple[int, ...]
+) -> tuple[DecodeChoice, ...]:
+    """Per-layer choices of one decode step (static; prefill always runs :data:`MASKED`).
+
+    Args:
+      cfg: model config.
+      opts: decode options.
+      batch_size: B.
+      cache_sizes: ring size S of each layer's cache.
+    """
+    choices = []
+    caps = opts.ffn_caps(cfg, batch_size)
+    for i, size in enumerate(cache_sizes):
+        attn_cap = None
+        if cfg.attn_kind == "spark" and cfg.attn_sparse_layers[i] and opts.path != "masked":
+            cap = opts.attn_cap(cfg, size)
+            if opts.path == "sparse" or sparse_attention_pays(cfg, size, cap):
+                attn_cap = cap
+        mode, ffn_cap = "masked", 0
+        if cfg.ffn_kind == "spark" and cfg.ffn_sparse_layers[i]:
+            mode = ffn_mode(cfg, batch_size, opts.path, caps, opts.batch_mode)
+            ffn_cap = caps[0] if mode == "per_token" else caps[1] if mode == "union" else 0
+        choices.append(DecodeChoice(attn_capacity=attn_cap, ffn_mode=mode, ffn_capacity=ffn_cap))
+    return tuple(choices)
+
+
+def decode_params(cfg: ModelConfig, params: DecodeParams, dtype: str | None = None) -> DecodeParams:
+    """The model's parameters as the cached steps take them: layers unstacked, optionally cast.
+
+    Scanned parameters (``layers`` with a leading L axis) are split into ``layers_i`` once;
+    the weights keep their layout (there is one). Unstacked parameters pass through.
+
+    Args:
+      cfg: the model config the parameters belong to.
+      params: the ``params`` collection of :class:`~sparse_jax.model.transformer.Transformer`.
+      dtype: if set, every weight is cast to it (for example "bfloat16" for serving).
+
+    Raises:
+      ValueError: the tree does not match ``cfg``.
+    """
+    if "layers" in params:
+        params = unstack_layers(params, cfg.num_layers)
+    check_decode_params(cfg, params)
+    if dtype is not None:
+        params = jax.tree.map(lambda a: a.astype(dtype), params)
+    return params
+
+
+def check_decode_params(cfg: ModelConfig, params: DecodeParams) -> None:
+    """Raises ValueError unless ``params`` are this model's, layers unstacked."""
+    missing = [f"layers_{i}" for i in range(cfg.num_layers) if f"layers_{i}" not in params]
+    if "embedder" not in params or missing:
+        raise ValueError(
+            "params are not the model's with unstacked layers (missing "
+            f"{'embedder' if 'embedder' not in params else missing[0]}): pass them through "
+            "sparse_jax.decode.decode_params(cfg, params) once"
+        )
+    if f"layers_{cfg.num_layers}" in params:
+        raise ValueError(f"params have more than cfg.num_layers={cfg.num_layers} layers")
+    table = params["embedder"]["embedding"]
+    if table.shape != (cfg.vocab_size, cfg.model_dim):
+        raise ValueError(
+            f"embedding shape {table.shape} does not match "
+            f"(vocab_size, model_dim)=({cfg.vocab_size}, {cfg.model_dim})"
+        )
+    ffn = params["layers_0"].get("ffn", {})
+    expected = "k1" if cfg.ffn_kind == "spark" else "w_gate"
+    if expected not in ffn:
+        raise ValueError(f"params have FFN weights {sorted(ffn)}, not a {cfg.ffn_kind} FFN")
+
+
+def _extend(cfg, kernels, params, lookup, cache, tokens, pos, choices):
+    model = Transformer(cfg, kernels=kernels, unrolled=True)
+    return model.apply(
+        {"params": params}, tokens, pos, cache.layers, choices, lookup, method=Transformer.extend
+    )
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opts"), donate_argnames=("cache",))
-def _prefill_chunk(cfg, opts, params, cache, tokens, pos):
-    logits, layers, stats = _forward(cfg, opts, params, cache, tokens, pos, decoding=False)
+def _prefill_chunk(cfg, opts, params, lookup, cache, tokens, pos):
+    choices = (MASKED,) * cfg.num_layers
+    logits, new, stats = _extend(cfg, opts.kernels, params, lookup, cache, tokens, pos, choices)
+    layers = tuple(
+        write_many(layer, entries, cache.length)
+        for layer, entries in zip(cache.layers, new, strict=True)
+    )
     real = jnp.sum(pos >= 0, axis=1, dtype=jnp.int32)
     length = cache.length + tokens.shape[1]
     return logits, KVCache(layers=layers, length=length, next_pos=cache.next_pos + real), stats
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opts"))
-def _decode_compute(cfg, opts, params, cache, tokens):
-    return _forward(cfg, opts, params, cache, tokens[:, None], cache.next_pos[:, None], True)
+def _decode_compute(cfg, opts, params, lookup, cache, tokens):
+    sizes = tuple(layer["pos"].shape[1] for layer in cache.layers)
+    choices = layer_choices(cfg, opts, tokens.shape[0], sizes)
+    return _extend(
+        cfg, opts.kernels, params, lookup, cache, tokens[:, None], cache.next_pos[:, None], choices
+    )
 
 
 @functools.partial(jax.jit, donate_argnames=("cache",))
@@ -261,24 +288,9 @@ def decode_step_jit(
     entries, one writes those entries in place. In a single program XLA's CPU backend copied
     the whole cache of every layer it both read (through a dot) and updated.
     """
-    logits, new, stats = _decode_compute(cfg, opts, params, cache, tokens)
+    lookup = params["embedder"]["embedding"]
+    logits, new, stats = _decode_compute(cfg, opts, params, lookup, cache, tokens)
     return logits, _decode_write(cache, new), stats
-
-
-def check_decode_params(cfg: ModelConfig, params: DecodeParams) -> None:
-    """Raises ValueError unless ``params`` is a decode-layout tree for ``cfg``."""
-    if "blocks" not in params or "embedding" not in params or "lookup" not in params:
-        raise ValueError(
-            "params are not in the decode layout: convert model parameters once with "
-            "sparse_jax.decode.layout.to_decode_params(cfg, params)"
-        )
-    if len(params["blocks"]) != cfg.num_layers:
-        raise ValueError(f"params have {len(params['blocks'])} blocks, cfg {cfg.num_layers}")
-    if params["embedding"].shape != (cfg.vocab_size, cfg.model_dim):
-        raise ValueError(
-            f"embedding shape {params['embedding'].shape} does not match "
-            f"(vocab_size, model_dim)=({cfg.vocab_size}, {cfg.model_dim})"
-        )
 
 
 def check_tokens(cfg: ModelConfig, tokens: np.ndarray) -> None:
@@ -302,7 +314,7 @@ def prefill(
 
     Args:
       cfg: model config.
-      params: decode-layout parameters.
+      params: the model's parameters, layers unstacked (:func:`decode_params`).
       cache: a cache from :func:`sparse_jax.decode.cache.init_cache`; donated.
       tokens: int [B, T] prompts, left-padded: row b's prompt is ``tokens[b, T - lengths[b]:]``.
       lengths: int [B] prompt lengths in [1, T]; None means all T. Rows may differ only on
@@ -318,6 +330,7 @@ def prefill(
         non-empty cache, or a prompt that does not fit the cache or the model's context.
     """
     check_decode_params(cfg, params)
+    lookup = params["embedder"]["embedding"]
     tokens_np = np.asarray(tokens)
     if tokens_np.ndim != 2 or tokens_np.shape[0] != cache.batch_size or tokens_np.shape[1] < 1:
         raise ValueError(f"tokens must be [B={cache.batch_size}, T>=1], got {tokens_np.shape}")
@@ -343,14 +356,18 @@ def prefill(
     pos = np.where(cols >= 0, next_pos[:, None] + cols, -1).astype(np.int32)
     chunk = options.prefill_chunk
     # Prefill reads no other option: one canonical value shares its compilations.
-    options = DecodeOptions(prefill_chunk=chunk)
+    options = DecodeOptions(
+        prefill_chunk=chunk, implementation=options.implementation, interpret=options.interpret
+    )
     # The first chunk takes the remainder so that every later chunk is full: two compiled
     # shapes at most, and no padding after real tokens.
     bounds = [0, *range(t % chunk or chunk, t + 1, chunk)]
     logits = stats = None
     for lo, hi in itertools.pairwise(bounds):
         chunk_tokens, chunk_pos = jnp.asarray(tokens_np[:, lo:hi]), jnp.asarray(pos[:, lo:hi])
-        logits, cache, stats = _prefill_chunk(cfg, options, params, cache, chunk_tokens, chunk_pos)
+        logits, cache, stats = _prefill_chunk(
+            cfg, options, params, lookup, cache, chunk_tokens, chunk_pos
+        )
     return logits, cache, stats
 
 
@@ -365,7 +382,7 @@ def decode_step(
 
     Args:
       cfg: model config.
-      params: decode-layout parameters.
+      params: the model's parameters, layers unstacked (:func:`decode_params`).
       cache: the cache after prefill (or earlier steps); donated.
       tokens: int [B], each row's newest token.
       options: decode options.

@@ -1,10 +1,15 @@
 """Feed-forward blocks: Gemma-2's gated GeLU FFN and the Spark FFN (docs/method.md, section 2).
 
 Spark FFN, per token x of width D with predictor width R:
-``y = V^T [gelu(statistical_topk(K1^T x[:R])) * (K2 x[R:])]``. K1 is stored [R, F]; K2 [F, D-R]
-and V [F, D] hold one neuron per contiguous row, so decoding can gather the active rows. In
-training the product is computed densely with the thresholded activations (most are exact
-zeros); the decode path in :mod:`sparse_jax.decode.step` reads only the selected rows.
+``y = V^T [gelu(statistical_topk(K1 x[:R])) * (K2 x[R:])]``. K1 is stored [F, R]; K2 [F, D-R]
+and V [F, D] hold one neuron per contiguous row, so decoding can gather the active rows.
+
+One module serves every path. The masked form (training, evaluation, prefill, and decoding
+where gathering would read more) multiplies by every row of K2 and V, most of them against
+exact zeros. The sparse form (decoding, one token per row) takes the same threshold, compacts
+the active neurons into a static capacity and gathers only their rows of K2 and V, either per
+token (``"per_token"``) or once for the union of the batch's active sets (``"union"``). An
+overflowing selection takes the masked product for that step, counted, never truncated.
 """
 
 from __future__ import annotations
@@ -14,16 +19,15 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.model.layers import dtype_of
+from sparse_jax.model.products import linear, linear_many, linear_rows
+from sparse_jax.model.selection import compact, sparse_ffn_union
+from sparse_jax.model.weights import GATED_FFN, SPARK_FFN, declare
 
-fan_in_last = nn.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=-1, out_axis=-2
-)
-fan_in_first = nn.initializers.variance_scaling(
-    1.0, "fan_in", "truncated_normal", in_axis=-2, out_axis=-1
-)
+FFN_MODES = ("masked", "per_token", "union")
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -32,52 +36,108 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class GatedFFN(nn.Module):
-    """``down(gelu(x W_gate) * (x W_up))`` with W_gate, W_up [D, F] and W_down [F, D]."""
+    """``W_down (gelu(W_gate x) * (W_up x))`` with W_gate, W_up [F, D] and W_down [D, F]."""
 
     cfg: ModelConfig
 
-    @nn.compact
-    def __call__(self, x: jax.Array, enabled: jax.Array) -> tuple[jax.Array, jax.Array]:
-        del enabled  # the gated FFN has no sparsity to switch
-        cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
-        shape_in = (cfg.model_dim, cfg.ffn_dim)
-        w_gate = self.param("w_gate", fan_in_first, shape_in, cfg.param_dtype).astype(dtype)
-        w_up = self.param("w_up", fan_in_first, shape_in, cfg.param_dtype).astype(dtype)
-        w_down = self.param(
-            "w_down", fan_in_first, (cfg.ffn_dim, cfg.model_dim), cfg.param_dtype
-        ).astype(dtype)
-        gate = checkpoint_name(jnp.einsum("btd,df->btf", x, w_gate), "ffn_pre")
-        up = jnp.einsum("btd,df->btf", x, w_up)
-        y = jnp.einsum("btf,fd->btd", gelu(gate) * up, w_down)
-        return y, jnp.ones((), jnp.float32)
+    def setup(self) -> None:
+        for name, weight in GATED_FFN.items():
+            setattr(self, name, declare(self, self.cfg, name, weight))
+
+    def __call__(
+        self, x: jax.Array, enabled: jax.Array | bool, mode: str = "masked", capacity: int = 0
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, D] -> (y [B, T, D], active neurons per token [B, T], overflow flag)."""
+        del enabled, mode, capacity  # the gated FFN has no sparsity
+        dtype = dtype_of(self.cfg.dtype)
+        gate, up = linear_many(x, (self.w_gate, self.w_up), dtype)
+        gate = checkpoint_name(gate, "ffn_pre")
+        y = linear((gelu(gate) * up).astype(dtype), self.w_down, dtype).astype(dtype)
+        active = jnp.full(x.shape[:-1], self.cfg.ffn_dim, jnp.float32)
+        return y, active, jnp.zeros((), jnp.int32)
 
 
 class SparkFFN(nn.Module):
-    """Spark FFN: predictor K1 [R, F], value branch K2 [F, D-R], down projection V [F, D].
+    """Spark FFN: predictor K1 [F, R], value branch K2 [F, D-R], down projection V [F, D].
 
-    Statistical top-k runs through ``kernels`` (:mod:`sparse_jax.kernels`).
+    Attributes:
+      cfg: the model.
+      kernels: statistical top-k of the masked form and the gathered product of the
+        per-token form (:mod:`sparse_jax.kernels`); the union product is XLA's.
     """
 
     cfg: ModelConfig
     kernels: Kernels = DEFAULT_KERNELS
 
-    @nn.compact
-    def __call__(self, x: jax.Array, enabled: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """x [B, T, D] -> (y [B, T, D], fraction of neurons active)."""
+    def setup(self) -> None:
+        for name, weight in SPARK_FFN.items():
+            setattr(self, name, declare(self, self.cfg, name, weight))
+
+    def __call__(
+        self, x: jax.Array, enabled: jax.Array | bool, mode: str = "masked", capacity: int = 0
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Spark FFN of x [B, T, D].
+
+        Args:
+          x: [B, T, D] normed inputs.
+          enabled: whether the layer's sparsity is on (static or traced bool).
+          mode: "masked", or for decoding (T = 1, ``enabled`` true) "per_token" or "union".
+          capacity: static gathered neurons per selection of the sparse modes.
+
+        Returns:
+          y [B, T, D] (compute dtype), active neurons per token [B, T] float32, and an int32
+          scalar, 1 if a sparse selection overflowed its capacity (the masked product was used).
+        """
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
-        r, f, d = cfg.ffn_predictor_dim, cfg.ffn_dim, cfg.model_dim
-        k1 = self.param("k1", fan_in_first, (r, f), cfg.param_dtype).astype(dtype)
-        k2 = self.param("k2", fan_in_last, (f, d - r), cfg.param_dtype).astype(dtype)
-        v = self.param("v", fan_in_first, (f, d), cfg.param_dtype).astype(dtype)
-        pre = checkpoint_name(jnp.einsum("btr,rf->btf", x[..., :r], k1), "ffn_pre")
-        sparse = self.kernels.soft_topk(
-            pre, cfg.ffn_keep_count, enabled=enabled, method=cfg.topk_method
+        r = cfg.ffn_predictor_dim
+        pre = checkpoint_name(linear(x[..., :r], self.k1, dtype), "ffn_pre")
+        if mode == "masked":
+            act = gelu(
+                self.kernels.soft_topk(
+                    pre, cfg.ffn_keep_count, enabled=enabled, method=cfg.topk_method
+                )
+            )
+            value = linear(x[..., r:], self.k2, dtype)
+            y = linear_rows((act * value).astype(dtype), self.v, dtype)
+            active = jnp.sum(act != 0, axis=-1, dtype=jnp.float32)
+            return y.astype(dtype), active, jnp.zeros((), jnp.int32)
+        b, t, d = x.shape
+        y, active, overflow = self._gathered(
+            x.reshape(b * t, d), pre.reshape(b * t, -1), mode, capacity
         )
-        act = gelu(sparse)
-        value = jnp.einsum("btd,fd->btf", x[..., r:], k2)
-        y = jnp.einsum("btf,fd->btd", act * value, v)
-        active = jnp.mean((act != 0).astype(jnp.float32))
-        return y, active
+        return y.reshape(b, t, d).astype(dtype), active.reshape(b, t), overflow
+
+    def _gathered(
+        self, x: jax.Array, pre: jax.Array, mode: str, cap: int
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The sparse forms on rows x [M, D] with predictor outputs pre [M, F]."""
+        cfg = self.cfg
+        x_rest = x[:, cfg.ffn_predictor_dim :]
+        theta, _ = statistical_threshold(pre, cfg.ffn_keep_count, method=cfg.topk_method)
+        keep = pre > theta
+        active = jnp.sum(keep, axis=-1, dtype=jnp.float32)
+        if mode == "union":
+            idx, count = compact(jnp.any(keep, axis=0), cap)
+            in_count = jnp.arange(cap) < count
+            picked = jnp.take(pre, idx, axis=1)
+        else:
+            idx, count = compact(keep, cap)
+            in_count = jnp.arange(cap) < count[:, None]
+            picked = jnp.take_along_axis(pre, idx, axis=1)
+        overflow = jnp.any(count > cap)
+
+        def masked(_: None) -> jax.Array:
+            act = gelu(jnp.maximum(pre - theta, 0.0))
+            return linear_rows(act * linear(x_rest, self.k2), self.v)
+
+        def gathered(_: None) -> jax.Array:
+            h = jnp.where(in_count, gelu(jnp.maximum(picked - theta, 0.0)), 0.0)
+            if mode == "union":
+                return sparse_ffn_union(h, idx, x_rest, self.k2, self.v)
+            return self.kernels.sparse_ffn(h, idx, x_rest, self.k2, self.v)
+
+        y = jax.lax.cond(overflow, masked, gathered, None)
+        return y, active, overflow.astype(jnp.int32)
 
 
 def make_ffn(cfg: ModelConfig, name: str, kernels: Kernels = DEFAULT_KERNELS) -> nn.Module:

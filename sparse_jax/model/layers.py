@@ -8,6 +8,8 @@ import jax
 import jax.numpy as jnp
 
 from sparse_jax.model.config import ModelConfig
+from sparse_jax.model.products import linear
+from sparse_jax.model.weights import EMBEDDING, declare
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -54,24 +56,22 @@ class Embedder(nn.Module):
     cfg: ModelConfig
 
     def setup(self) -> None:
-        d = self.cfg.model_dim
-        self.embedding = self.param(
-            "embedding",
-            nn.initializers.normal(stddev=d**-0.5),
-            (self.cfg.vocab_size, d),
-            self.cfg.param_dtype,
-        )
+        self.embedding = declare(self, self.cfg, "embedding", EMBEDDING)
 
-    def encode(self, tokens: jax.Array) -> jax.Array:
-        """tokens [B, T] int -> [B, T, D] in the compute dtype."""
+    def encode(self, tokens: jax.Array, table: jax.Array | None = None) -> jax.Array:
+        """tokens [B, T] int -> [B, T, D] in the compute dtype.
+
+        ``table`` replaces the parameter as the lookup table (the same values, passed as a
+        program input of its own; see :meth:`sparse_jax.model.transformer.Transformer.extend`).
+        """
         dtype = dtype_of(self.cfg.dtype)
-        x = jnp.take(self.embedding, tokens, axis=0).astype(dtype)
+        table = self.embedding if table is None else table
+        x = jnp.take(table, tokens, axis=0).astype(dtype)
         return x * jnp.asarray(self.cfg.model_dim**0.5, dtype)
 
     def decode(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> logits [B, T, V] in float32."""
-        emb = self.embedding.astype(x.dtype)
-        return jnp.einsum("btd,vd->btv", x, emb, preferred_element_type=jnp.float32)
+        return linear(x, self.embedding, x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:

@@ -3,7 +3,10 @@
 ``Transformer(cfg).apply({"params": params}, tokens)`` returns ``(logits, stats)``: logits
 [B, T, V] in float32 and per-layer sparsity statistics ``{"ffn_active_fraction": [L],
 "attn_keys_per_query": [L]}``. Local/global windows and per-layer sparsity switches enter the
-layer stack as scanned arrays, so one compiled block serves every layer.
+layer stack as scanned arrays, so one compiled block serves every layer. The same blocks,
+unrolled, run prefill and the decode step over a KV cache (:meth:`Transformer.extend`, driven
+by :mod:`sparse_jax.decode.step`). Every weight is described once in
+:mod:`sparse_jax.model.weights`.
 
 With ``scan_layers`` the block parameters live under ``params["layers"]`` with a leading L
 axis; without it under ``params["layers_0"] ...``. :func:`stack_layers` and
@@ -48,8 +51,32 @@ def remat_policy(name: str) -> Any:
     }[name]
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodeChoice:
+    """How one layer runs in a cached step (static: part of the compiled program).
+
+    Attributes:
+      attn_capacity: gathered keys per query head of Spark attention's sparse path; None
+        reads every cached key (the masked path).
+      ffn_mode: "masked", "per_token" or "union" (see :mod:`sparse_jax.model.ffn`).
+      ffn_capacity: gathered neurons per selection of the sparse FFN modes.
+    """
+
+    attn_capacity: int | None = None
+    ffn_mode: str = "masked"
+    ffn_capacity: int = 0
+
+
+MASKED = DecodeChoice()
+
+
 class Block(nn.Module):
-    """Pre- and post-normed attention and FFN with residuals (Gemma-2)."""
+    """Pre- and post-normed attention and FFN with residuals (Gemma-2).
+
+    The one block definition of every path: scanned over the layers in training (``layer``
+    holds traced per-layer values), unrolled for prefill and decoding (static values, a cache
+    and a :class:`DecodeChoice`).
+    """
 
     cfg: ModelConfig
     plan: ShardingPlan | None = None
@@ -57,20 +84,46 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(
-        self, x: jax.Array, layer: dict[str, jax.Array], positions: jax.Array
+        self,
+        x: jax.Array,
+        layer: dict[str, Any],
+        positions: jax.Array,
+        cache: dict[str, jax.Array] | None = None,
+        choice: DecodeChoice = MASKED,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One layer over x [B, T, D] at positions [B, T] (-1: padding).
+
+        Returns the new x and ``{"stats": ..., "entries": ...}``: per-layer statistics
+        (``attn_keys``, mean kept keys per query head, and ``ffn_active``, mean active
+        neurons per token, both over real tokens; the two overflow flags) and, with a cache,
+        this block's key and value entries (the caller writes them into the cache).
+        """
         cfg = self.cfg
         norm = dict(eps=cfg.norm_eps, param_dtype=cfg.param_dtype)
         with jax.named_scope("attention"):
             h = RMSNorm(**norm, name="pre_attn_norm")(x)
             attn = Attention(cfg, self.kernels, name="attn")
-            h, keys = attn(h, positions, layer["window"], layer["attn_on"])
+            h, entries, kept, attn_over = attn(
+                h, positions, layer["window"], layer["attn_on"], cache, choice.attn_capacity
+            )
             x = constrain(x + RMSNorm(**norm, name="post_attn_norm")(h), RESIDUAL, self.plan)
         with jax.named_scope("ffn"):
             h = RMSNorm(**norm, name="pre_ffn_norm")(x)
-            h, active = make_ffn(cfg, "ffn", self.kernels)(h, layer["ffn_on"])
+            ffn = make_ffn(cfg, "ffn", self.kernels)
+            h, active, ffn_over = ffn(h, layer["ffn_on"], choice.ffn_mode, choice.ffn_capacity)
             x = constrain(x + RMSNorm(**norm, name="post_ffn_norm")(h), RESIDUAL, self.plan)
-        return x, {"ffn_active_fraction": active, "attn_keys_per_query": keys}
+        real = (positions >= 0).astype(jnp.float32)
+        tokens = jnp.maximum(jnp.sum(real), 1.0)
+        stats = {
+            "attn_keys": jnp.sum(kept * real[:, None]) / (tokens * cfg.num_heads),
+            "ffn_active": jnp.sum(active * real) / tokens,
+            "attn_overflow": attn_over,
+            "ffn_overflow": ffn_over,
+        }
+        out = {"stats": stats}
+        if cache is not None:
+            out["entries"] = entries
+        return x, out
 
 
 def layer_inputs(cfg: ModelConfig) -> dict[str, jax.Array]:
@@ -83,7 +136,11 @@ def layer_inputs(cfg: ModelConfig) -> dict[str, jax.Array]:
 
 
 class Transformer(nn.Module):
-    """Token ids [B, T] -> (logits [B, T, V] float32, per-layer stats).
+    """Token ids [B, T] -> (logits [B, T, V] float32, per-layer stats); one model for every path.
+
+    ``__call__`` is training and evaluation (the block attends to itself); :meth:`extend` is
+    prefill and the decode step (the blocks attend to a KV cache first and return their new
+    entries). Both run the same :class:`Block`.
 
     Attributes:
       cfg: the model.
@@ -92,11 +149,15 @@ class Transformer(nn.Module):
       kernels: implementation of the sparse ops (:mod:`sparse_jax.kernels`). With a plan and
         a Pallas implementation, kernel calls run per shard over the plan's mesh, split along
         the batch.
+      unrolled: the cached-step form that :meth:`extend` needs: one block per layer
+        (parameters ``layers_i``) even when ``cfg.scan_layers`` (each layer's cache and
+        choices are static), and no rematerialisation (nothing is differentiated).
     """
 
     cfg: ModelConfig
     plan: ShardingPlan | None = None
     kernels: Kernels = DEFAULT_KERNELS
+    unrolled: bool = False
 
     def setup(self) -> None:
         cfg = self.cfg
@@ -105,21 +166,20 @@ class Transformer(nn.Module):
             kernels = dataclasses.replace(
                 kernels, mesh=self.plan.mesh, batch_axes=self.plan.rules.mesh_axes("batch")
             )
+        scanned = cfg.scan_layers and not self.unrolled
         block = Block
-        if cfg.remat_policy != "none":
-            block = nn.remat(
-                Block, policy=remat_policy(cfg.remat_policy), prevent_cse=not cfg.scan_layers
-            )
+        if cfg.remat_policy != "none" and not self.unrolled:
+            block = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=not scanned)
         self.embedder = Embedder(cfg)
-        if cfg.scan_layers:
-            scanned = nn.scan(
+        if scanned:
+            scanned_block = nn.scan(
                 block,
                 variable_axes={"params": 0},
                 split_rngs={"params": True},
                 in_axes=(0, nn.broadcast),
                 length=cfg.num_layers,
             )
-            self.layers = scanned(cfg, self.plan, kernels)
+            self.layers = scanned_block(cfg, self.plan, kernels)
         else:
             self.blocks = [
                 block(cfg, self.plan, kernels, name=f"layers_{i}") for i in range(cfg.num_layers)
@@ -163,21 +223,69 @@ class Transformer(nn.Module):
             x = self.embedder.encode(tokens) if embeddings is None else embeddings
             x = constrain(x, RESIDUAL, self.plan)
         per_layer = layer_inputs(cfg)
-        if cfg.scan_layers:
-            x, stats = self.layers(x, per_layer, positions)
+        if cfg.scan_layers and not self.unrolled:
+            x, out = self.layers(x, per_layer, positions)
+            stats = out["stats"]
         else:
             collected = []
             for i, blk in enumerate(self.blocks):
                 with jax.named_scope(f"layer_{i}"):
                     layer = jax.tree.map(lambda a, i=i: a[i], per_layer)
-                    x, s = blk(x, layer, positions)
-                collected.append(s)
+                    x, out = blk(x, layer, positions)
+                collected.append(out["stats"])
             stats = jax.tree.map(lambda *a: jnp.stack(a), *collected)
         with jax.named_scope("unembed"):
             x = self.final_norm(x)
             logits = softcap(self.embedder.decode(x), cfg.final_logit_softcap)
             logits = constrain(logits, LOGITS, self.plan)
-        return logits, stats
+        return logits, {
+            "ffn_active_fraction": stats["ffn_active"] / cfg.ffn_dim,
+            "attn_keys_per_query": stats["attn_keys"],
+        }
+
+    def extend(
+        self,
+        tokens: jax.Array,
+        positions: jax.Array,
+        cache: tuple[dict[str, jax.Array], ...],
+        choices: tuple[DecodeChoice, ...],
+        lookup: jax.Array | None = None,
+    ) -> tuple[jax.Array, tuple[dict[str, jax.Array], ...], dict[str, jax.Array]]:
+        """Prefill or decode: tokens [B, T] at positions [B, T] (-1: padding) after a cache.
+
+        Args:
+          tokens: [B, T] int token ids.
+          positions: [B, T] positions, -1 for left padding.
+          cache: one dict of cached entries per layer (see :mod:`sparse_jax.decode.cache`).
+          choices: one static :class:`DecodeChoice` per layer.
+          lookup: optional embedding table for the token lookup (the same values as the
+            parameters'; passed as a second argument so that the lookup and the output
+            projection each read their own program input).
+
+        Returns:
+          logits [B, V] float32 at the last position, each layer's new entries (the caller
+          writes them into the cache) and per-layer stats ``attn_keys``, ``ffn_active``,
+          ``attn_overflow``, ``ffn_overflow`` [L].
+        """
+        cfg = self.cfg
+        if not hasattr(self, "blocks"):
+            raise ValueError("Transformer.extend needs unrolled=True (one block per layer)")
+        x = self.embedder.encode(tokens, lookup)
+        entries, collected = [], []
+        for i, (blk, layer_cache) in enumerate(zip(self.blocks, cache, strict=True)):
+            layer = {
+                "window": cfg.layer_windows[i],
+                "attn_on": cfg.attn_sparse_layers[i],
+                "ffn_on": cfg.ffn_sparse_layers[i],
+            }
+            with jax.named_scope(f"layer_{i}"):
+                x, out = blk(x, layer, positions, layer_cache, choices[i])
+            entries.append(out["entries"])
+            collected.append(out["stats"])
+        last = self.final_norm(x[:, -1:])
+        logits = softcap(self.embedder.decode(last), cfg.final_logit_softcap)[:, 0]
+        stats = jax.tree.map(lambda *a: jnp.stack(a), *collected)
+        return logits, tuple(entries), stats
 
 
 def init_params(

@@ -1,8 +1,9 @@
 """Logical axis names, the rules that map them onto a (data, fsdp, tensor) mesh, and the mesh.
 
 Every parameter axis and every activation axis at a block boundary has a logical name
-(``embed``, ``mlp``, ``heads``, ``batch`` ...). :data:`PARAM_AXES` declares the names of each
-parameter once, by its leaf name; the scanned layer stack adds a leading ``layers`` axis.
+(``embed``, ``mlp``, ``heads``, ``batch`` ...). Each parameter's names are declared once, with
+its shape and initialiser, in :mod:`sparse_jax.model.weights` (``LOGICAL_AXES``, by leaf name);
+the scanned layer stack adds a leading ``layers`` axis.
 :class:`ShardingRules` maps each logical name to zero or more mesh axes, and a
 :class:`ShardingPlan` (a mesh plus rules) turns logical names into PartitionSpecs,
 NamedShardings and sharding constraints. The defaults shard the batch over ``data`` and
@@ -29,21 +30,6 @@ from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axes of every parameter, keyed by leaf name (the model's leaf names are unique).
-PARAM_AXES: dict[str, tuple[str, ...]] = {
-    "embedding": ("vocab", "embed"),  # [V, D]
-    "scale": ("norm",),  # RMSNorm [D]
-    "wq": ("embed", "heads", "head_dim"),  # [D, N, H]
-    "wk": ("embed", "kv_heads", "head_dim"),  # [D, K, H]
-    "wv": ("embed", "kv_heads", "head_dim"),  # [D, K, H]
-    "wo": ("heads", "head_dim", "embed"),  # [N, H, D]
-    "w_gate": ("embed", "mlp"),  # [D, F]
-    "w_up": ("embed", "mlp"),  # [D, F]
-    "w_down": ("mlp", "embed"),  # [F, D]
-    "k1": ("embed", "mlp"),  # Spark predictor [R, F]; R is the first R dims of D
-    "k2": ("mlp", "embed"),  # Spark value branch [F, D - R]
-    "v": ("mlp", "embed"),  # Spark down projection [F, D]
-}
 # The key of the scanned layer stack; its leaves get a leading "layers" axis.
 SCANNED_KEY = "layers"
 
@@ -186,14 +172,17 @@ def logical_axes(path: Sequence[Any], shape: Sequence[int]) -> tuple[str, ...]:
     """Logical axes of the leaf at ``path`` (a ``jax.tree_util`` key path) with ``shape``."""
     if len(shape) == 0:
         return ()
+    # Imported here: the model package imports this module for its activation constraints.
+    from sparse_jax.model.weights import LOGICAL_AXES
+
     keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
     name = keys[-1] if keys else None
-    if name not in PARAM_AXES:
+    if name not in LOGICAL_AXES:
         raise ValueError(
             f"no logical axes declared for {jax.tree_util.keystr(tuple(path))} with shape "
-            f"{tuple(shape)}; add its leaf name to sparse_jax.parallel.sharding.PARAM_AXES"
+            f"{tuple(shape)}; describe the weight in sparse_jax.model.weights"
         )
-    axes = PARAM_AXES[name]
+    axes = LOGICAL_AXES[name]
     if SCANNED_KEY in keys:
         axes = ("layers", *axes)
     if len(axes) != len(shape):

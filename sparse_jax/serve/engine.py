@@ -29,8 +29,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax.decode.cache import init_cache
-from sparse_jax.decode.layout import DecodeParams, to_decode_params
-from sparse_jax.decode.step import DecodeOptions, check_tokens, decode_step_jit
+from sparse_jax.decode.step import (
+    DecodeOptions,
+    DecodeParams,
+    check_tokens,
+    decode_params,
+    decode_step_jit,
+)
 from sparse_jax.model.config import ModelConfig, as_count, check_context
 from sparse_jax.serve.row_sampling import RowSettings, sample_rows, settings_arrays
 from sparse_jax.serve.slots import bucket, insert_rows, prefill_group, take_rows
@@ -48,7 +53,7 @@ class Engine:
 
     Args:
       cfg: model config.
-      params: decode-layout parameters (model parameters are converted once).
+      params: the model's parameters (scanned ones are split per layer once).
       slots: most requests decoded together, >= 1; each power of two up to it is one more
         compiled decode step.
       options: decode options, used as given; prompts are prefilled in chunks of
@@ -77,7 +82,7 @@ class Engine:
                 raise ValueError(f"Engine {name}={value!r} must be an integer >= 1")
         self.options = options
         self.cfg, self.slots = cfg, slots
-        self.params = params if "blocks" in params else to_decode_params(cfg, params)
+        self.params = decode_params(cfg, params)
         self.max_queue, self.max_prefill_group = max_queue, min(max_prefill_group, slots)
         self._rows = 1  # rows in the cache; requests sit in rows [0, self._rows)
         self._cache = init_cache(cfg, self._rows)

@@ -22,6 +22,7 @@ import orbax.checkpoint as ocp
 from sparse_jax.data.tokenizer import Tokenizer
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.model.transformer import Params, abstract_params
+from sparse_jax.train import migrate
 from sparse_jax.train.checkpoint import (
     FORMAT,
     CheckpointDamaged,
@@ -136,8 +137,12 @@ def _load_step(step_dir: pathlib.Path, shardings: Any) -> LoadedModel:
 
     read("files", lambda: check_files(step_dir, PARAMETER_FILES))
     meta = read("metadata", lambda: ocp.JsonCheckpointHandler().restore(step_dir / "meta"))
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("sparse_jax/"):
         raise CheckpointError(f"{step_dir} is not a sparse_jax checkpoint (format {FORMAT})")
+    try:
+        migrate.check_format(meta["format"], str(step_dir))
+    except ValueError as err:
+        raise CheckpointError(str(err)) from None
     config = ModelConfig.from_dict(meta["model_config"])
     abstract = abstract_params(config)
     if callable(shardings):
@@ -148,6 +153,10 @@ def _load_step(step_dir: pathlib.Path, shardings: Any) -> LoadedModel:
     target = jax.tree.map(
         lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
     )
+    legacy = meta["format"] == migrate.FORMAT_1
+    if legacy:
+        # Read in the format-1 layout, then transposed into today's (files unchanged).
+        final_shardings, target = shardings, migrate.format1_targets(target)
     restore_args = jax.tree.map(
         lambda t: ocp.ArrayRestoreArgs(sharding=t.sharding), {"params": target}
     )
@@ -160,9 +169,12 @@ def _load_step(step_dir: pathlib.Path, shardings: Any) -> LoadedModel:
             ),
         ),
     )
+    params = restored["params"]
+    if legacy:
+        params = migrate.from_format1(params, final_shardings)
     return LoadedModel(
         config=config,
-        params=restored["params"],
+        params=params,
         tokenizer=tokenizer_from_json(meta["tokenizer"]),
         step=int(meta["step"]),
         path=step_dir,

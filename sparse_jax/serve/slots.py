@@ -25,8 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from sparse_jax.decode.cache import KVCache, init_cache
-from sparse_jax.decode.layout import DecodeParams
-from sparse_jax.decode.step import DecodeOptions, prefill
+from sparse_jax.decode.step import DecodeOptions, DecodeParams, prefill
 from sparse_jax.model.config import ModelConfig
 
 
@@ -46,7 +45,7 @@ def prefill_group(
 
     Args:
       cfg: model config.
-      params: decode-layout parameters.
+      params: the model's parameters, layers unstacked (``decode_params``).
       prompts: G >= 1 non-empty token-id lists, each at most ``cfg.max_seq_len`` long.
       options: decode options; prompts are left-padded to a multiple of
         ``options.prefill_chunk`` (capped at ``cfg.max_seq_len``).

@@ -16,9 +16,8 @@ from collections.abc import Iterator, Sequence
 
 from sparse_jax.data.tokenizer import Tokenizer
 from sparse_jax.decode.generate import stream as stream_tokens
-from sparse_jax.decode.layout import to_decode_params
 from sparse_jax.decode.sampling import Sampler
-from sparse_jax.decode.step import DEFAULT_OPTIONS, DecodeOptions
+from sparse_jax.decode.step import DEFAULT_OPTIONS, DecodeOptions, decode_params
 from sparse_jax.model.config import as_count, check_context
 from sparse_jax.serve.loading import LoadedModel
 
@@ -128,7 +127,7 @@ class TextGenerator:
         self.model = model
         self.config = model.config
         self.tokenizer = model.tokenizer
-        self.params = to_decode_params(model.config, model.params)
+        self.params = decode_params(model.config, model.params)
 
     def encode_prompt(self, prompt: str, max_tokens: int) -> list[int]:
         """Prompt ids with a leading BOS; see :func:`encode_prompt`."""

@@ -3,7 +3,7 @@
 A checkpoint directory holds one sub-directory per saved step (written to a temporary name and
 renamed when complete, so a killed save never looks finished). Each step has three items:
 
-* ``state``: the :class:`~sparse_jax.train.step.TrainState` (params, optimizer state, step, RNG);
+* ``state``: the :class:`~sparse_jax.train.step.TrainState` (params, optimizer state, step);
 * ``data``: the training iterator's JSON state, so a resumed run sees the next batch;
 * ``meta``: model and train configs, the SentencePiece tokenizer (base64) and the last
   evaluation, so a checkpoint is self-contained.
@@ -41,10 +41,11 @@ import orbax.checkpoint as ocp
 from sparse_jax.data.tokenizer import Tokenizer
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.parallel import distributed
+from sparse_jax.train import migrate
+from sparse_jax.train.migrate import FORMAT
 
 log = logging.getLogger(__name__)
 
-FORMAT = "sparse_jax/1"
 # Files every complete step has, whatever the number of processes that wrote it.
 REQUIRED_FILES = ("meta/metadata", "data/metadata", "state/_METADATA", "state/manifest.ocdbt")
 JSON_FILES = ("meta/metadata", "data/metadata", "state/_METADATA")
@@ -285,18 +286,53 @@ class Checkpointer:
         )
         return out.state, out.data, out.meta
 
+    def restore_format1(self, step: int, target: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores a format-1 ``step`` (see :mod:`sparse_jax.train.migrate`) into ``target``.
+
+        The state is read in its own layout, its RNG key dropped and its weights (parameters
+        and optimizer moments) transposed into today's layout and shardings.
+        """
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        replicated = abstract.step.sharding
+        legacy = {
+            "step": abstract.step,
+            "params": migrate.format1_targets(abstract.params),
+            "opt_state": migrate.format1_targets(abstract.opt_state),
+            "rng": jax.ShapeDtypeStruct(
+                migrate.RNG_KEY.shape, migrate.RNG_KEY.dtype, sharding=replicated
+            ),
+        }
+        out = self._manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(legacy), data=ocp.args.JsonRestore()
+            ),
+        )
+        shardings = jax.tree.map(lambda a: a.sharding, abstract)
+        state = type(target)(
+            step=out.state["step"],
+            params=migrate.from_format1(out.state["params"], shardings.params),
+            opt_state=migrate.from_format1(out.state["opt_state"], shardings.opt_state),
+        )
+        return state, out.data
+
     def read_meta(self, step: int) -> dict[str, Any]:
         """The ``meta`` item of ``step``.
 
         Raises:
           CheckpointDamaged: the item is not sparse_jax metadata.
+          CheckpointError: it is, of a format this version does not read.
         """
         out = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         meta = out.meta
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise CheckpointDamaged(
-                f"{self.directory / str(step)}/meta is not sparse_jax metadata (format {FORMAT})"
-            )
+        where = f"{self.directory / str(step)}/meta"
+        if not isinstance(meta, dict) or not str(meta.get("format", "")).startswith("sparse_jax/"):
+            raise CheckpointDamaged(f"{where} is not sparse_jax metadata (format {FORMAT})")
+        try:
+            migrate.check_format(meta["format"], where)
+        except ValueError as err:
+            # Not damage: a newer checkpoint stays where it is.
+            raise CheckpointError(str(err)) from None
         return meta
 
     def restore_latest(self, target: Any, model_config: ModelConfig) -> Restored | None:
@@ -319,9 +355,22 @@ class Checkpointer:
                         f"checkpoint {step_dir} was written for a different model config: "
                         + "; ".join(diff)
                     )
-                state, data, _ = self._read(
-                    lambda s=step: self.restore(s, target), "train state", step_dir
-                )
+                if meta["format"] == migrate.FORMAT_1:
+                    state, data = self._read(
+                        lambda s=step: self.restore_format1(s, target), "train state", step_dir
+                    )
+                    log.warning(
+                        "checkpoint step %d is in format %s: converted to %s on reading (the "
+                        "files are unchanged; checkpoints saved from now on are in %s)",
+                        step,
+                        migrate.FORMAT_1,
+                        FORMAT,
+                        FORMAT,
+                    )
+                else:
+                    state, data, _ = self._read(
+                        lambda s=step: self.restore(s, target), "train state", step_dir
+                    )
                 return Restored(step=step, state=state, data=data, meta=meta)
             except CheckpointDamaged as err:
                 log.warning("checkpoint step %d is damaged (%s); trying an older one", step, err)

@@ -34,12 +34,14 @@ Batch = dict[str, jax.Array]
 
 @flax.struct.dataclass
 class TrainState:
-    """Everything a step changes: step count, parameters, optimizer state and RNG key."""
+    """Everything a step changes: step count, parameters and optimizer state.
+
+    The step draws no random numbers (no dropout), so the state holds no RNG key.
+    """
 
     step: jax.Array
     params: Params
     opt_state: Any
-    rng: jax.Array
 
 
 def init_train_state(
@@ -48,7 +50,7 @@ def init_train_state(
     seed: int,
     plan: ShardingPlan | None = None,
 ) -> TrainState:
-    """Step 0: parameters from ``seed``, a fresh optimizer state and the RNG key.
+    """Step 0: parameters from ``seed`` and a fresh optimizer state.
 
     With a ``plan`` every array is created in its sharded layout (see :func:`state_shardings`);
     the values equal the unsharded ones.
@@ -69,13 +71,14 @@ def state_initializer(
     """
 
     def build() -> TrainState:
-        init_key, rng = jax.random.split(jax.random.key(seed))
+        # The first half of the seed's split, as when the state also held a key: a seed
+        # gives the same initial parameters as it always did.
+        init_key = jax.random.split(jax.random.key(seed))[0]
         params = init_params(cfg, init_key)
         return TrainState(
             step=jnp.zeros((), jnp.int32),
             params=params,
             opt_state=jax.jit(optimizer.init)(params),
-            rng=jax.random.key_data(rng),
         )
 
     if plan is None:
@@ -86,13 +89,12 @@ def state_initializer(
 def state_shardings(state: TrainState, plan: ShardingPlan) -> TrainState:
     """NamedShardings for a (possibly abstract) state.
 
-    Parameters and optimizer moments follow the plan's rules; step and RNG are replicated.
+    Parameters and optimizer moments follow the plan's rules; the step is replicated.
     """
     return TrainState(
         step=plan.replicated,
         params=plan.tree_shardings(state.params),
         opt_state=plan.tree_shardings(state.opt_state),
-        rng=plan.replicated,
     )
 
 
@@ -204,8 +206,7 @@ def make_train_step(
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(state.rng))[0])
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=rng)
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state)
         # Soft-capped logits keep the loss finite after an update has already overflowed the
         # parameters, so the loss alone cannot tell the trainer a state is unfit to save.
         finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(p)) for p in jax.tree.leaves(params)]))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from tolerances import REORDER
 
-from sparse_jax.decode import policy as backend_policy
-from sparse_jax.decode.layout import linear, linear_rows
-from sparse_jax.decode.policy import ACCELERATOR, CPU, BackendPolicy, policy_for
+from sparse_jax import policy as backend_policy
+from sparse_jax.model.products import linear, linear_rows
+from sparse_jax.policy import ACCELERATOR, CPU, BackendPolicy, policy_for
 
 
 def test_each_backend_has_its_policy():

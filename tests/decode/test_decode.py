@@ -9,13 +9,9 @@ import pytest
 from decode_cases import BASE, CACHED, MASKED, VARIANTS, T, full_forward
 
 from sparse_jax.decode.cache import init_cache
-from sparse_jax.decode.layout import (
-    decode_param_shapes,
-    random_decode_params,
-    to_decode_params,
-)
-from sparse_jax.decode.step import DecodeOptions, decode_step, prefill
-from sparse_jax.model.transformer import init_params, unstack_layers
+from sparse_jax.decode.step import DecodeOptions, decode_params, decode_step, prefill
+from sparse_jax.model.transformer import abstract_params, init_params, unstack_layers
+from sparse_jax.model.weights import random_params
 
 
 def _setup(name, seed=0, b=2):
@@ -41,13 +37,13 @@ def _cached_logits(cfg, dparams, tokens, prompt_len, options):
 def test_cached_decode_equals_uncached_forward_past_the_window(name):
     cfg, params, tokens = _setup(name)
     want, _ = full_forward(cfg, params, jnp.asarray(tokens))
-    got = _cached_logits(cfg, to_decode_params(cfg, params), tokens, 8, MASKED)
+    got = _cached_logits(cfg, decode_params(cfg, params), tokens, 8, MASKED)
     np.testing.assert_allclose(got, np.asarray(want)[:, 7 : T - 1], **CACHED)
 
 
 def test_prefill_chunk_size_does_not_change_logits():
     cfg, params, tokens = _setup("spark", seed=2)
-    dparams = to_decode_params(cfg, params)
+    dparams = decode_params(cfg, params)
     whole, _, _ = prefill(cfg, dparams, init_cache(cfg, 2, T), tokens, None, MASKED)
     chunked, _, _ = prefill(
         cfg, dparams, init_cache(cfg, 2, T), tokens, None, DecodeOptions("masked", prefill_chunk=T)
@@ -57,7 +53,7 @@ def test_prefill_chunk_size_does_not_change_logits():
 
 def test_left_padded_rows_equal_rows_prefilled_alone():
     cfg, params, tokens = _setup("spark", seed=3)
-    dparams = to_decode_params(cfg, params)
+    dparams = decode_params(cfg, params)
     lengths = np.array([8, 4])
     cache = init_cache(cfg, 2, T)
     logits, cache, _ = prefill(cfg, dparams, cache, tokens[:, :8], lengths, MASKED)
@@ -72,22 +68,36 @@ def test_left_padded_rows_equal_rows_prefilled_alone():
         np.testing.assert_allclose(logits2[row], want2[0], **CACHED)
 
 
-def test_decode_layout_from_scanned_and_unscanned_params_agree():
+def _shapes(tree):
+    return jax.tree.map(lambda a: (a.shape, a.dtype), tree)
+
+
+def test_decode_params_of_scanned_and_unscanned_params_agree():
     cfg, params, _ = _setup("spark")
-    scanned = to_decode_params(cfg, params)
-    unscanned = to_decode_params(cfg, unstack_layers(params, cfg.num_layers))
+    scanned = decode_params(cfg, params)
+    unscanned = decode_params(cfg, unstack_layers(params, cfg.num_layers))
     jax.tree.map(np.testing.assert_array_equal, scanned, unscanned)
-    assert jax.tree.map(jnp.shape, scanned) == decode_param_shapes(cfg)
+    # The same weights, one layer per entry: no re-layout.
+    unstacked_cfg = dataclasses.replace(cfg, scan_layers=False)
+    assert _shapes(scanned) == _shapes(abstract_params(unstacked_cfg))
+    cast = decode_params(cfg, params, dtype="bfloat16")
+    assert {leaf.dtype for leaf in jax.tree.leaves(cast)} == {jnp.dtype("bfloat16")}
+    assert _shapes(cast) == _shapes(
+        abstract_params(dataclasses.replace(unstacked_cfg, param_dtype="bfloat16"))
+    )
 
 
 @pytest.mark.parametrize("name", ["spark", "dense"])
-def test_random_decode_params_have_the_layout_and_dtype(name):
-    cfg = dataclasses.replace(VARIANTS[name], param_dtype="bfloat16")
-    params = random_decode_params(cfg, seed=1)
-    assert jax.tree.map(jnp.shape, params) == decode_param_shapes(cfg)
-    assert {leaf.dtype for leaf in jax.tree.leaves(params)} == {jnp.dtype("bfloat16")}
-    std = float(jnp.std(params["blocks"][0]["wqkv"].astype(jnp.float32)))
-    assert abs(std - cfg.model_dim**-0.5) < 0.2 * cfg.model_dim**-0.5
+def test_random_params_have_the_model_layout_and_init_scale(name):
+    cfg = dataclasses.replace(VARIANTS[name], param_dtype="bfloat16", scan_layers=False)
+    params = random_params(cfg, seed=1)
+    assert _shapes(params) == _shapes(abstract_params(cfg))
+    # Every weight's spread matches the model's initialiser (truncated normal, or normal for
+    # the embedding; norm scales are zero).
+    init = init_params(cfg, jax.random.key(0))
+    for got, want in zip(jax.tree.leaves(params), jax.tree.leaves(init), strict=True):
+        g, w = (float(jnp.std(a.astype(jnp.float32))) for a in (got, want))
+        assert abs(g - w) <= 0.2 * w + 1e-9, (g, w)
 
 
 def test_bfloat16_weights_match_the_forward_with_the_same_weights():
@@ -96,15 +106,15 @@ def test_bfloat16_weights_match_the_forward_with_the_same_weights():
     tokens = np.asarray(jax.random.randint(jax.random.key(6), (1, T), 0, cfg.vocab_size))
     want, _ = full_forward(cfg, params, jnp.asarray(tokens))
     sparse = DecodeOptions("sparse", prefill_chunk=16)
-    got = _cached_logits(cfg, to_decode_params(cfg, params), tokens, 16, sparse)
+    got = _cached_logits(cfg, decode_params(cfg, params), tokens, 16, sparse)
     np.testing.assert_allclose(got, np.asarray(want)[:, 15 : T - 1], rtol=1e-3, atol=1e-3)
 
 
 def test_bad_input_raises_clear_errors():
     cfg, params, tokens = _setup("spark")
-    dparams = to_decode_params(cfg, params)
+    dparams = decode_params(cfg, params)
     cache = init_cache(cfg, 2, T)
-    with pytest.raises(ValueError, match="decode layout"):
+    with pytest.raises(ValueError, match="unstacked layers"):
         prefill(cfg, params, cache, tokens[:, :4])
     with pytest.raises(ValueError, match="out of range"):
         prefill(cfg, dparams, cache, np.full((2, 4), cfg.vocab_size))

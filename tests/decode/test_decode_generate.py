@@ -6,8 +6,8 @@ import pytest
 from decode_cases import BASE, MASKED, T
 
 from sparse_jax.decode.generate import generate, stream
-from sparse_jax.decode.layout import to_decode_params
 from sparse_jax.decode.sampling import Sampler
+from sparse_jax.decode.step import decode_params
 from sparse_jax.model.transformer import init_params
 
 NEW = 8
@@ -15,7 +15,7 @@ NEW = 8
 
 @pytest.fixture(scope="module")
 def model():
-    params = to_decode_params(BASE, init_params(BASE, jax.random.key(0)))
+    params = decode_params(BASE, init_params(BASE, jax.random.key(0)))
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 8), 0, BASE.vocab_size))
     # Lengths that are multiples of the prefill chunk share one compiled chunk shape.
     return params, [tokens[0].tolist(), tokens[1, :4].tolist()]

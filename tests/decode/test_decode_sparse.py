@@ -11,16 +11,9 @@ from tolerances import F32_VS_F64
 from pallas_kernels.sparse_ffn.xla import sparse_ffn as sparse_ffn_gathered
 from pallas_kernels.topk_attention.xla import topk_attention as topk_attention_gathered
 from sparse_jax.decode.cache import init_cache
-from sparse_jax.decode.ffn import ffn_mode
-from sparse_jax.decode.gather import (
-    capacity,
-    compact,
-    sparse_ffn_union,
-    union_capacity,
-)
 from sparse_jax.decode.generate import generate
-from sparse_jax.decode.layout import to_decode_params
-from sparse_jax.decode.step import DecodeOptions, decode_step, prefill
+from sparse_jax.decode.step import DecodeOptions, decode_params, decode_step, ffn_mode, prefill
+from sparse_jax.model.selection import capacity, compact, sparse_ffn_union, union_capacity
 from sparse_jax.model.transformer import init_params
 
 PROMPT = 8
@@ -40,7 +33,7 @@ def _decode_all(cfg, dparams, tokens, options):
 
 def _model(name, batch, seed=0):
     cfg = VARIANTS[name]
-    params = to_decode_params(cfg, init_params(cfg, jax.random.key(seed)))
+    params = decode_params(cfg, init_params(cfg, jax.random.key(seed)))
     tokens = np.asarray(jax.random.randint(jax.random.key(seed + 7), (batch, T), 0, 97))
     return cfg, params, tokens
 

@@ -25,11 +25,10 @@ from tolerances import F32_VS_F64
 from pallas_kernels.stat_topk import api as stat_topk_api
 from pallas_kernels.stat_topk.xla import statistical_topk, statistical_topk_mask
 from sparse_jax import forward, init_params
-from sparse_jax.decode.attention import spark_keep
 from sparse_jax.decode.cache import init_cache
-from sparse_jax.decode.layout import to_decode_params
-from sparse_jax.decode.step import DecodeOptions, decode_step, prefill
+from sparse_jax.decode.step import DecodeOptions, decode_params, decode_step, prefill
 from sparse_jax.kernels import Kernels
+from sparse_jax.model.attention import spark_keep
 from sparse_jax.model.layers import safe_softmax, softcap
 
 D, K = 64, 8
@@ -181,8 +180,8 @@ def test_decode_keep_mask_matches_the_oracle():
     cfg = dataclasses.replace(model_variants((True,), (True,))["spark"], attn_top_k=K)
     names = list(ROWS)
     x, valid, keep, _ = _batch(names)
-    # The decode layout: scores [B, K, G, T, S] and validity [B, T, S]; one query per row.
-    got = spark_keep(cfg, jnp.asarray(x)[:, None, None, None, :], jnp.asarray(valid)[:, None], True)
+    # The cache layout: scores [B, K, G, T, S] and validity [B, T, S]; one query per row.
+    got = spark_keep(cfg, jnp.asarray(x)[:, None, None, None, :], jnp.asarray(valid)[:, None])
     np.testing.assert_array_equal(np.asarray(got)[:, 0, 0, 0], keep)
 
 
@@ -248,7 +247,7 @@ def test_decode_with_a_zero_input_vector_equals_the_forward(path):
     params = _zero_token_params(cfg)
     tokens = np.asarray(ZERO_TOKENS)
     want, _ = jax.jit(lambda p: forward(cfg, p, jnp.asarray(tokens)))(params)
-    dparams = to_decode_params(cfg, params)
+    dparams = decode_params(cfg, params)
     cache = init_cache(cfg, 1, tokens.shape[1])
     masked = DecodeOptions("masked")
     first, cache, _ = prefill(cfg, dparams, cache, tokens[:, :4], None, masked)

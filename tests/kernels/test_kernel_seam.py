@@ -17,8 +17,13 @@ from tolerances import F32_VS_F64
 
 from pallas_kernels._common.dispatch import ImplementationUnavailableError
 from sparse_jax.decode.cache import init_cache
-from sparse_jax.decode.layout import to_decode_params
-from sparse_jax.decode.step import DecodeOptions, _decode_compute, decode_step, prefill
+from sparse_jax.decode.step import (
+    DecodeOptions,
+    _decode_compute,
+    decode_params,
+    decode_step,
+    prefill,
+)
 from sparse_jax.kernels import Kernels
 from sparse_jax.model.transformer import forward, init_params
 from sparse_jax.parallel.sharding import ShardingPlan, ShardingRules, make_mesh
@@ -72,7 +77,7 @@ def test_training_gradients_with_the_tpu_kernels_equal_xla():
 def test_sparse_decode_steps_with_the_tpu_kernels_equal_xla():
     cfg = BASE
     params, tokens = _inputs(cfg, seed=5)
-    dparams = to_decode_params(cfg, params)
+    dparams = decode_params(cfg, params)
     tokens = np.asarray(tokens)
     results = {}
     for implementation, interpret in (("xla", False), ("pallas_tpu", True)):
@@ -82,8 +87,9 @@ def test_sparse_decode_steps_with_the_tpu_kernels_equal_xla():
         cache = init_cache(cfg, 2, T)
         _, cache, _ = prefill(cfg, dparams, cache, tokens[:, :6], None, options)
         step = functools.partial(_decode_compute, cfg, options)
+        lookup = dparams["embedder"]["embedding"]
         kernel_names = re.findall(
-            r"name=(\w+_tpu)", str(jax.make_jaxpr(step)(dparams, cache, tokens[:, 6]))
+            r"name=(\w+_tpu)", str(jax.make_jaxpr(step)(dparams, lookup, cache, tokens[:, 6]))
         )
         assert sorted(set(kernel_names)) == (
             ["sparse_ffn_tpu", "topk_attention_tpu"] if interpret else []

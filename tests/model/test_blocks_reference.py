@@ -54,7 +54,7 @@ def test_spark_ffn_matches_transcription():
     x = jax.random.normal(jax.random.key(0), (2, 5, CFG.model_dim))
     module = SparkFFN(CFG)
     params = module.init(jax.random.key(1), x, True)
-    got, _ = module.apply(params, x, True)
+    got, active, _ = module.apply(params, x, True)
     p = {k: np.asarray(v, np.float64) for k, v in params["params"].items()}
     r, k = CFG.ffn_predictor_dim, CFG.ffn_keep_count
     z = NormalDist().inv_cdf(1 - k / CFG.ffn_dim)
@@ -62,11 +62,12 @@ def test_spark_ffn_matches_transcription():
     for b in range(2):
         for t in range(5):
             xt = np.asarray(x[b, t], np.float64)
-            pre = xt[:r] @ p["k1"]  # [F]
+            pre = p["k1"] @ xt[:r]  # K1 [F, R]: [F]
             theta = pre.mean() + z * pre.std()
             act = gelu_tanh(np.maximum(pre - theta, 0))
             value = p["k2"] @ xt[r:]  # [F]
             want[b, t] = (act * value) @ p["v"]
+            assert active[b, t] == np.count_nonzero(act)
     np.testing.assert_allclose(np.asarray(got), want, **F32_VS_F64)
 
 
@@ -75,10 +76,11 @@ def test_gated_ffn_matches_transcription():
     x = jax.random.normal(jax.random.key(2), (1, 3, cfg.model_dim))
     module = GatedFFN(cfg)
     params = module.init(jax.random.key(3), x, True)
-    got, _ = module.apply(params, x, True)
+    got, *_ = module.apply(params, x, True)
     p = {k: np.asarray(v, np.float64) for k, v in params["params"].items()}
     xs = np.asarray(x, np.float64)
-    want = (gelu_tanh(xs @ p["w_gate"]) * (xs @ p["w_up"])) @ p["w_down"]
+    # W_gate, W_up [F, D] and W_down [D, F]: each weight's inputs on its last axis.
+    want = (gelu_tanh(xs @ p["w_gate"].T) * (xs @ p["w_up"].T)) @ p["w_down"].T
     np.testing.assert_allclose(np.asarray(got), want, **F32_VS_F64)
 
 
@@ -91,9 +93,9 @@ def _attention_transcription(cfg, p, x, window, sparse):
     out = np.zeros((b_sz, t_sz, n, h))
     for b in range(b_sz):
         xs = x[b]
-        q = np.einsum("td,dnh->tnh", xs, p["wq"])
-        k = np.einsum("td,dkh->tkh", xs, p["wk"])
-        v = np.einsum("td,dkh->tkh", xs, p["wv"])
+        q = np.einsum("td,nhd->tnh", xs, p["wq"])
+        k = np.einsum("td,khd->tkh", xs, p["wk"])
+        v = np.einsum("td,khd->tkh", xs, p["wv"])
         for head in range(n):
             kvh = head // g  # GQA: query heads [kvh*g, (kvh+1)*g) share kv head kvh
             for t in range(t_sz):
@@ -119,7 +121,7 @@ def _attention_transcription(cfg, p, x, window, sparse):
                     e = np.exp(s - s.max())
                     w = e / e.sum()
                 out[b, t, head] = sum(w[i] * v[j, kvh] for i, j in enumerate(keys))
-    return np.einsum("btnh,nhd->btd", out, p["wo"])
+    return np.einsum("btnh,dnh->btd", out, p["wo"])
 
 
 @pytest.mark.parametrize("kind", ["spark", "dense"])
@@ -131,7 +133,7 @@ def test_attention_matches_transcription(kind, window):
     pos = jnp.broadcast_to(jnp.arange(t), (2, t))
     module = Attention(cfg)
     params = module.init(jax.random.key(5), x, pos, jnp.int32(window), jnp.bool_(True))
-    got, _ = module.apply(params, x, pos, jnp.int32(window), jnp.bool_(True))
+    got, *_ = module.apply(params, x, pos, jnp.int32(window), jnp.bool_(True))
     p = {k: np.asarray(v, np.float64) for k, v in params["params"].items()}
     want = _attention_transcription(cfg, p, np.asarray(x, np.float64), window, kind == "spark")
     np.testing.assert_allclose(np.asarray(got), want, **F32_VS_F64)
@@ -144,9 +146,10 @@ def test_spark_attention_keeps_about_top_k_keys():
     pos = jnp.arange(t)[None]
     module = Attention(cfg)
     params = module.init(jax.random.key(7), x, pos, jnp.int32(1000), jnp.bool_(True))
-    _, keys = module.apply(params, x, pos, jnp.int32(1000), jnp.bool_(True))
+    _, _, keys, _ = module.apply(params, x, pos, jnp.int32(1000), jnp.bool_(True))
     # Rows with <= 8 valid keys keep them all; the rest keep about 8.
-    assert 5 < float(keys) < 12
+    assert keys.shape == (1, cfg.num_heads, t)
+    assert 5 < float(jnp.mean(keys)) < 12
 
 
 def test_attention_mask_is_causal_and_windowed():

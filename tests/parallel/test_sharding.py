@@ -103,7 +103,7 @@ def test_train_state_is_created_sharded():
     for array, sharding in zip(jax.tree.leaves(state), jax.tree.leaves(want), strict=True):
         assert array.sharding == sharding
     k1 = state.params["layers"]["ffn"]["k1"]
-    assert k1.addressable_shards[0].data.shape == (2, 8, 48)  # [L, R/fsdp, F/tensor]
+    assert k1.addressable_shards[0].data.shape == (2, 48, 8)  # [L, F/tensor, R/fsdp]
     mu = state.opt_state[1][0].mu["layers"]["ffn"]["k1"]
     assert mu.sharding == k1.sharding
     reference = init_train_state(cfg, optimizer, 0)
@@ -177,10 +177,10 @@ def test_tensor_parallel_spark_ffn_reduces_moments_and_never_gathers_activations
     x = jax.random.normal(jax.random.key(0), (b, t, d))
     params = ffn.init(jax.random.key(1), x, True)["params"]
     params = jax.device_put(params, plan.tree_shardings({"ffn": params})["ffn"])
-    assert params["k1"].addressable_shards[0].data.shape == (r, cfg.ffn_dim // 8)
+    assert params["k1"].addressable_shards[0].data.shape == (cfg.ffn_dim // 8, r)
 
     def forward(p, x):
-        y, active = ffn.apply({"params": p}, x, True)
+        y, active, _ = ffn.apply({"params": p}, x, True)
         return plan.constrain(y, RESIDUAL), active
 
     def loss(p, x):

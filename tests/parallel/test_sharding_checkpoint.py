@@ -53,7 +53,7 @@ def test_checkpoints_move_between_one_and_eight_devices(tmp_path, caplog):
         _assert_same_values(split.params, whole.params)
         k1 = split.params["layers"]["ffn"]["k1"]
         assert k1.sharding == plan.tree_shardings(split.params)["layers"]["ffn"]["k1"]
-        assert k1.addressable_shards[0].data.shape == (2, 8, 48)  # [L, R/fsdp, F/tensor]
+        assert k1.addressable_shards[0].data.shape == (2, 48, 8)  # [L, F/tensor, R/fsdp]
         split_tokens = jax.device_put(tokens, plan.sharding(TOKENS, tokens.shape))
         np.testing.assert_allclose(
             _logits(split, split_tokens, plan), _logits(whole, tokens), **SHARDED_LOGITS

@@ -13,9 +13,14 @@ from tolerances import F32_VS_F64
 
 from sparse_jax.decode.cache import init_cache
 from sparse_jax.decode.generate import generate
-from sparse_jax.decode.layout import to_decode_params
 from sparse_jax.decode.sampling import GREEDY, Sampler, sample, step_keys
-from sparse_jax.decode.step import DecodeOptions, decode_step, decode_step_jit, prefill
+from sparse_jax.decode.step import (
+    DecodeOptions,
+    decode_params,
+    decode_step,
+    decode_step_jit,
+    prefill,
+)
 from sparse_jax.model.transformer import init_params
 from sparse_jax.serve.engine import SERVING_OPTIONS, Engine
 from sparse_jax.serve.row_sampling import RowSettings, sample_rows, settings_arrays
@@ -36,7 +41,7 @@ OPTIONS = DecodeOptions(prefill_chunk=4)
 @pytest.fixture(scope="module", params=["spark", "dense"])
 def model(request):
     cfg = VARIANTS[request.param]
-    return cfg, to_decode_params(cfg, init_params(cfg, jax.random.key(0)))
+    return cfg, decode_params(cfg, init_params(cfg, jax.random.key(0)))
 
 
 def _prompts(cfg, count, seed=0):

@@ -1,4 +1,4 @@
-"""Gathered computation of the sparse decode path: capacities, compaction and row gathers.
+"""Selections of the sparse decode path: capacities, compaction and the union row gather.
 
 The sparse path first turns a boolean keep mask (active FFN neurons, or kept keys of a query
 head) into a fixed number of indices, a static capacity sized from statistical top-k's error
@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common.rows import gather_rows
-from sparse_jax.decode.layout import linear, linear_rows
+from sparse_jax.model.products import linear, linear_rows
 
 
 def capacity(keep_count: int, width: int, slack: float) -> int:
