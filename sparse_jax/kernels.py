@@ -16,19 +16,27 @@ statistical top-k with its closed-form backward), the same code the op's API run
 never a silent fallback. ``interpret=True`` runs an explicit Pallas implementation in Pallas
 interpret mode on any backend (the tests use it on CPU to check the model end to end).
 
-With a ``mesh``, kernel calls run per shard under ``jax.shard_map`` with their leading (batch)
-axis split over ``batch_axes`` and the reduced axes whole on each shard.
+With a ``mesh``, kernel calls run per shard under ``jax.shard_map``. With sharding ``rules``
+(the model passes its plan's), each operand is split as the rules split its logical axes, the
+same rules as the parameters: under tensor parallelism the FFN width and the attention heads
+stay split. A statistical top-k whose reduced axis is split (the FFN width over a tensor axis)
+runs the op's XLA code per shard with ``axis_name``: its moments and cap are combined by
+``psum``/``pmax`` of per-row scalars inside the mapped function, never an all-gather of the
+row. Without rules the leading (batch) axis is split over ``batch_axes`` and every other axis
+is whole on each shard.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
+from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels._common import dispatch
+from pallas_kernels._common import sharding as kernel_sharding
 from pallas_kernels.sparse_ffn import api as sparse_ffn_api
 from pallas_kernels.sparse_ffn import xla as sparse_ffn_xla
 from pallas_kernels.stat_topk import api as stat_topk_api
@@ -47,13 +55,17 @@ class Kernels:
       implementation: ``"auto"``, ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"``.
       interpret: run an explicit Pallas implementation in Pallas interpret mode.
       mesh: when set, kernel calls run per shard over this mesh.
-      batch_axes: mesh axes that split the leading axis of each kernel operand.
+      batch_axes: mesh axes that split the leading axis of each kernel operand (without
+        ``rules``).
+      rules: logical-axis sharding rules (:class:`sparse_jax.parallel.sharding.ShardingRules`)
+        that split each operand of the statistical top-k by its logical axes.
     """
 
     implementation: str = "auto"
     interpret: bool = False
     mesh: Mesh | None = None
     batch_axes: tuple[str, ...] = ("data",)
+    rules: Any = None
 
     def __post_init__(self) -> None:
         if self.implementation not in IMPLEMENTATIONS:
@@ -97,16 +109,63 @@ class Kernels:
             return False
         return True
 
+    def _spec(self, shape: tuple[int, ...], logical: tuple[str | None, ...] | None) -> Any:
+        """The PartitionSpec of a kernel operand on :attr:`mesh`."""
+        if self.rules is None or logical is None:
+            return PartitionSpec(kernel_sharding.batch_entry(self.batch_axes))
+        return self.rules.spec(logical, shape, dict(self.mesh.shape))
+
+    def _stat_topk(
+        self, x: jax.Array, k: int, valid: jax.Array | None, form: str, logical: Any
+    ) -> jax.Array:
+        """The Pallas statistical top-k, per shard when there is a mesh."""
+        name = self.resolved()
+        if self.mesh is None:
+            return stat_topk_api.statistical_topk(
+                x, k, valid=valid, form=form, implementation=name, interpret=self.interpret
+            )
+        spec = self._spec(x.shape, logical)
+        split = (tuple(spec) + (None,) * x.ndim)[x.ndim - 1]
+        in_specs = (spec, None if valid is None else spec)
+        if split is None:
+            # Whole rows on every shard: the kernel runs per shard as is.
+            def per_shard(x_, valid_):
+                return stat_topk_api.statistical_topk(
+                    x_, k, valid=valid_, form=form, implementation=name, interpret=self.interpret
+                )
+
+            return kernel_sharding.maybe_shard_map(per_shard, self.mesh, in_specs, spec)(x, valid)
+        # The reduced axis is split: per-row moments and cap are combined across its shards.
+        xla_fn = stat_topk_xla.statistical_topk
+        if form == "mask":
+            xla_fn = stat_topk_xla.statistical_topk_mask
+
+        def per_shard_xla(x_, valid_):
+            return xla_fn(x_, k, valid=valid_, axis_name=split)
+
+        return jax.shard_map(per_shard_xla, mesh=self.mesh, in_specs=in_specs, out_specs=spec)(
+            x, valid
+        )
+
     def soft_topk(
-        self, x: jax.Array, k: int, *, enabled: jax.Array | bool = True, method: str = "statistical"
+        self,
+        x: jax.Array,
+        k: int,
+        *,
+        enabled: jax.Array | bool = True,
+        method: str = "statistical",
+        logical: tuple[str | None, ...] | None = None,
     ) -> jax.Array:
         """Soft statistical top-k ``max(x - theta, 0)`` over the last axis of x [..., d].
 
-        ``enabled`` (a traced bool is fine) false returns x unchanged. Differentiable.
+        ``enabled`` (a traced bool is fine) false returns x unchanged. ``logical`` names x's
+        axes for the sharding rules. Differentiable.
         """
         if not self._use_kernel(method):
             return stat_topk_xla.statistical_topk(x, k, enabled=enabled, method=method)
-        out = stat_topk_api.statistical_topk(x, k, form="soft", **self._kernel_args())
+        if k >= x.shape[-1]:
+            return x
+        out = self._stat_topk(x, k, None, "soft", logical)
         return jnp.where(enabled, out, x)
 
     def mask_topk(
@@ -117,18 +176,19 @@ class Kernels:
         valid: jax.Array,
         enabled: jax.Array | bool = True,
         method: str = "statistical",
+        logical: tuple[str | None, ...] | None = None,
     ) -> jax.Array:
         """Mask form ``where(x >= theta, x, -inf)`` over valid entries of x [..., d].
 
         ``valid`` broadcasts to x; invalid entries give -inf; ``enabled`` false keeps every
-        valid entry.
+        valid entry. ``logical`` names x's axes for the sharding rules.
         """
         if not self._use_kernel(method):
             return stat_topk_xla.statistical_topk_mask(
                 x, k, valid=valid, enabled=enabled, method=method
             )
         valid = jnp.broadcast_to(valid, x.shape)
-        out = stat_topk_api.statistical_topk(x, k, valid=valid, form="mask", **self._kernel_args())
+        out = self._stat_topk(x, k, valid, "mask", logical)
         return jnp.where(enabled, out, jnp.where(valid, x, -jnp.inf))
 
     def sparse_ffn(

@@ -38,6 +38,8 @@ from sparse_jax.model.weights import ATTENTION, declare
 from sparse_jax.policy import policy_for
 
 Segment = dict[str, jax.Array]
+# Logical axes of the scores per query head [B, N, T, S] (for the kernel seam's sharding).
+SCORES = ("batch", "heads", "seq", None)
 
 
 def attention_mask(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array | int) -> jax.Array:
@@ -208,13 +210,15 @@ def attend_masked(
     b, kv, g, t, _ = qg.shape
     if cfg.attn_kind == "spark":
         scores = spark_scores(cfg, qg, segments)
+        # Per query head [B, N, T, S]: the heads axis is split as the projections' heads are.
         kept = kernels.mask_topk(
-            scores,
+            scores.reshape(b, kv * g, t, -1),
             cfg.attn_top_k,
-            valid=valid[:, None, None],
+            valid=valid[:, None],
             enabled=enabled,
             method=cfg.topk_method,
-        )
+            logical=SCORES,
+        ).reshape(scores.shape)
         gate = _scores(_gate_query(cfg, qg), segments, "k_rest")
         weights = _softmax(kept, guarded) * jax.nn.softplus(gate)
         count = jnp.sum(jnp.isfinite(kept), axis=-1, dtype=jnp.float32).reshape(b, kv * g, t)

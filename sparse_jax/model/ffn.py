@@ -26,6 +26,7 @@ from sparse_jax.model.layers import dtype_of
 from sparse_jax.model.products import linear, linear_many, linear_rows
 from sparse_jax.model.selection import compact, sparse_ffn_union
 from sparse_jax.model.weights import GATED_FFN, SPARK_FFN, declare
+from sparse_jax.parallel.sharding import FFN_HIDDEN
 
 FFN_MODES = ("masked", "per_token", "union")
 
@@ -94,7 +95,11 @@ class SparkFFN(nn.Module):
         if mode == "masked":
             act = gelu(
                 self.kernels.soft_topk(
-                    pre, cfg.ffn_keep_count, enabled=enabled, method=cfg.topk_method
+                    pre,
+                    cfg.ffn_keep_count,
+                    enabled=enabled,
+                    method=cfg.topk_method,
+                    logical=FFN_HIDDEN,
                 )
             )
             value = linear(x[..., r:], self.k2, dtype)

@@ -147,8 +147,8 @@ class Transformer(nn.Module):
       plan: mesh and sharding rules; activations at block boundaries are constrained to it.
         ``None`` (one device) adds no constraint.
       kernels: implementation of the sparse ops (:mod:`sparse_jax.kernels`). With a plan and
-        a Pallas implementation, kernel calls run per shard over the plan's mesh, split along
-        the batch.
+        a Pallas implementation, kernel calls run per shard over the plan's mesh, their
+        operands split by the plan's rules (batch, FFN width, heads).
       unrolled: the cached-step form that :meth:`extend` needs: one block per layer
         (parameters ``layers_i``) even when ``cfg.scan_layers`` (each layer's cache and
         choices are static), and no rematerialisation (nothing is differentiated).
@@ -164,7 +164,10 @@ class Transformer(nn.Module):
         kernels = self.kernels
         if self.plan is not None and kernels.mesh is None and kernels.resolved() != "xla":
             kernels = dataclasses.replace(
-                kernels, mesh=self.plan.mesh, batch_axes=self.plan.rules.mesh_axes("batch")
+                kernels,
+                mesh=self.plan.mesh,
+                batch_axes=self.plan.rules.mesh_axes("batch"),
+                rules=self.plan.rules,
             )
         scanned = cfg.scan_layers and not self.unrolled
         block = Block
