@@ -23,8 +23,6 @@ import jax.numpy as jnp
 
 from sparse_jax.policy import policy_for
 
-_LETTERS = "abcdefgh"
-
 
 def linear(
     x: jax.Array,
@@ -50,11 +48,16 @@ def linear(
     rows = math.prod(lead)
     form = _form(rows, w.dtype)
     if form == "dot":
-        # No reshapes: under a sharding plan each axis keeps its own partitioning.
-        spec = f"...i,{_LETTERS[: len(outs)]}i->...{_LETTERS[: len(outs)]}"
-        return jnp.einsum(
-            spec, x.astype(dtype), w.astype(dtype), preferred_element_type=jnp.float32
+        # x keeps its leading axes (under a sharding plan each keeps its partitioning); the
+        # weight's output axes are merged, a free reshape: with two output axes left apart
+        # XLA:CPU's matvec of q [8, 256, 2304], k and v took 17 ms against 0.84 ms.
+        y = jnp.einsum(
+            "...i,oi->...o",
+            x.astype(dtype),
+            w.reshape(math.prod(outs), width).astype(dtype),
+            preferred_element_type=jnp.float32,
         )
+        return y.reshape(*lead, *outs)
     # Fenced: fused producers would run once per output.
     x2 = _fence(x.reshape(rows, width).astype(jnp.float32), after)
     w2 = w.reshape(math.prod(outs), width)

@@ -41,6 +41,30 @@ def test_cached_decode_equals_uncached_forward_past_the_window(name):
     np.testing.assert_allclose(got, np.asarray(want)[:, 7 : T - 1], **CACHED)
 
 
+@pytest.mark.parametrize(
+    ("name", "batch", "options"),
+    [
+        ("spark", 1, DecodeOptions("sparse", prefill_chunk=4)),
+        ("spark", 8, DecodeOptions("sparse", batch_mode="union", prefill_chunk=4)),
+        pytest.param(
+            "spark",
+            8,
+            DecodeOptions("sparse", batch_mode="per_token", prefill_chunk=4),
+            marks=pytest.mark.slow,
+        ),
+        pytest.param("dense", 8, MASKED, marks=pytest.mark.slow),
+        # Capacity 1 overflows every selection: each step takes the masked fallback.
+        ("spark", 8, DecodeOptions("sparse", ffn_capacity=1, attn_capacity=1, prefill_chunk=4)),
+    ],
+    ids=["spark-b1-sparse", "spark-b8-union", "spark-b8-per-token", "dense-b8", "overflow-b8"],
+)
+def test_decode_steps_equal_the_full_forward(name, batch, options):
+    cfg, params, tokens = _setup(name, seed=9, b=batch)
+    want, _ = full_forward(cfg, params, jnp.asarray(tokens))
+    got = _cached_logits(cfg, decode_params(cfg, params), tokens, 8, options)
+    np.testing.assert_allclose(got, np.asarray(want)[:, 7 : T - 1], **CACHED)
+
+
 def test_prefill_chunk_size_does_not_change_logits():
     cfg, params, tokens = _setup("spark", seed=2)
     dparams = decode_params(cfg, params)

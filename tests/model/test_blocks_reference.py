@@ -124,8 +124,16 @@ def _attention_transcription(cfg, p, x, window, sparse):
     return np.einsum("btnh,dnh->btd", out, p["wo"])
 
 
-@pytest.mark.parametrize("kind", ["spark", "dense"])
-@pytest.mark.parametrize("window", [5, 1000])
+# Windowed Spark and global dense by default (the float64 loops are slow); the rest is slow.
+@pytest.mark.parametrize(
+    ("kind", "window"),
+    [
+        ("spark", 5),
+        ("dense", 1000),
+        pytest.param("spark", 1000, marks=pytest.mark.slow),
+        pytest.param("dense", 5, marks=pytest.mark.slow),
+    ],
+)
 def test_attention_matches_transcription(kind, window):
     cfg = dataclasses.replace(CFG, attn_kind=kind)
     t = 11

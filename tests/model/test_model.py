@@ -48,7 +48,8 @@ def test_causality_through_gradients(name):
         assert per_position[t] > 0
 
 
-@pytest.mark.parametrize("name", ["spark", pytest.param("dense", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["spark", "dense"])
 def test_jit_equals_eager(name):
     cfg = VARIANTS[name]
     params = init_params(cfg, jax.random.key(1))

@@ -171,7 +171,10 @@ def collectives(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
     return found
 
 
-@pytest.mark.parametrize("implementation", ["xla", "pallas_tpu"])
+# The Pallas variant is slow: the whole-model test below runs the Pallas path under TP.
+@pytest.mark.parametrize(
+    "implementation", ["xla", pytest.param("pallas_tpu", marks=pytest.mark.slow)]
+)
 def test_tensor_parallel_spark_ffn_reduces_moments_and_never_gathers_activations(implementation):
     cfg = override(get_model_config("tiny"), MICRO_MODEL_GQA)
     plan = ShardingPlan(make_mesh("tensor=8"))

@@ -6,6 +6,7 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 import sharding_cases as cases
 from micro_configs import MICRO_MODEL
 from tolerances import SHARDED_LOGITS
@@ -32,6 +33,9 @@ def _assert_same_values(a, b):
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
+# Slow: tests/serve/test_loading.py loads an 8-device checkpoint on one device, and
+# tests/train/test_migrate.py loads a checkpoint sharded over 8 devices, in the default run.
+@pytest.mark.slow
 def test_checkpoints_move_between_one_and_eight_devices(tmp_path, caplog):
     model = override(get_model_config("tiny"), MICRO_MODEL)
     tc = override(get_train_config("tiny"), [*cases.MICRO_TRAIN, "steps=2"])
