@@ -99,15 +99,6 @@ def init_cache(
     )
 
 
-def split_keys(cfg: ModelConfig, k: jax.Array) -> dict[str, jax.Array]:
-    """Rotated keys [B, T, K, H] -> the cache's key entries, each [B, K, T, width]."""
-    k = jnp.swapaxes(k, 1, 2)
-    if cfg.attn_kind == "spark":
-        r = cfg.attn_predictor_dim
-        return {"k_pred": k[..., :r], "k_rest": k[..., r:]}
-    return {"k": k}
-
-
 def write_one(layer: dict[str, jax.Array], new: dict[str, jax.Array], slot: jax.Array) -> dict:
     """Writes one slot-time per row in place (with a donated cache).
 
