@@ -34,7 +34,7 @@ from sparse_jax.model.config import ModelConfig
 from sparse_jax.model.layers import dtype_of, safe_softmax, softcap, split_rope
 from sparse_jax.model.products import linear, linear_many
 from sparse_jax.model.selection import compact
-from sparse_jax.model.weights import ATTENTION, declare
+from sparse_jax.model.weights import ATTENTION, declare_all
 from sparse_jax.policy import policy_for
 
 Segment = dict[str, jax.Array]
@@ -311,8 +311,7 @@ class Attention(nn.Module):
     kernels: Kernels = DEFAULT_KERNELS
 
     def setup(self) -> None:
-        for name, weight in ATTENTION.items():
-            setattr(self, name, declare(self, self.cfg, name, weight))
+        declare_all(self, self.cfg, ATTENTION)
 
     def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H]."""

@@ -25,7 +25,7 @@ from sparse_jax.model.config import ModelConfig
 from sparse_jax.model.layers import dtype_of
 from sparse_jax.model.products import linear, linear_many, linear_rows
 from sparse_jax.model.selection import compact, sparse_ffn_union
-from sparse_jax.model.weights import GATED_FFN, SPARK_FFN, declare
+from sparse_jax.model.weights import GATED_FFN, SPARK_FFN, declare_all
 from sparse_jax.parallel.sharding import FFN_HIDDEN
 
 FFN_MODES = ("masked", "per_token", "union")
@@ -42,8 +42,7 @@ class GatedFFN(nn.Module):
     cfg: ModelConfig
 
     def setup(self) -> None:
-        for name, weight in GATED_FFN.items():
-            setattr(self, name, declare(self, self.cfg, name, weight))
+        declare_all(self, self.cfg, GATED_FFN)
 
     def __call__(
         self, x: jax.Array, enabled: jax.Array | bool, mode: str = "masked", capacity: int = 0
@@ -71,8 +70,7 @@ class SparkFFN(nn.Module):
     kernels: Kernels = DEFAULT_KERNELS
 
     def setup(self) -> None:
-        for name, weight in SPARK_FFN.items():
-            setattr(self, name, declare(self, self.cfg, name, weight))
+        declare_all(self, self.cfg, SPARK_FFN)
 
     def __call__(
         self, x: jax.Array, enabled: jax.Array | bool, mode: str = "masked", capacity: int = 0

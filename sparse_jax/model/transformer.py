@@ -34,7 +34,7 @@ import numpy as np
 from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.model.attention import Attention
 from sparse_jax.model.config import ModelConfig
-from sparse_jax.model.ffn import make_ffn
+from sparse_jax.model.ffn import FFN_MODES, make_ffn
 from sparse_jax.model.layers import Embedder, RMSNorm, softcap
 from sparse_jax.parallel.sharding import LOGITS, RESIDUAL, ShardingPlan, constrain
 
@@ -65,6 +65,10 @@ class DecodeChoice:
     attn_capacity: int | None = None
     ffn_mode: str = "masked"
     ffn_capacity: int = 0
+
+    def __post_init__(self) -> None:
+        if self.ffn_mode not in FFN_MODES:
+            raise ValueError(f"DecodeChoice.ffn_mode={self.ffn_mode!r} must be one of {FFN_MODES}")
 
 
 MASKED = DecodeChoice()

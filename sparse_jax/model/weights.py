@@ -157,6 +157,12 @@ def declare(module: nn.Module, cfg: ModelConfig, name: str, weight: Weight) -> j
     return module.param(name, weight.initializer(cfg), weight.shape(cfg), cfg.param_dtype)
 
 
+def declare_all(module: nn.Module, cfg: ModelConfig, weights: dict[str, Weight]) -> None:
+    """Creates every weight of ``weights`` as a parameter and attribute of the same name."""
+    for name, weight in weights.items():
+        setattr(module, name, declare(module, cfg, name, weight))
+
+
 def param_count(cfg: ModelConfig) -> int:
     """Exact number of scalars in the model's parameters."""
     layer = sum(

@@ -123,7 +123,9 @@ def test_training_resumes_a_format1_checkpoint_as_the_old_code_did(tmp_path):
     got = {f"{r['step']}/{r['kind']}": r["loss"] for r in rows if r["step"] > 4}
     want = json.loads((GOLDEN / "resumed.json").read_text())["losses"]
     assert got.keys() == want.keys()
-    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-5)
+    # Bit-equal on the CPU that wrote the golden losses; rtol 1e-4 leaves room for another
+    # CPU's last bits after two steps (a layout error moves the loss by far more).
+    np.testing.assert_allclose([got[k] for k in want], list(want.values()), rtol=1e-4)
     with Checkpointer(workdir / "checkpoints", async_save=False) as ckpt:
         assert ckpt.read_meta(6)["format"] == migrate.FORMAT
     assert _digest(old_step) == before
