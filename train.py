@@ -1,8 +1,9 @@
 """Train a Spark (or dense) model: ``python train.py --config tiny [--set field=value ...]``.
 
 Resumes from the newest complete checkpoint in ``--workdir`` by itself. ``--set`` takes fields
-of the model config (``num_layers=2``) or the train config (``steps=100``,
-``data_paths=my.txt``); a name in both must be prefixed (``model.``/``train.``).
+of the model config (``num_layers=2``), the train config (``steps=100``) or its data config
+(``paths=my.txt``, ``seq_len=64``); a name in two of them must be prefixed (``model.``,
+``train.``, ``data.``).
 ``--mesh data=2,fsdp=2,tensor=2`` shards the run over the devices (``train.mesh``). Several
 processes train one model when each is started with ``--coordinator HOST:PORT
 --num-processes N --process-id I``, or with ``--distributed`` where JAX reads the cluster from
@@ -30,26 +31,40 @@ from sparse_jax.train.loop import TrainingDiverged, train
 
 
 def split_overrides(assignments: list[str], model_cfg, train_cfg) -> tuple[list[str], list[str]]:
-    model_fields = {f.name for f in dataclasses.fields(model_cfg)}
-    train_fields = {f.name for f in dataclasses.fields(train_cfg)}
+    """Sorts ``--set`` items into the model config's and the train config's.
+
+    A name may be prefixed (``model.``, ``train.``, ``data.`` for ``train.data.``); unprefixed,
+    it must belong to exactly one of the model, train and data fields.
+    """
+    groups = {
+        "model": {f.name for f in dataclasses.fields(model_cfg)},
+        "train": {f.name for f in dataclasses.fields(train_cfg)},
+        "data": {f.name for f in dataclasses.fields(train_cfg.data)},
+    }
     to_model, to_train = [], []
     for item in assignments:
-        name = item.split("=", 1)[0].strip()
-        if name.startswith("model."):
-            to_model.append(item.removeprefix("model."))
-        elif name.startswith("train."):
-            to_train.append(item.removeprefix("train."))
-        elif name in model_fields and name in train_fields:
-            raise ValueError(f"--set {name}: ambiguous, write model.{name} or train.{name}")
-        elif name in model_fields:
-            to_model.append(item)
-        elif name in train_fields:
-            to_train.append(item)
+        if "=" not in item:
+            raise ValueError(f"--set {item!r} must look like field=value")
+        name, value = item.split("=", 1)
+        name = name.strip()
+        prefix, _, rest = name.partition(".")
+        if prefix == "train" and rest.startswith("data."):
+            prefix, rest = "data", rest.removeprefix("data.")
+        if prefix not in groups or not rest:
+            owners = [group for group, fields in groups.items() if name in fields]
+            if len(owners) > 1:
+                choices = " or ".join(f"{group}.{name}" for group in owners)
+                raise ValueError(f"--set {name}: ambiguous, write {choices}")
+            if not owners:
+                listing = "; ".join(f"{g} fields: {sorted(f)}" for g, f in groups.items())
+                raise ValueError(f"--set {name}: no such field; {listing}")
+            prefix, rest = owners[0], name
+        if prefix == "model":
+            to_model.append(f"{rest}={value}")
+        elif prefix == "train":
+            to_train.append(f"{rest}={value}")
         else:
-            raise ValueError(
-                f"--set {name}: no such field; model fields: {sorted(model_fields)}; "
-                f"train fields: {sorted(train_fields)}"
-            )
+            to_train.append(f"data.{rest}={value}")
     return to_model, to_train
 
 

@@ -56,14 +56,13 @@ def main() -> None:
     tc = dataclasses.replace(
         base,
         steps=args.steps,
-        batch_size=args.batch,
-        seq_len=args.seq,
+        data=dataclasses.replace(base.data, batch_size=args.batch, seq_len=args.seq),
         warmup_steps=max(1, args.steps // 10),
         eval_every=max(1, args.steps // 10),
         checkpoint_every=max(1, args.steps // 5),
         log_every=max(1, args.steps // 50),
     )
-    tokens = tc.steps * tc.batch_size * tc.seq_len
+    tokens = tc.steps * tc.data.batch_size * tc.data.seq_len
     results = {"steps": tc.steps, "tokens_per_model": tokens, "models": {}}
     for name in ("small_dense", "small"):
         cfg = get_model_config(name)
@@ -91,7 +90,7 @@ def main() -> None:
         ax.plot(steps, losses, color=style, alpha=0.35, label=f"{name} train")
         steps, losses = zip(*model["eval_curve"], strict=True)
         ax.plot(steps, losses, "o-", color=style, label=f"{name} eval")
-    ax.set_xlabel(f"step ({tc.batch_size} x {tc.seq_len} tokens)")
+    ax.set_xlabel(f"step ({tc.data.batch_size} x {tc.data.seq_len} tokens)")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(f"small presets, equal parameters and tokens: Spark/dense = {spark / dense:.4f}")
     ax.legend()

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import get_model_config
+from sparse_jax.data.pipeline import DataConfig
 from sparse_jax.train.config import TrainConfig
 from sparse_jax.train.optim import make_optimizer
 from sparse_jax.train.step import init_train_state, make_train_step
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--out", default=str(RESULTS / "train_step.json"))
     args = parser.parse_args()
 
-    tc = TrainConfig(batch_size=args.batch, seq_len=args.seq)
+    tc = TrainConfig(data=DataConfig(batch_size=args.batch, seq_len=args.seq))
     opt = make_optimizer(tc)
     runners = {}
     for name, cfg in variants(args.preset).items():

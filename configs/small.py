@@ -4,6 +4,7 @@ Run: ``python benchmarks/quality.py`` trains both variants on the same tokens an
 eval loss (see the README for the command, the token budget and the result).
 """
 
+from sparse_jax.data.pipeline import DataConfig
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.train.config import TrainConfig
 
@@ -37,8 +38,7 @@ def dense() -> ModelConfig:
 def train() -> TrainConfig:
     return TrainConfig(
         steps=600,
-        batch_size=16,
-        seq_len=256,
+        data=DataConfig(batch_size=16, seq_len=256),
         learning_rate=1e-3,
         warmup_steps=60,
         eval_every=100,

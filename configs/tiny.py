@@ -5,6 +5,7 @@ A good result after the default few minutes: eval loss well below the corpus's u
 (about 6 nats with the 4096-piece tokenizer) and text with English word order.
 """
 
+from sparse_jax.data.pipeline import DataConfig
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.train.config import TrainConfig
 
@@ -38,8 +39,7 @@ def dense() -> ModelConfig:
 def train() -> TrainConfig:
     return TrainConfig(
         steps=300,
-        batch_size=16,
-        seq_len=128,
+        data=DataConfig(batch_size=16, seq_len=128),
         learning_rate=3e-3,
         warmup_steps=30,
         eval_every=100,

@@ -26,12 +26,12 @@ MICRO_MODEL_GQA = [
 ]
 MICRO_TRAIN = [
     "steps=12",
-    "batch_size=4",
-    "seq_len=32",
+    "data.batch_size=4",
+    "data.seq_len=32",
     "log_every=1",
     "eval_every=6",
     "checkpoint_every=2",
-    "eval_batches=1",
+    "data.eval_batches=1",
 ]
 
 
@@ -64,8 +64,12 @@ def model_variants(
     }
 
 
-def micro_train_configs(**train_changes):
-    """The micro model and its training config (``TrainConfig`` fields changed as given)."""
+def micro_train_configs(data=None, **train_changes):
+    """The micro model and its training config (``TrainConfig`` fields changed as given).
+
+    ``data``: a dict of :class:`DataConfig` fields to change in ``TrainConfig.data``.
+    """
     model = override(get_model_config("tiny"), MICRO_MODEL)
     tc = override(get_train_config("tiny"), MICRO_TRAIN)
+    tc = dataclasses.replace(tc, data=dataclasses.replace(tc.data, **(data or {})))
     return model, dataclasses.replace(tc, **train_changes)

@@ -67,10 +67,10 @@ def check_sharded_equals_single_device(mesh, num_devices, state, reference):
 
 # The micro model (as in test_training) with a bigger batch and no evals or checkpoints.
 MICRO_TRAIN = [
-    "batch_size=8",
-    "seq_len=32",
+    "data.batch_size=8",
+    "data.seq_len=32",
     "log_every=1",
     "eval_every=100",
     "checkpoint_every=100",
-    "eval_batches=1",
+    "data.eval_batches=1",
 ]

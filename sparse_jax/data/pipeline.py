@@ -11,9 +11,9 @@ iterator state is a global batch count::
 
     cfg = DataConfig(paths=(), seq_len=256, batch_size=16)  # () -> bundled KJV
     docs = load_documents(cfg)
-    train_docs, eval_docs = corpus.split_documents(docs, cfg.eval_fraction, cfg.seed)
-    tokenizer = build_tokenizer(cfg, train_docs, tokenizer_path=None)
-    it = train_iterator(cfg, tokenizer, train_docs, shard_index=0, shard_count=1)
+    train_docs, eval_docs = corpus.split_documents(docs, cfg.eval_fraction, seed=0)
+    tokenizer = build_tokenizer(cfg, train_docs, vocab_size=4096, seed=0)
+    it = train_iterator(cfg, tokenizer, train_docs, seed=0, shard_index=0, shard_count=1)
     batch = next(it)  # {"inputs", "targets": int32 [B, T], "mask": float32 [B, T]}
     state = it.get_state()  # a JSON-serializable dict; it.set_state(state) resumes exactly
     held_out = eval_batches(cfg, tokenizer, eval_docs)  # the same list on every call
@@ -46,46 +46,72 @@ def _fail(field: str, value: Any, allowed: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    """Where the text comes from and how it is cut into batches.
+    """Where the text comes from, how it is tokenized and how it is cut into batches.
+
+    The seed (split, tokenizer sample, shuffle) and the vocabulary size are the run's and the
+    model's; the functions below take them as arguments. ``TrainConfig.data`` holds one.
 
     Attributes:
       paths: ``.txt``/``.jsonl`` files, directories or glob patterns; empty means the bundled
         King James Bible.
       text_field: the key holding a document's text in ``.jsonl`` lines.
+      tokenizer_path: a SentencePiece ``.model`` file (or a directory holding
+        ``tokenizer.model``) to use; None trains one on the training documents.
       seq_len: T, tokens per row.
-      batch_size: B, rows per global batch (summed over processes).
-      eval_fraction: fraction of documents held out for evaluation, in ``[0, 1)``.
+      batch_size: B, rows per global batch (summed over processes and micro-batches).
+      eval_fraction: fraction of documents held out for evaluation, in ``[0, 1)``; 0 means no
+        eval set.
       eval_batches: the most evaluation batches to build.
-      seed: seed of the split, the tokenizer's line sample and the shuffle, in ``[0, 2**32)``.
-      vocab_size: V of the tokenizer trained when none is given.
     """
 
     paths: tuple[str, ...] = ()
     text_field: str = "text"
+    tokenizer_path: str | None = None
     seq_len: int = 256
     batch_size: int = 16
-    eval_fraction: float = 0.02
+    eval_fraction: float = 0.05
     eval_batches: int = 8
-    seed: int = 0
-    vocab_size: int = 4096
 
     def __post_init__(self):
         if not isinstance(self.paths, tuple | list) or not all(
             isinstance(p, str | os.PathLike) for p in self.paths
         ):
-            _fail("paths", self.paths, "must be a tuple of paths, e.g. ('corpus.txt',)")
+            _fail("paths", self.paths, "must be a sequence of paths, e.g. ('corpus.txt',)")
         object.__setattr__(self, "paths", tuple(os.fspath(p) for p in self.paths))
         if not isinstance(self.text_field, str) or not self.text_field:
-            _fail("text_field", self.text_field, "must be a non-empty str")
+            _fail("text_field", self.text_field, "must be a non-empty string")
+        if self.tokenizer_path is not None and not isinstance(
+            self.tokenizer_path, str | os.PathLike
+        ):
+            _fail(
+                "tokenizer_path",
+                self.tokenizer_path,
+                "must be a path (a string) to a SentencePiece .model file, or None to train one",
+            )
+        if self.tokenizer_path is not None:
+            object.__setattr__(self, "tokenizer_path", os.fspath(self.tokenizer_path))
         for field in ("seq_len", "batch_size", "eval_batches"):
-            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
-                _fail(field, getattr(self, field), "must be an int >= 1")
-        if not isinstance(self.eval_fraction, int | float) or not 0 <= self.eval_fraction < 1:
-            _fail("eval_fraction", self.eval_fraction, "must be in [0, 1)")
-        if not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            _fail("seed", self.seed, "must be an int in [0, 2**32)")
-        if not isinstance(self.vocab_size, int) or self.vocab_size < 260:
-            _fail("vocab_size", self.vocab_size, "must be an int >= 260 (4 special + 256 bytes)")
+            if not _is_int(getattr(self, field)) or getattr(self, field) < 1:
+                _fail(field, getattr(self, field), "must be an integer >= 1")
+        if not (
+            isinstance(self.eval_fraction, int | float)
+            and not isinstance(self.eval_fraction, bool)
+            and 0 <= self.eval_fraction < 1
+        ):
+            _fail("eval_fraction", self.eval_fraction, "must be in [0, 1); 0 means no eval set")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly fields (``paths`` as a list)."""
+        return {**dataclasses.asdict(self), "paths": list(self.paths)}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_seed(seed: Any) -> None:
+    if not _is_int(seed) or not 0 <= seed < 2**32:
+        raise ValueError(f"seed={seed!r} is invalid: must be an integer in [0, 2**32)")
 
 
 def load_documents(cfg: DataConfig) -> list[str]:
@@ -96,24 +122,29 @@ def load_documents(cfg: DataConfig) -> list[str]:
     return read_documents(cfg.paths, cfg.text_field)
 
 
-def build_tokenizer(
-    cfg: DataConfig, docs: list[str], tokenizer_path: str | os.PathLike[str] | None = None
-) -> Tokenizer:
-    """Loads the tokenizer at ``tokenizer_path``, or trains one on ``docs`` when it is None.
+def build_tokenizer(cfg: DataConfig, docs: list[str], vocab_size: int, seed: int = 0) -> Tokenizer:
+    """Loads ``cfg.tokenizer_path``, or trains a ``vocab_size`` tokenizer on ``docs``.
 
     The path is a ``.model`` file or a directory holding ``tokenizer.model``. Pass the training
-    documents, so the held-out text stays unseen by the tokenizer too.
+    documents, so the held-out text stays unseen by the tokenizer too; ``seed`` picks the
+    sample of lines it trains on.
 
     Raises:
-      ValueError: if a loaded tokenizer's vocab size differs from ``cfg.vocab_size``.
+      ValueError: if a loaded tokenizer's vocab size differs from ``vocab_size``.
     """
-    if tokenizer_path is None:
-        return Tokenizer.train(docs, cfg.vocab_size, seed=cfg.seed)
-    tokenizer = Tokenizer.load(tokenizer_path)
-    if tokenizer.vocab_size != cfg.vocab_size:
+    _check_seed(seed)
+    if not _is_int(vocab_size) or vocab_size < 260:
         raise ValueError(
-            f"tokenizer at {tokenizer_path} has vocab_size={tokenizer.vocab_size} but "
-            f"DataConfig.vocab_size={cfg.vocab_size}; set vocab_size={tokenizer.vocab_size}"
+            f"vocab_size={vocab_size!r} is invalid: must be an integer >= 260 (4 special and "
+            "256 byte pieces)"
+        )
+    if cfg.tokenizer_path is None:
+        return Tokenizer.train(docs, vocab_size, seed=seed)
+    tokenizer = Tokenizer.load(cfg.tokenizer_path)
+    if tokenizer.vocab_size != vocab_size:
+        raise ValueError(
+            f"tokenizer at {cfg.tokenizer_path} has vocab_size={tokenizer.vocab_size} but the "
+            f"model has vocab_size={vocab_size}; set vocab_size={tokenizer.vocab_size}"
         )
     return tokenizer
 
@@ -174,12 +205,12 @@ class TrainIterator(grain.DatasetIterator):
       num_windows: packed windows per epoch (an epoch ends mid-batch when B does not divide it).
     """
 
-    def __init__(self, cfg: DataConfig, tokens: np.ndarray, rows: slice):
+    def __init__(self, cfg: DataConfig, tokens: np.ndarray, rows: slice, seed: int):
         """Wraps the Grain pipeline; build it with :func:`train_iterator`."""
         self.num_windows = (len(tokens) - 1) // cfg.seq_len
         dataset = (
             grain.MapDataset.range(self.num_windows)
-            .shuffle(seed=cfg.seed)
+            .shuffle(seed=seed)
             .repeat(None)
             .batch(cfg.batch_size, drop_remainder=True)
             .map(_GatherRows(tokens, cfg.seq_len, rows))
@@ -192,7 +223,7 @@ class TrainIterator(grain.DatasetIterator):
             "num_tokens": len(tokens),
             "seq_len": cfg.seq_len,
             "batch_size": cfg.batch_size,
-            "seed": cfg.seed,
+            "seed": seed,
         }
 
     def __next__(self) -> Batch:
@@ -223,26 +254,30 @@ def train_iterator(
     docs: list[str],
     shard_index: int = 0,
     shard_count: int = 1,
+    *,
+    seed: int = 0,
 ) -> TrainIterator:
     """Builds the endless, reshuffled-each-epoch iterator of training batches over ``docs``.
 
     Args:
-      cfg: supplies ``seq_len``, ``batch_size`` and ``seed``.
+      cfg: supplies ``seq_len`` and ``batch_size``.
       tokenizer: encodes ``docs``, once, here.
       docs: the training documents.
       shard_index: this process's index; it gets rows ``shard_index * B / shard_count`` up to
         ``(shard_index + 1) * B / shard_count`` of every global batch.
       shard_count: number of processes; must divide ``cfg.batch_size``.
+      seed: seeds the shuffle, in ``[0, 2**32)``; each epoch has a new order.
 
     Returns:
       An iterator of dicts with ``inputs`` and ``targets`` (int32 [B / shard_count, T],
       ``targets[:, t] == inputs[:, t + 1]``) and ``mask`` (float32 ones).
 
     Raises:
-      ValueError: for a bad shard or a corpus shorter than ``seq_len + 1`` tokens.
+      ValueError: for a bad shard or seed, or a corpus shorter than ``seq_len + 1`` tokens.
     """
+    _check_seed(seed)
     rows = _shard_rows(cfg.batch_size, shard_index, shard_count)
-    return TrainIterator(cfg, _stream(tokenizer, docs, cfg.seq_len, "training"), rows)
+    return TrainIterator(cfg, _stream(tokenizer, docs, cfg.seq_len, "training"), rows, seed)
 
 
 def eval_batches(

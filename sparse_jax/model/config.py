@@ -330,19 +330,37 @@ def parse_value(text: str, current: Any, field: str) -> Any:
 
 
 def override(cfg: Any, assignments: list[str] | tuple[str, ...]) -> Any:
-    """Applies ``field=value`` strings to a frozen dataclass with ``dataclasses.replace``."""
+    """Applies ``field=value`` strings to a frozen dataclass with ``dataclasses.replace``.
+
+    A dotted name (``data.seq_len=64``) sets a field of a nested dataclass.
+    """
     known = {f.name for f in dataclasses.fields(cfg)}
     changes: dict[str, Any] = {}
+    nested: dict[str, list[str]] = {}
     for item in assignments:
         if "=" not in item:
             raise ValueError(f"override {item!r} must look like field=value")
         field, text = item.split("=", 1)
         field = field.strip()
-        if field not in known:
+        head, dot, rest = field.partition(".")
+        if head not in known:
             raise ValueError(
-                f"{type(cfg).__name__} has no field {field!r}; known fields: {sorted(known)}"
+                f"{type(cfg).__name__} has no field {head!r}; known fields: {sorted(known)}"
             )
-        changes[field] = parse_value(text, getattr(cfg, field), field)
+        if dot:
+            if not dataclasses.is_dataclass(getattr(cfg, head)):
+                raise ValueError(f"{type(cfg).__name__}.{head} has no fields: write {head}=...")
+            nested.setdefault(head, []).append(f"{rest}={text}")
+        elif dataclasses.is_dataclass(getattr(cfg, head)):
+            inner = sorted(f.name for f in dataclasses.fields(getattr(cfg, head)))
+            raise ValueError(
+                f"{type(cfg).__name__}.{head} is a group of fields: set them one at a time as "
+                f"{head}.FIELD=VALUE, FIELD one of {inner}"
+            )
+        else:
+            changes[field] = parse_value(text, getattr(cfg, field), field)
+    for head, items in nested.items():
+        changes[head] = override(getattr(cfg, head), items)
     # Fields derived from a changed one (per-layer tuples from num_layers, predictor widths
     # from model_dim and head_dim) are re-derived unless given too.
     for base, derived in getattr(cfg, "DERIVED_FIELDS", {}).items():

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import pathlib
 from typing import Any
 
@@ -45,22 +44,19 @@ class TrainConfig:
 
     Attributes:
       steps: optimizer steps in the run (a resumed run stops at the same total).
-      batch_size: global batch in sequences per optimizer step (all micro-batches).
-      grad_accum: micro-batches per step; must divide ``batch_size``.
-      seq_len: tokens per sequence; at most the model's ``max_seq_len``.
+      grad_accum: micro-batches per step; must divide ``data.batch_size`` (the global batch
+        of one optimizer step, in sequences).
       learning_rate: peak AdamW learning rate.
       warmup_steps: linear warm-up steps from 0 to the peak.
       min_lr_ratio: cosine decay ends at ``learning_rate * min_lr_ratio``.
       weight_decay: AdamW decay; never applied to norms or embeddings.
       beta1, beta2: Adam moments.
       clip_norm: global gradient-norm clip.
-      seed: parameter init and data order.
-      data_paths: text/JSONL files or directories; empty means the bundled KJV corpus.
-      text_field: JSONL field holding the text.
-      tokenizer_path: a SentencePiece ``.model`` to use instead of training one.
-      eval_fraction: share of documents held out for eval, in ``[0, 1)``; 0 trains without an
-        eval set (nothing is evaluated or logged as eval).
-      eval_batches: held-out batches per evaluation.
+      seed: parameter init, the held-out split, the tokenizer's line sample and the batch
+        order.
+      data: the corpus, tokenizer, sequence length, global batch size and held-out share
+        (:class:`sparse_jax.data.pipeline.DataConfig`); with ``eval_fraction=0`` nothing is
+        evaluated or logged as eval.
       eval_every, log_every, checkpoint_every: intervals in steps.
       keep_checkpoints: how many recent checkpoints to keep.
       peak_flops: peak FLOP/s of the whole machine, for MFU.
@@ -74,9 +70,7 @@ class TrainConfig:
     """
 
     steps: int = 400
-    batch_size: int = 16
     grad_accum: int = 1
-    seq_len: int = 256
     learning_rate: float = 3e-3
     warmup_steps: int = 40
     min_lr_ratio: float = 0.1
@@ -85,11 +79,7 @@ class TrainConfig:
     beta2: float = 0.95
     clip_norm: float = 1.0
     seed: int = 0
-    data_paths: tuple[str, ...] = ()
-    text_field: str = "text"
-    tokenizer_path: str | None = None
-    eval_fraction: float = 0.05
-    eval_batches: int = 8
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
     eval_every: int = 100
     log_every: int = 10
     checkpoint_every: int = 100
@@ -101,10 +91,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for field in (
             "steps",
-            "batch_size",
             "grad_accum",
-            "seq_len",
-            "eval_batches",
             "eval_every",
             "log_every",
             "checkpoint_every",
@@ -113,8 +100,14 @@ class TrainConfig:
             value = getattr(self, field)
             if not _is_int(value) or value < 1:
                 _fail(field, value, "must be an integer >= 1")
-        if self.batch_size % self.grad_accum:
-            _fail("grad_accum", self.grad_accum, f"must divide batch_size={self.batch_size}")
+        if not isinstance(self.data, DataConfig):
+            _fail("data", self.data, "must be a sparse_jax.data.pipeline.DataConfig")
+        if self.data.batch_size % self.grad_accum:
+            _fail(
+                "grad_accum",
+                self.grad_accum,
+                f"must divide data.batch_size={self.data.batch_size}",
+            )
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             _fail("warmup_steps", self.warmup_steps, "must be an integer >= 0")
         if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
@@ -127,7 +120,6 @@ class TrainConfig:
             "beta2",
             "clip_norm",
             "peak_flops",
-            "eval_fraction",
         ):
             if not _is_real(getattr(self, field)):
                 _fail(field, getattr(self, field), "must be a finite number")
@@ -144,20 +136,6 @@ class TrainConfig:
             _fail("clip_norm", self.clip_norm, "must be > 0")
         if not self.peak_flops > 0:
             _fail("peak_flops", self.peak_flops, "must be > 0")
-        if not 0 <= self.eval_fraction < 1:
-            _fail("eval_fraction", self.eval_fraction, "must be in [0, 1); 0 means no eval set")
-        if isinstance(self.data_paths, str | os.PathLike) or not all(
-            isinstance(p, str | os.PathLike) for p in self.data_paths
-        ):
-            _fail("data_paths", self.data_paths, "must be a sequence of paths, e.g. ('a.txt',)")
-        if not isinstance(self.text_field, str) or not self.text_field:
-            _fail("text_field", self.text_field, "must be a non-empty string")
-        if self.tokenizer_path is not None and not isinstance(self.tokenizer_path, str):
-            _fail(
-                "tokenizer_path",
-                self.tokenizer_path,
-                "must be a path (a string) to a SentencePiece .model file, or None to train one",
-            )
         if self.kernels not in IMPLEMENTATIONS:
             _fail("kernels", self.kernels, f"must be one of {IMPLEMENTATIONS}")
         if not isinstance(self.mesh, str):
@@ -166,25 +144,10 @@ class TrainConfig:
             parse_mesh(self.mesh)
         except ValueError as err:
             _fail("mesh", self.mesh, str(err))
-        object.__setattr__(self, "data_paths", tuple(os.fspath(p) for p in self.data_paths))
-
-    def data_config(self, vocab_size: int) -> DataConfig:
-        """The data pipeline's config for a model with ``vocab_size`` tokens."""
-        return DataConfig(
-            paths=self.data_paths,
-            text_field=self.text_field,
-            seq_len=self.seq_len,
-            batch_size=self.batch_size,
-            eval_fraction=self.eval_fraction,
-            eval_batches=self.eval_batches,
-            seed=self.seed,
-            vocab_size=vocab_size,
-        )
 
     def to_dict(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        out["data_paths"] = list(self.data_paths)
-        return out
+        """JSON-friendly fields, ``data`` as a nested dict."""
+        return {**dataclasses.asdict(self), "data": self.data.to_dict()}
 
 
 def resume_changes(saved: dict[str, Any], tc: TrainConfig, fields: tuple[str, ...]) -> list[str]:

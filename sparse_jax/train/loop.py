@@ -83,19 +83,17 @@ def _stop_on_signals() -> Iterator[dict[str, bool]]:
             signal.signal(s, h)
 
 
-def _new_tokenizer(
-    tc: TrainConfig, data_cfg: data_lib.DataConfig, train_docs: list[str]
-) -> Tokenizer:
+def _new_tokenizer(tc: TrainConfig, vocab_size: int, train_docs: list[str]) -> Tokenizer:
     """The given tokenizer file, else one trained on the training documents.
 
     With several processes, process 0 trains or loads it and sends it to the others, so that
     every process cuts the text into the same tokens.
     """
     if jax.process_count() == 1:
-        return data_lib.build_tokenizer(data_cfg, train_docs, tokenizer_path=tc.tokenizer_path)
+        return data_lib.build_tokenizer(tc.data, train_docs, vocab_size, tc.seed)
     mine = None
     if distributed.is_primary():
-        mine = data_lib.build_tokenizer(data_cfg, train_docs, tokenizer_path=tc.tokenizer_path)
+        mine = data_lib.build_tokenizer(tc.data, train_docs, vocab_size, tc.seed)
     return Tokenizer(distributed.broadcast_bytes(mine and mine.model_proto))
 
 
@@ -115,12 +113,13 @@ class _Feeder:
     """This process's rows of each global batch, and their assembly into global arrays."""
 
     def __init__(self, plan: ShardingPlan | None, tc: TrainConfig):
-        self.plan, self.batch_size = plan, tc.batch_size
+        self.plan, self.batch_size = plan, tc.data.batch_size
         self.shard_index, self.shard_count = 0, 1
         if plan is not None:
-            batch_sharding(plan, tc.batch_size // tc.grad_accum, tc.seq_len)  # checks the split
-            self.sharding = batch_sharding(plan, tc.batch_size, tc.seq_len)
-            shape = (tc.batch_size, tc.seq_len)
+            rows, seq_len = tc.data.batch_size, tc.data.seq_len
+            batch_sharding(plan, rows // tc.grad_accum, seq_len)  # checks the split
+            self.sharding = batch_sharding(plan, rows, seq_len)
+            shape = (rows, seq_len)
             self.shard_index, self.shard_count = distributed.process_rows(self.sharding, shape)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -151,9 +150,9 @@ def evaluate(
 
 
 def _check_arguments(model_cfg: ModelConfig, tc: TrainConfig, stop_after: Any) -> None:
-    if tc.seq_len > model_cfg.max_seq_len:
+    if tc.data.seq_len > model_cfg.max_seq_len:
         raise ValueError(
-            f"TrainConfig.seq_len={tc.seq_len} exceeds ModelConfig.max_seq_len="
+            f"TrainConfig.data.seq_len={tc.data.seq_len} exceeds ModelConfig.max_seq_len="
             f"{model_cfg.max_seq_len}"
         )
     if stop_after is not None and (
@@ -163,9 +162,10 @@ def _check_arguments(model_cfg: ModelConfig, tc: TrainConfig, stop_after: Any) -
             f"stop_after={stop_after!r} is invalid: must be an integer >= 1, or None to run to "
             "TrainConfig.steps"
         )
-    if tc.tokenizer_path is not None and not pathlib.Path(tc.tokenizer_path).exists():
+    path = tc.data.tokenizer_path
+    if path is not None and not pathlib.Path(path).exists():
         raise FileNotFoundError(
-            f"TrainConfig.tokenizer_path={tc.tokenizer_path!r} does not exist; give a "
+            f"TrainConfig.data.tokenizer_path={path!r} does not exist; give a "
             "SentencePiece .model file (or a directory holding tokenizer.model), or None to "
             "train one"
         )
@@ -274,16 +274,15 @@ def train(
     feed = _Feeder(plan, tc)
     if plan is not None:
         log.info("mesh %s, %s", dict(plan.mesh.shape), distributed.describe())
-    data_cfg = tc.data_config(model_cfg.vocab_size)
-    docs = data_lib.load_documents(data_cfg)
-    train_docs, eval_docs = split_documents(docs, data_cfg.eval_fraction, data_cfg.seed)
+    docs = data_lib.load_documents(tc.data)
+    train_docs, eval_docs = split_documents(docs, tc.data.eval_fraction, tc.seed)
     optimizer = make_optimizer(tc)
     with Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints) as ckpt:
         state = init_train_state(model_cfg, optimizer, tc.seed, plan)
         restored = ckpt.restore_latest(state, model_cfg)
         if restored is None:
             _check_fresh_start(ckpt, restart_if_unreadable)
-            tokenizer = _new_tokenizer(tc, data_cfg, train_docs)
+            tokenizer = _new_tokenizer(tc, model_cfg.vocab_size, train_docs)
         else:
             saved = restored.meta.get("train_config", {})
             check_resume(saved, tc, restored.step, ckpt.directory, allow_schedule_change)
@@ -296,15 +295,17 @@ def train(
         if distributed.is_primary():
             tokenizer.save(workdir)
         shard = dict(shard_index=feed.shard_index, shard_count=feed.shard_count)
-        iterator = data_lib.train_iterator(data_cfg, tokenizer, train_docs, **shard)
-        held_out = data_lib.eval_batches(data_cfg, tokenizer, eval_docs, **shard)
+        iterator = data_lib.train_iterator(tc.data, tokenizer, train_docs, **shard, seed=tc.seed)
+        held_out = data_lib.eval_batches(tc.data, tokenizer, eval_docs, **shard)
         last_eval = None
         if restored is not None:
             state, last_eval = restored.state, restored.meta.get("last_eval")
             iterator.set_state(restored.data)
             log.info("resumed from step %d", restored.step)
         if not held_out:
-            log.info("no eval set (eval_fraction=%s): nothing will be evaluated", tc.eval_fraction)
+            log.info(
+                "no eval set (eval_fraction=%s): nothing will be evaluated", tc.data.eval_fraction
+            )
         entropy = data_lib.unigram_entropy(
             data_lib.tokenize_documents(tokenizer, train_docs), tokenizer.vocab_size
         )
@@ -316,7 +317,7 @@ def train(
         start = int(state.step)
         train_step = make_train_step(model_cfg, optimizer, tc.grad_accum, plan, kernels)
         eval_step = make_eval_step(model_cfg, plan, kernels)
-        per_token = flops.train_flops_per_token(model_cfg, tc.seq_len)
+        per_token = flops.train_flops_per_token(model_cfg, tc.data.seq_len)
         enabled = verbose and distributed.is_primary()
         with MetricsWriter(workdir, tc.steps, start, enabled) as writer:
             writer.write(start, "run", {"unigram_entropy": entropy, **per_token})

@@ -12,7 +12,8 @@ from sparse_jax.data import corpus
 from sparse_jax.data import pipeline as data
 from sparse_jax.data.tokenizer import Tokenizer
 
-CFG = data.DataConfig(seq_len=32, batch_size=8, eval_batches=3, vocab_size=600)
+CFG = data.DataConfig(seq_len=32, batch_size=8, eval_batches=3)
+VOCAB = 600
 
 
 @pytest.fixture(scope="module")
@@ -27,7 +28,7 @@ def docs(kjv):
 
 @pytest.fixture(scope="module")
 def tokenizer(docs):
-    return data.build_tokenizer(CFG, docs)
+    return data.build_tokenizer(CFG, docs, VOCAB)
 
 
 def take(iterator, n):
@@ -54,8 +55,8 @@ def test_config_errors():
         "seq_len": 0,
         "batch_size": -1,
         "eval_fraction": 1.0,
-        "seed": 2**32,
-        "vocab_size": 100,
+        "eval_batches": True,
+        "tokenizer_path": 123,
         "paths": "corpus.txt",
         "text_field": "",
     }
@@ -63,6 +64,13 @@ def test_config_errors():
         with pytest.raises(ValueError, match=f"DataConfig.{field}="):
             data.DataConfig(**{field: value})
     assert data.DataConfig(paths=["a.txt"]).paths == ("a.txt",)
+    docs = ["a line of text"] * 4
+    with pytest.raises(ValueError, match=r"seed=4294967296 is invalid"):
+        data.train_iterator(data.DataConfig(seq_len=2), None, docs, seed=2**32)
+    with pytest.raises(ValueError, match=r"seed=-1 is invalid"):
+        data.build_tokenizer(data.DataConfig(), docs, 600, seed=-1)
+    with pytest.raises(ValueError, match=r"vocab_size=100 is invalid: must be an integer >= 260"):
+        data.build_tokenizer(data.DataConfig(), docs, 100)
 
 
 def test_txt_and_jsonl_files(tmp_path):
@@ -185,7 +193,7 @@ def test_resume_is_exact(tokenizer, docs):
 def test_same_seed_same_order_other_seed_differs(tokenizer, docs):
     first = take(data.train_iterator(CFG, tokenizer, docs), 3)
     assert_batches_equal(take(data.train_iterator(CFG, tokenizer, docs), 3), first)
-    other = take(data.train_iterator(dataclasses.replace(CFG, seed=1), tokenizer, docs), 3)
+    other = take(data.train_iterator(CFG, tokenizer, docs, seed=1), 3)
     assert not np.array_equal(other[0]["inputs"], first[0]["inputs"])
 
 
@@ -248,10 +256,11 @@ def test_eval_batches(tokenizer, docs):
 
 def test_build_tokenizer_load_checks_vocab(tmp_path, tokenizer, docs):
     tokenizer.save(tmp_path)
-    assert data.build_tokenizer(CFG, docs, tmp_path) == tokenizer
-    other = data.DataConfig(vocab_size=4096)
+    saved = dataclasses.replace(CFG, tokenizer_path=tmp_path)
+    assert saved.tokenizer_path == str(tmp_path)
+    assert data.build_tokenizer(saved, docs, VOCAB) == tokenizer
     with pytest.raises(ValueError, match="set vocab_size=600"):
-        data.build_tokenizer(other, docs, tmp_path)
+        data.build_tokenizer(saved, docs, 4096)
     assert isinstance(tokenizer, Tokenizer)
 
 

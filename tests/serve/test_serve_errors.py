@@ -43,7 +43,7 @@ class SpyTokenizer(Tokenizer):
 @pytest.fixture(scope="module")
 def tokenizer():
     cfg, _ = micro_configs()
-    docs = load_documents(DataConfig(vocab_size=cfg.vocab_size))[:100]
+    docs = load_documents(DataConfig())[:100]
     return SpyTokenizer(Tokenizer.train(docs, cfg.vocab_size).model_proto)
 
 

@@ -38,12 +38,12 @@ SETTINGS = [
     "attn_top_k=8",
     "max_seq_len=32",
     "sliding_window=16",
-    "batch_size=4",
-    "seq_len=32",
+    "data.batch_size=4",
+    "data.seq_len=32",
     "log_every=1",
     "eval_every=2",
     "checkpoint_every=2",
-    "eval_batches=1",
+    "data.eval_batches=1",
 ]
 
 

@@ -24,6 +24,7 @@ from micro_configs import MICRO_MODEL, MICRO_TRAIN
 from micro_configs import micro_train_configs as micro_configs
 from tolerances import ACCUMULATED_GRADIENT, REORDER
 
+from sparse_jax.data.pipeline import DataConfig
 from sparse_jax.kernels import Kernels
 from sparse_jax.model.config import override
 from sparse_jax.serve.loading import load
@@ -203,7 +204,7 @@ def test_metrics_past_the_restored_step_are_dropped(tmp_path):
 
 
 def test_a_run_without_eval_set_reports_none(tmp_path):
-    model, tc = micro_configs(steps=1, eval_fraction=0.0)
+    model, tc = micro_configs(steps=1, data=dict(eval_fraction=0.0))
     summary = train(model, tc, tmp_path)
     assert summary["has_eval_set"] is False and summary["eval_step"] is None
     assert [kind for _, kind in _metric_rows(tmp_path)] == ["run", "train"]
@@ -272,7 +273,7 @@ def test_gradient_accumulation_equals_one_big_batch():
     # Gradients, not updated parameters: Adam's 1/sqrt(v) magnifies the summation-order noise of
     # near-zero gradients past any tolerance that would still catch a real accumulation bug.
     model, _ = micro_configs()
-    opt = make_optimizer(TrainConfig(batch_size=8, seq_len=16, warmup_steps=0))
+    opt = make_optimizer(TrainConfig(data=DataConfig(batch_size=8, seq_len=16), warmup_steps=0))
     state = init_train_state(model, opt, 0)
     batch = _random_batch(jax.random.key(1), 8, model)
     grads = jax.jit(accumulate_gradients, static_argnums=(0, 3))
@@ -300,7 +301,9 @@ def test_gradient_accumulation_equals_one_big_batch():
 
 def test_overfitting_one_batch_drives_loss_near_zero():
     model, _ = micro_configs()
-    tc = TrainConfig(batch_size=2, seq_len=16, learning_rate=1e-2, warmup_steps=5, steps=150)
+    tc = TrainConfig(
+        data=DataConfig(batch_size=2, seq_len=16), learning_rate=1e-2, warmup_steps=5, steps=150
+    )
     opt = make_optimizer(tc)
     state = init_train_state(model, opt, 0)
     step = make_train_step(model, opt, 1)
@@ -325,7 +328,7 @@ def test_the_train_step_runs_the_chosen_kernels():
 
 
 def test_bad_data_path_is_a_clear_error(tmp_path):
-    model, tc = micro_configs(data_paths=(str(tmp_path / "missing.txt"),))
+    model, tc = micro_configs(data=dict(paths=(str(tmp_path / "missing.txt"),)))
     with pytest.raises(FileNotFoundError, match=r"missing\.txt"):
         train(model, tc, tmp_path / "run", verbose=False)
 
@@ -334,7 +337,10 @@ def test_bad_data_path_is_a_clear_error(tmp_path):
     ("args", "says"),
     [
         (["--set", "depth=3"], "no such field"),
-        (["--set", "tokenizer_path=123"], "TrainConfig.tokenizer_path=123 is invalid"),
+        (["--set", "tokenizer_path=123"], "DataConfig.tokenizer_path=123 is invalid"),
+        (["--set", "data_paths=a.txt"], "--set data_paths: no such field"),
+        (["--set", "data=a.txt"], "TrainConfig.data is a group of fields"),
+        (["--set", "seed"], "--set 'seed' must look like field=value"),
         (["--set", "tokenizer_path={not_a_model}"], "not a SentencePiece model"),
         (["--set", "steps=1.5"], "steps='1.5': expected a int"),
         (["--workdir", "{a_file}"], "is a file; the workdir must be a directory"),
@@ -362,17 +368,16 @@ def test_cli_errors_are_one_line_with_status_2(tmp_path, args, says):
 
 def test_train_config_rejects_wrong_types_naming_the_field():
     cases = {
-        "tokenizer_path": 123,
-        "data_paths": "corpus.txt",
-        "text_field": "",
+        "data": {"paths": ("corpus.txt",)},
         "seed": -1,
-        "eval_fraction": 1.0,
         "learning_rate": float("nan"),
         "steps": True,
     }
     for field, value in cases.items():
         with pytest.raises(ValueError, match=rf"TrainConfig\.{field}=.* is invalid: "):
             TrainConfig(**{field: value})
+    with pytest.raises(ValueError, match=r"TrainConfig\.grad_accum=3 is invalid: must divide data"):
+        TrainConfig(grad_accum=3, data=DataConfig(batch_size=16))
     model, tc = micro_configs()
     with pytest.raises(ValueError, match="stop_after=0 is invalid: must be an integer >= 1"):
         train(model, tc, "unused", stop_after=0)
