@@ -14,3 +14,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   .venv/bin/python -m pip install --quiet -e ".[dev]"
   echo "$want" > "$stamp"
 fi
+# The native CPU kernels (C++, XLA FFI): built from pallas_kernels/_native, a no-op while the
+# sources are unchanged. Without a compiler this prints what to install and the CPU path runs
+# XLA's kernels.
+.venv/bin/python -m pallas_kernels._native || true

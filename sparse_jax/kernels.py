@@ -5,13 +5,17 @@ Every sparse op that has a kernel reaches it through a :class:`Kernels` value:
 * :meth:`Kernels.soft_topk` and :meth:`Kernels.mask_topk`: statistical top-k of the Spark FFN
   and Spark attention in the model (training, evaluation, prefill of a full sequence);
 * :meth:`Kernels.sparse_ffn` and :meth:`Kernels.topk_attention`: the decode path's gathered
-  FFN over the active neurons and attention over the selected keys.
+  FFN over the active neurons and attention over the selected keys;
+* :meth:`Kernels.linear`, :meth:`Kernels.linear_many`, :meth:`Kernels.linear_rows`: every
+  weight product of the model (:mod:`sparse_jax.model.products`), dense layers included.
 
-``implementation`` is one of ``"auto"``, ``"xla"``, ``"pallas_tpu"``, ``"pallas_gpu"``.
-``"auto"`` resolves by JAX's default backend (TPU -> ``pallas_tpu``, GPU -> ``pallas_gpu``,
-anything else -> ``xla``); ``"xla"`` runs each op's ``xla`` module in ``pallas_kernels`` (the
-statistical top-k with its closed-form backward), the same code the op's API runs for
-``"xla"``; an explicit Pallas implementation on a backend that cannot run it raises
+``implementation`` is one of ``"auto"``, ``"xla"``, ``"native"``, ``"pallas_tpu"``,
+``"pallas_gpu"``. ``"auto"`` resolves by JAX's default backend (TPU -> ``pallas_tpu``, GPU ->
+``pallas_gpu``, CPU -> ``native`` when the C++ kernels are built, else ``xla``); ``"xla"``
+runs each op's ``xla`` module in ``pallas_kernels`` (the statistical top-k with its
+closed-form backward), the same code the op's API runs for ``"xla"``; ``"native"`` runs the
+C++ kernels of the ops that have one (the weight products of few rows and the gathered FFN)
+and XLA for the others; an explicit implementation on a backend that cannot run it raises
 :class:`pallas_kernels._common.dispatch.ImplementationUnavailableError` when the op is traced,
 never a silent fallback. ``interpret=True`` runs an explicit Pallas implementation in Pallas
 interpret mode on any backend (the tests use it on CPU to check the model end to end).
@@ -52,7 +56,8 @@ class Kernels:
     """Which implementation the model's sparse ops run (hashable: a static jit argument).
 
     Attributes:
-      implementation: ``"auto"``, ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"``.
+      implementation: ``"auto"``, ``"xla"``, ``"native"``, ``"pallas_tpu"`` or
+        ``"pallas_gpu"``.
       interpret: run an explicit Pallas implementation in Pallas interpret mode.
       mesh: when set, kernel calls run per shard over this mesh.
       batch_axes: mesh axes that split the leading axis of each kernel operand (without
@@ -80,7 +85,7 @@ class Kernels:
         object.__setattr__(self, "batch_axes", tuple(self.batch_axes))
 
     def resolved(self) -> str:
-        """The concrete implementation on this backend: "xla", "pallas_tpu" or "pallas_gpu".
+        """The concrete implementation here: "xla", "native", "pallas_tpu" or "pallas_gpu".
 
         Raises:
           ImplementationUnavailableError: an explicit Pallas implementation on a backend that
@@ -96,9 +101,40 @@ class Kernels:
             batch_axes=self.batch_axes,
         )
 
+    def native(self) -> bool:
+        """Whether the weight products run the native CPU kernel (never under a mesh: the
+        custom call is not partitioned, so XLA's products keep the weights' sharding)."""
+        return self.mesh is None and self.resolved() == "native"
+
+    def linear(
+        self,
+        x: jax.Array,
+        w: jax.Array,
+        dtype: Any = jnp.float32,
+        after: jax.Array | None = None,
+    ) -> jax.Array:
+        """:func:`sparse_jax.model.products.linear` in this implementation."""
+        from sparse_jax.model import products  # the model package imports this module
+
+        return products.linear(x, w, dtype, after, native=self.native())
+
+    def linear_many(
+        self, x: jax.Array, weights: tuple[jax.Array, ...], dtype: Any = jnp.float32
+    ) -> tuple[jax.Array, ...]:
+        """:func:`sparse_jax.model.products.linear_many` in this implementation."""
+        from sparse_jax.model import products
+
+        return products.linear_many(x, weights, dtype, native=self.native())
+
+    def linear_rows(self, a: jax.Array, w: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
+        """:func:`sparse_jax.model.products.linear_rows` in this implementation."""
+        from sparse_jax.model import products
+
+        return products.linear_rows(a, w, dtype)
+
     def _use_kernel(self, method: str) -> bool:
         name = self.resolved()
-        if name == "xla":
+        if name in ("xla", "native"):  # the statistical top-k has no native kernel
             return False
         if method != "statistical":
             if self.implementation != "auto":

@@ -1,10 +1,13 @@
 """Choosing an implementation for a kernel call, and failing fast when it cannot run.
 
 Every op accepts ``implementation`` in ``IMPLEMENTATIONS``. ``"auto"`` picks by the default
-JAX backend (tpu -> ``pallas_tpu``, gpu -> ``pallas_gpu``, anything else -> ``xla``). An
-explicitly requested Pallas implementation on the wrong backend raises
-``ImplementationUnavailableError`` instead of falling back; ``interpret=True`` is the one
-exception: it runs a Pallas implementation in Pallas interpret mode on any backend (tests).
+JAX backend: tpu -> ``pallas_tpu``, gpu -> ``pallas_gpu``, cpu -> ``native`` (the C++ kernels
+of :mod:`pallas_kernels._native`) when they are built, else ``xla`` after a one-line warning;
+anything else -> ``xla``. An op without a native kernel runs its XLA implementation for
+``native``. An explicitly requested implementation that cannot run here (Pallas on the wrong
+backend, native off CPU or unbuilt) raises ``ImplementationUnavailableError`` instead of
+falling back; ``interpret=True`` is the one exception: it runs a Pallas implementation in
+Pallas interpret mode on any backend (tests).
 """
 
 from collections.abc import Callable, Mapping
@@ -12,7 +15,9 @@ from collections.abc import Callable, Mapping
 import jax
 from jax.experimental.pallas import tpu as pltpu
 
-IMPLEMENTATIONS = ("auto", "xla", "pallas_tpu", "pallas_gpu")
+from pallas_kernels import _native
+
+IMPLEMENTATIONS = ("auto", "xla", "native", "pallas_tpu", "pallas_gpu")
 
 _BACKEND_OF = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 _AUTO = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}
@@ -30,13 +35,13 @@ def resolve_implementation(implementation: str, interpret: bool) -> str:
       interpret: run a Pallas implementation in Pallas interpret mode.
 
     Returns:
-      ``"xla"``, ``"pallas_tpu"`` or ``"pallas_gpu"``.
+      ``"xla"``, ``"native"``, ``"pallas_tpu"`` or ``"pallas_gpu"``.
 
     Raises:
       ValueError: ``implementation`` is unknown, or ``interpret=True`` is combined with an
         implementation that is not an explicit Pallas one.
       ImplementationUnavailableError: a Pallas implementation was requested on a backend that
-        cannot run it and ``interpret`` is False.
+        cannot run it and ``interpret`` is False, or ``native`` off CPU or unbuilt.
     """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
@@ -47,7 +52,20 @@ def resolve_implementation(implementation: str, interpret: bool) -> str:
         )
     backend = jax.default_backend()
     if implementation == "auto":
+        if backend == "cpu":
+            if _native.available():
+                return "native"
+            _native.warn_unavailable()
         return _AUTO.get(backend, "xla")
+    if implementation == "native":
+        if backend != "cpu":
+            raise ImplementationUnavailableError(
+                f"implementation='native' runs on the 'cpu' backend but JAX's default backend "
+                f"is {backend!r}; use implementation='auto'"
+            )
+        if not _native.available():
+            raise ImplementationUnavailableError(_native.unavailable_reason())
+        return implementation
     needed = _BACKEND_OF.get(implementation)
     if needed is not None and backend != needed and not interpret:
         raise ImplementationUnavailableError(
@@ -72,11 +90,14 @@ def forward_of(
 ) -> Callable:
     """The forward of a resolved implementation over the op's array arguments.
 
-    ``"xla"`` is the op's own XLA implementation (its ``xla.py``, never the reference); a
-    Pallas name is its kernel called with the tiling and the interpret flag as keywords.
+    ``"xla"`` is the op's own XLA implementation (its ``xla.py``, never the reference), and so
+    is ``"native"`` for an op without a native kernel; a Pallas name is its kernel called with
+    the tiling and the interpret flag as keywords.
     """
-    if name == "xla":
+    if name == "xla" or (name == "native" and "native" not in kernels):
         return xla_fn
+    if name == "native":
+        return kernels["native"]
     kernel = kernels[name]
 
     def forward(*arrays):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels._common import dispatch, sharding
-from pallas_kernels.sparse_ffn import pallas_gpu, pallas_tpu, xla
+from pallas_kernels.sparse_ffn import native, pallas_gpu, pallas_tpu, xla
 from pallas_kernels.sparse_ffn.block_sizes import BlockSizes
 
 _KERNELS = {"pallas_tpu": pallas_tpu.sparse_ffn, "pallas_gpu": pallas_gpu.sparse_ffn}
@@ -55,7 +55,8 @@ def sparse_ffn(
       x_rest: [B, D-R] input dims after the predictor width R.
       k2: [F, D-R] value-branch weights, one neuron per contiguous row (float32 or bf16).
       v: [F, D] down projection, one neuron per contiguous row (float32 or bf16).
-      implementation: ``"auto"``, ``"xla"`` (the ``xla`` module), ``"pallas_tpu"`` or
+      implementation: ``"auto"``, ``"xla"`` (the ``xla`` module), ``"native"`` (the C++
+        kernel on CPU, float32 or bfloat16 k2 and v of one dtype), ``"pallas_tpu"`` or
         ``"pallas_gpu"``.
       interpret: run the requested Pallas implementation in Pallas interpret mode (any
         backend); needs ``implementation`` ``"pallas_tpu"`` or ``"pallas_gpu"``.
@@ -80,7 +81,11 @@ def sparse_ffn(
     def xla_forward(*arrays):
         return xla.sparse_ffn(*arrays).astype(out_dtype)
 
-    forward = dispatch.forward_of(name, xla_forward, _KERNELS, block_sizes, interpret)
+    def native_forward(*arrays):
+        return native.sparse_ffn(*arrays).astype(out_dtype)
+
+    kernels = {**_KERNELS, "native": native_forward}
+    forward = dispatch.forward_of(name, xla_forward, kernels, block_sizes, interpret)
     if mesh is not None:
         sharding.check_mesh_axes(mesh, batch_axes, "batch_axes")
         batch = PartitionSpec(sharding.batch_entry(batch_axes))

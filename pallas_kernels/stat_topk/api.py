@@ -89,7 +89,7 @@ def statistical_topk(
     if valid is not None:
         valid = valid.astype(bool)
 
-    if name == "xla":
+    if name in ("xla", "native"):  # no native kernel: XLA's
         xla_fn = xla.statistical_topk if form == "soft" else xla.statistical_topk_mask
         if mesh is None:
             return xla_fn(x, k, valid=valid)

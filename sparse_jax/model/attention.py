@@ -32,7 +32,6 @@ from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.model.layers import dtype_of, safe_softmax, softcap, split_rope
-from sparse_jax.model.products import linear, linear_many
 from sparse_jax.model.selection import compact
 from sparse_jax.model.weights import ATTENTION, declare_all
 from sparse_jax.policy import policy_for
@@ -316,7 +315,8 @@ class Attention(nn.Module):
     def project(self, x: jax.Array, positions: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
         """x [B, T, D] -> rotated q [B, T, N, H], rotated k and v [B, T, K, H]."""
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
-        q, k, v = (a.astype(dtype) for a in linear_many(x, (self.wq, self.wk, self.wv), dtype))
+        qkv = self.kernels.linear_many(x, (self.wq, self.wk, self.wv), dtype)
+        q, k, v = (a.astype(dtype) for a in qkv)
         split = cfg.attn_predictor_dim if cfg.attn_kind == "spark" else None
         q = split_rope(q, positions, cfg.rope_base, split)
         k = split_rope(k, positions, cfg.rope_base, split)
@@ -363,5 +363,5 @@ class Attention(nn.Module):
             )
         b, t, n, h = out.shape
         wo = self.wo.reshape(self.cfg.model_dim, n * h)
-        y = linear(out.reshape(b, t, n * h).astype(dtype), wo, dtype).astype(dtype)
+        y = self.kernels.linear(out.reshape(b, t, n * h).astype(dtype), wo, dtype).astype(dtype)
         return y, new, kept, overflow

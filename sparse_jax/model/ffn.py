@@ -23,7 +23,6 @@ from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.model.layers import dtype_of
-from sparse_jax.model.products import linear, linear_many, linear_rows
 from sparse_jax.model.selection import compact, sparse_ffn_union
 from sparse_jax.model.weights import GATED_FFN, SPARK_FFN, declare_all
 from sparse_jax.parallel.sharding import FFN_HIDDEN
@@ -37,9 +36,15 @@ def gelu(x: jax.Array) -> jax.Array:
 
 
 class GatedFFN(nn.Module):
-    """``W_down (gelu(W_gate x) * (W_up x))`` with W_gate, W_up [F, D] and W_down [D, F]."""
+    """``W_down (gelu(W_gate x) * (W_up x))`` with W_gate, W_up [F, D] and W_down [D, F].
+
+    Attributes:
+      cfg: the model.
+      kernels: the implementation of the weight products (:mod:`sparse_jax.kernels`).
+    """
 
     cfg: ModelConfig
+    kernels: Kernels = DEFAULT_KERNELS
 
     def setup(self) -> None:
         declare_all(self, self.cfg, GATED_FFN)
@@ -50,9 +55,10 @@ class GatedFFN(nn.Module):
         """x [B, T, D] -> (y [B, T, D], active neurons per token [B, T], overflow flag)."""
         del enabled, mode, capacity  # the gated FFN has no sparsity
         dtype = dtype_of(self.cfg.dtype)
-        gate, up = linear_many(x, (self.w_gate, self.w_up), dtype)
+        gate, up = self.kernels.linear_many(x, (self.w_gate, self.w_up), dtype)
         gate = checkpoint_name(gate, "ffn_pre")
-        y = linear((gelu(gate) * up).astype(dtype), self.w_down, dtype).astype(dtype)
+        y = self.kernels.linear((gelu(gate) * up).astype(dtype), self.w_down, dtype)
+        y = y.astype(dtype)
         active = jnp.full(x.shape[:-1], self.cfg.ffn_dim, jnp.float32)
         return y, active, jnp.zeros((), jnp.int32)
 
@@ -62,8 +68,9 @@ class SparkFFN(nn.Module):
 
     Attributes:
       cfg: the model.
-      kernels: statistical top-k of the masked form and the gathered product of the
-        per-token form (:mod:`sparse_jax.kernels`); the union product is XLA's.
+      kernels: the weight products, the statistical top-k of the masked form and the
+        gathered product of the per-token form (:mod:`sparse_jax.kernels`); the union
+        product is XLA's.
     """
 
     cfg: ModelConfig
@@ -89,7 +96,7 @@ class SparkFFN(nn.Module):
         """
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         r = cfg.ffn_predictor_dim
-        pre = checkpoint_name(linear(x[..., :r], self.k1, dtype), "ffn_pre")
+        pre = checkpoint_name(self.kernels.linear(x[..., :r], self.k1, dtype), "ffn_pre")
         if mode == "masked":
             act = gelu(
                 self.kernels.soft_topk(
@@ -100,8 +107,8 @@ class SparkFFN(nn.Module):
                     logical=FFN_HIDDEN,
                 )
             )
-            value = linear(x[..., r:], self.k2, dtype)
-            y = linear_rows((act * value).astype(dtype), self.v, dtype)
+            value = self.kernels.linear(x[..., r:], self.k2, dtype)
+            y = self.kernels.linear_rows((act * value).astype(dtype), self.v, dtype)
             active = jnp.sum(act != 0, axis=-1, dtype=jnp.float32)
             return y.astype(dtype), active, jnp.zeros((), jnp.int32)
         b, t, d = x.shape
@@ -131,7 +138,7 @@ class SparkFFN(nn.Module):
 
         def masked(_: None) -> jax.Array:
             act = gelu(jnp.maximum(pre - theta, 0.0))
-            return linear_rows(act * linear(x_rest, self.k2), self.v)
+            return self.kernels.linear_rows(act * self.kernels.linear(x_rest, self.k2), self.v)
 
         def gathered(_: None) -> jax.Array:
             h = jnp.where(in_count, gelu(jnp.maximum(picked - theta, 0.0)), 0.0)
@@ -146,4 +153,4 @@ class SparkFFN(nn.Module):
 def make_ffn(cfg: ModelConfig, name: str, kernels: Kernels = DEFAULT_KERNELS) -> nn.Module:
     if cfg.ffn_kind == "spark":
         return SparkFFN(cfg, kernels, name=name)
-    return GatedFFN(cfg, name=name)
+    return GatedFFN(cfg, kernels, name=name)

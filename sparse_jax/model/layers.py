@@ -7,8 +7,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.model.config import ModelConfig
-from sparse_jax.model.products import linear
 from sparse_jax.model.weights import EMBEDDING, declare
 
 
@@ -51,9 +51,15 @@ class RMSNorm(nn.Module):
 
 
 class Embedder(nn.Module):
-    """Token embedding [V, D], scaled by sqrt(D) on the way in and tied on the way out."""
+    """Token embedding [V, D], scaled by sqrt(D) on the way in and tied on the way out.
+
+    Attributes:
+      cfg: the model.
+      kernels: the implementation of the unembedding product (:mod:`sparse_jax.kernels`).
+    """
 
     cfg: ModelConfig
+    kernels: Kernels = DEFAULT_KERNELS
 
     def setup(self) -> None:
         self.embedding = declare(self, self.cfg, "embedding", EMBEDDING)
@@ -71,7 +77,7 @@ class Embedder(nn.Module):
 
     def decode(self, x: jax.Array) -> jax.Array:
         """x [B, T, D] -> logits [B, T, V] in float32."""
-        return linear(x, self.embedding, x.dtype)
+        return self.kernels.linear(x, self.embedding, x.dtype)
 
 
 def rope(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:

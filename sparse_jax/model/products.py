@@ -21,6 +21,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.linear import native as linear_native
 from sparse_jax.policy import policy_for
 
 
@@ -29,6 +30,7 @@ def linear(
     w: jax.Array,
     dtype: str | jnp.dtype = jnp.float32,
     after: jax.Array | None = None,
+    native: bool = False,
 ) -> jax.Array:
     """``x . w`` contracting x's last axis with w's last axis (a weight stored [out..., in]).
 
@@ -39,6 +41,9 @@ def linear(
         compute in float32.
       after: another product of the same ``x`` that this one is computed after (see
         :func:`linear_many`).
+      native: products of as many rows as the policy gives the native CPU kernel
+        (:meth:`sparse_jax.policy.BackendPolicy.native_rows`) run it
+        (:mod:`pallas_kernels.linear`); it reads float32 and bfloat16 weights in one pass.
 
     Returns:
       [..., out...] float32.
@@ -46,6 +51,9 @@ def linear(
     lead, width = x.shape[:-1], x.shape[-1]
     outs = w.shape[:-1]
     rows = math.prod(lead)
+    if native and 0 < rows <= policy_for().native_rows(w.dtype):
+        y = linear_native.linear(x.reshape(rows, width), w.reshape(math.prod(outs), width))
+        return y.reshape(*lead, *outs)
     form = _form(rows, w.dtype)
     if form == "dot":
         # x keeps its leading axes (under a sharding plan each keeps its partitioning); the
@@ -69,7 +77,10 @@ def linear(
 
 
 def linear_many(
-    x: jax.Array, weights: tuple[jax.Array, ...], dtype: str | jnp.dtype = jnp.float32
+    x: jax.Array,
+    weights: tuple[jax.Array, ...],
+    dtype: str | jnp.dtype = jnp.float32,
+    native: bool = False,
 ) -> tuple[jax.Array, ...]:
     """:func:`linear` of one input with several weights (q, k and v; the gate and up).
 
@@ -80,7 +91,7 @@ def linear_many(
     """
     out: list[jax.Array] = []
     for w in weights:
-        out.append(linear(x, w, dtype, after=out[-1] if out else None))
+        out.append(linear(x, w, dtype, after=out[-1] if out else None, native=native))
     return tuple(out)
 
 

@@ -177,7 +177,7 @@ class Transformer(nn.Module):
         block = Block
         if cfg.remat_policy != "none" and not self.unrolled:
             block = nn.remat(Block, policy=remat_policy(cfg.remat_policy), prevent_cse=not scanned)
-        self.embedder = Embedder(cfg)
+        self.embedder = Embedder(cfg, kernels)
         if scanned:
             scanned_block = nn.scan(
                 block,

@@ -1,13 +1,15 @@
 """Shared test base for the kernel packages: every implementation against the reference.
 
 An op's test class subclasses ``KernelTestBase`` and says how to build small cases, run the
-op and build the lowering case; the base then checks, for each implementation (Pallas ones
-in interpret mode on CPU) and dtype, the forward against the jnp reference, that a second
-run is bitwise identical, and that the Pallas kernels lower to Mosaic TPU and to Triton for
-CUDA from this CPU-only machine. ``VjpTests`` adds the VJP check for differentiable ops.
+op and build the lowering case; the base then checks, for each implementation in the class's
+``IMPLEMENTATIONS`` (Pallas ones in interpret mode on CPU; the native CPU kernels once per
+instruction set the CPU supports) and dtype, the forward against the jnp reference, that a
+second run is bitwise identical, and that the Pallas kernels lower to Mosaic TPU and to
+Triton for CUDA from this CPU-only machine. ``VjpTests`` adds the VJP check for differentiable ops.
 Tolerances live here and only here.
 """
 
+import contextlib
 import functools
 
 import jax
@@ -15,7 +17,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import _native
+
 IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
+NATIVE = ("native",) if _native.available() and jax.default_backend() == "cpu" else ()
 DTYPES = (jnp.float32, jnp.bfloat16)
 
 # Per-dtype tolerance of a result against the reference. bfloat16 outputs are rounded once
@@ -73,6 +78,33 @@ def jitted_vjp(fn, args: tuple, kwargs: dict, cotangent):
     return _jitted_vjp(fn, args, tuple(sorted(kwargs.items())), cotangent)
 
 
+def isas(implementation: str) -> tuple[str | None, ...]:
+    """The instruction sets to run ``implementation`` with: each one this CPU supports for
+    the native kernels, else only the default (None)."""
+    return _native.supported_isas() if implementation == "native" else (None,)
+
+
+@contextlib.contextmanager
+def using_isa(isa: str | None):
+    """Runs the native kernels with ``isa`` inside the block (None: leave it as it is)."""
+    if isa is None:
+        yield
+        return
+    previous = _native.use_isa(isa)
+    try:
+        yield
+    finally:
+        _native.use_isa(previous)
+
+
+def implementation_options(implementation: str, block_sizes) -> dict:
+    """The op's keyword options that select ``implementation`` (Pallas ones interpreted)."""
+    options = {"implementation": implementation}
+    if implementation.startswith("pallas"):
+        options.update(interpret=True, block_sizes=block_sizes)
+    return options
+
+
 def make_mesh(*axis_names: str) -> jax.sharding.Mesh:
     """An Auto-axes mesh with each named axis of size 2 while devices last, else 1.
 
@@ -110,6 +142,17 @@ class KernelTestBase:
 
     CASES: tuple = ()
     BLOCK_SIZES = None
+    IMPLEMENTATIONS = IMPLEMENTATIONS
+
+    def pytest_generate_tests(self, metafunc):
+        """Runs each test taking ``implementation`` once per entry of ``IMPLEMENTATIONS``,
+        unless the test parametrizes it itself."""
+        own = set()
+        for mark in metafunc.definition.iter_markers("parametrize"):
+            names = mark.args[0]
+            own.update(names.split(",") if isinstance(names, str) else names)
+        if "implementation" in metafunc.fixturenames and "implementation" not in own:
+            metafunc.parametrize("implementation", self.IMPLEMENTATIONS)
 
     @staticmethod
     def OP(*args, **kwargs):
@@ -125,9 +168,7 @@ class KernelTestBase:
 
     def run(self, implementation: str, args: tuple, kwargs: dict):
         """Runs ``OP`` under jit with ``implementation`` (Pallas ones interpreted)."""
-        options = {"implementation": implementation, "interpret": implementation != "xla"}
-        if implementation != "xla":
-            options["block_sizes"] = self.BLOCK_SIZES
+        options = implementation_options(implementation, self.BLOCK_SIZES)
         return jitted(self.OP, args, {**kwargs, **options})
 
     def reference(self, args: tuple, kwargs: dict):
@@ -143,14 +184,15 @@ class KernelTestBase:
         assert_close(actual, expected, dtype)
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-    @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
     def test_forward_matches_reference(self, implementation, dtype):
         for case in self.CASES:
             args, kwargs = self.make_case(case, dtype)
-            actual = self.run(implementation, args, kwargs)
-            self.compare(actual, self.reference(args, kwargs), args, kwargs, dtype)
+            expected = self.reference(args, kwargs)
+            for isa in isas(implementation):
+                with using_isa(isa):
+                    actual = self.run(implementation, args, kwargs)
+                self.compare(actual, expected, args, kwargs, dtype)
 
-    @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
     def test_second_run_is_identical(self, implementation):
         args, kwargs = self.make_case(self.CASES[0], jnp.float32)
         first = self.run(implementation, args, kwargs)
@@ -158,10 +200,10 @@ class KernelTestBase:
         np.testing.assert_array_equal(np.asarray(first), np.asarray(second))
 
     @pytest.mark.parametrize(
-        ("implementation", "platform"), [("pallas_tpu", "tpu"), ("pallas_gpu", "cuda")]
+        ("pallas", "platform"), [("pallas_tpu", "tpu"), ("pallas_gpu", "cuda")]
     )
-    def test_lowers_to_platform_kernel(self, implementation, platform):
-        fn, args = self.lowering_case(implementation)
+    def test_lowers_to_platform_kernel(self, pallas, platform):
+        fn, args = self.lowering_case(pallas)
         assert LOWERING_MARKERS[platform] in lowered_text(fn, args, platform)
 
 
@@ -175,7 +217,6 @@ class VjpTests:
     VJP_CASES: tuple = ()
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: jnp.dtype(d).name)
-    @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
     def test_vjp_matches_reference(self, implementation, dtype):
         for case in self.VJP_CASES:
             (x, *rest), kwargs = self.make_case(case, dtype)
@@ -183,9 +224,7 @@ class VjpTests:
             cotangent = rng(7).standard_normal(expected_out.shape)
             cotangent = to_device(np.where(np.isfinite(expected_out), cotangent, 0), x.dtype)
 
-            options = {"implementation": implementation, "interpret": implementation != "xla"}
-            if implementation != "xla":
-                options["block_sizes"] = self.BLOCK_SIZES
+            options = implementation_options(implementation, self.BLOCK_SIZES)
             actual = jitted_vjp(self.OP, (x, *rest), {**kwargs, **options}, cotangent)
             expected = jitted_vjp(self.REFERENCE, (x, *rest), kwargs, cotangent)
             assert bool(jnp.all(jnp.isfinite(actual.astype(jnp.float32))))

@@ -6,13 +6,24 @@ import kernel_test_base as base
 import pytest
 from jax.experimental import pallas as pl
 
-from pallas_kernels import ImplementationUnavailableError, statistical_topk
+from pallas_kernels import ImplementationUnavailableError, _native, statistical_topk
 from pallas_kernels._common import dispatch
 
 
 def test_auto_picks_the_backends_implementation():
-    expected = {"tpu": "pallas_tpu", "gpu": "pallas_gpu"}.get(jax.default_backend(), "xla")
+    cpu = "native" if _native.available() else "xla"
+    expected = {"tpu": "pallas_tpu", "gpu": "pallas_gpu", "cpu": cpu}.get(
+        jax.default_backend(), "xla"
+    )
     assert dispatch.resolve_implementation("auto", interpret=False) == expected
+
+
+def test_native_off_cpu_or_interpreted_is_rejected(monkeypatch):
+    with pytest.raises(ValueError, match="interpret=True applies"):
+        dispatch.resolve_implementation("native", True)
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    with pytest.raises(ImplementationUnavailableError, match="runs on the 'cpu' backend"):
+        dispatch.resolve_implementation("native", False)
 
 
 @pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])

@@ -15,6 +15,7 @@ import pytest
 from decode_cases import BASE, VARIANTS
 from tolerances import F32_VS_F64
 
+from pallas_kernels import _native
 from pallas_kernels._common.dispatch import ImplementationUnavailableError
 from sparse_jax.decode.cache import init_cache
 from sparse_jax.decode.step import (
@@ -112,18 +113,23 @@ def test_kernel_calls_run_per_shard_on_a_mesh():
     np.testing.assert_allclose(got, want, **F32_VS_F64)
 
 
-def test_auto_runs_the_xla_path_on_cpu():
+def test_auto_on_cpu_trains_with_xla_and_decodes_with_the_native_kernels():
     assert jax.default_backend() == "cpu"
-    assert Kernels().resolved() == "xla"
+    assert Kernels().resolved() == ("native" if _native.available() else "xla")
     cfg = VARIANTS["mixed"]
     params, tokens = _inputs(cfg)
 
-    def program(kernels):
-        return str(jax.make_jaxpr(lambda p, t: forward(cfg, p, t, kernels=kernels))(params, tokens))
+    def program(kernels, t):
+        return str(jax.make_jaxpr(lambda p, x: forward(cfg, p, x, kernels=kernels))(params, t))
 
-    # The same program as an explicit "xla", so the same logits bit for bit.
-    assert program(Kernels()) == program(XLA)
-    assert "pallas_call" not in program(Kernels())
+    # A full sequence has more rows than the native products take: the same program as an
+    # explicit "xla", so the same logits bit for bit.
+    assert program(Kernels(), tokens) == program(XLA, tokens)
+    assert "pallas_call" not in program(Kernels(), tokens)
+    # One token per row runs every weight product natively (when the kernels are built).
+    one = program(Kernels(), tokens[:1, :1])
+    assert ("sparse_jax_linear" in one) == _native.available()
+    assert "sparse_jax_linear" not in program(XLA, tokens[:1, :1])
 
 
 def test_bad_kernel_requests_fail_fast():

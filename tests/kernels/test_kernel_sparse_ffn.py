@@ -29,6 +29,7 @@ class TestSparseFfn(base.KernelTestBase):
     # (B, A, F, D-R, D): A not a multiple of the block, widths not multiples of the chunk.
     CASES = ((1, 16, 64, 64, 128), (3, 21, 50, 40, 72))
     BLOCK_SIZES = BlockSizes(selected=8, columns=32)
+    IMPLEMENTATIONS = (*base.IMPLEMENTATIONS, *base.NATIVE)
     OP = staticmethod(sparse_ffn)
     REFERENCE = staticmethod(reference.sparse_ffn)
 

@@ -1,0 +1,30 @@
+"""The decode-time sparse FFN as a native CPU kernel (FFI custom call ``sparse_jax_sparse_ffn``).
+
+Per token, one pass over the selected rows of K2 (a dot product each) and one over the same
+rows of V (their weighted sum), split over XLA's CPU threads; float32 or bfloat16 weights,
+float32 accumulation. Padding slots (``h == 0``) read no row. Indices are clamped into
+``[0, F)``, so an out-of-range index reads an edge row, never outside the table.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _native
+
+
+def sparse_ffn(
+    h: jax.Array, idx: jax.Array, x_rest: jax.Array, k2: jax.Array, v: jax.Array
+) -> jax.Array:
+    """``y[b] = sum_a h[b, a] * (k2[idx[b, a]] . x_rest[b]) * v[idx[b, a]]`` -> [B, D] float32.
+
+    k2 and v share one dtype, float32 or bfloat16.
+    """
+    _native.load()
+    if k2.dtype != v.dtype or k2.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(
+            f"the native kernel takes k2 and v of one dtype, float32 or bfloat16; got "
+            f"{k2.dtype} and {v.dtype}"
+        )
+    out = jax.ShapeDtypeStruct((*h.shape[:-1], v.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call("sparse_jax_sparse_ffn", out, vmap_method="expand_dims")
+    return call(h.astype(jnp.float32), idx.astype(jnp.int32), x_rest.astype(jnp.float32), k2, v)

@@ -1,0 +1,242 @@
+"""The native CPU kernels: the dense product and the gathered FFN against float64 oracles, on
+every instruction set this CPU runs; degenerate inputs; vmap, jit, gradients, determinism;
+the build, the loader and the ``auto`` fallback when the library is missing."""
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import kernel_test_base as base
+import numpy as np
+import pytest
+
+from pallas_kernels import ImplementationUnavailableError, _native
+from pallas_kernels._common import dispatch
+from pallas_kernels._native import build
+from pallas_kernels.linear import api as linear_api
+from pallas_kernels.linear import native as linear_native
+from pallas_kernels.linear import reference as linear_reference
+from pallas_kernels.sparse_ffn import native as ffn_native
+
+needs_native = pytest.mark.skipif(not base.NATIVE, reason="native kernels not built")
+
+# Relative to the largest |term| of each output: float32 sums of up to a few thousand terms
+# (in any order, with or without FMA) stay well within 1e-5 of it.
+F32_REL = 1e-5
+
+
+def _assert_matches(actual, expected64, scale64):
+    actual = np.asarray(actual, np.float64)
+    bound = F32_REL * np.maximum(scale64, 1e-30) + 1e-30
+    assert actual.shape == expected64.shape
+    assert np.all(np.abs(actual - expected64) <= bound), np.max(np.abs(actual - expected64) / bound)
+
+
+def _as_stored(w, dtype):
+    """The weight as stored in ``dtype`` and its exact float64 value."""
+    stored = jnp.asarray(w, jnp.float32).astype(dtype)
+    return stored, np.asarray(stored.astype(jnp.float32), np.float64)
+
+
+def _linear_oracle(x, w64):
+    x64 = np.asarray(x, np.float64)
+    return x64 @ w64.T, np.abs(x64) @ np.abs(w64).T
+
+
+# (rows, in, out): vector-width tails (in % 16), output tails (out % 4), row tails (rows % 4).
+LINEAR_SHAPES = ((1, 37, 5), (2, 16, 4), (3, 64, 9), (4, 33, 130), (7, 2304, 66), (16, 100, 3))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_linear_matches_the_float64_product_on_every_isa(dtype):
+    gen = base.rng(0)
+    for rows, width, out in LINEAR_SHAPES:
+        x = gen.standard_normal((rows, width)).astype(np.float32)
+        w, w64 = _as_stored(gen.standard_normal((out, width)), dtype)
+        want, scale = _linear_oracle(x, w64)
+        for isa in _native.supported_isas():
+            with base.using_isa(isa):
+                got = jax.jit(linear_native.linear)(jnp.asarray(x), w)
+            _assert_matches(got, want, scale)
+
+
+@needs_native
+def test_linear_degenerate_inputs():
+    gen = base.rng(1)
+    w = jnp.asarray(gen.standard_normal((6, 20)), jnp.float32)
+    run = jax.jit(linear_native.linear)
+    # A zero input vector and a zero weight give exact zeros.
+    np.testing.assert_array_equal(run(jnp.zeros((2, 20)), w), np.zeros((2, 6)))
+    np.testing.assert_array_equal(run(jnp.ones((1, 20)), jnp.zeros((6, 20))), np.zeros((1, 6)))
+    # Empty axes: no rows, no outputs, no inputs (a sum of nothing is 0).
+    assert run(jnp.zeros((0, 20)), w).shape == (0, 6)
+    assert run(jnp.ones((3, 20)), jnp.zeros((0, 20))).shape == (3, 0)
+    np.testing.assert_array_equal(run(jnp.ones((2, 0)), jnp.zeros((4, 0))), np.zeros((2, 4)))
+    # Huge and tiny magnitudes: no overflow at 1e18 * 1e18 / 20 terms in float32 range, and
+    # subnormal-scale products are not flushed in a way that changes the sign.
+    for magnitude in (1e18, 1e-18):
+        x = gen.standard_normal((2, 20)).astype(np.float32) * magnitude
+        want, scale = _linear_oracle(x, np.asarray(w, np.float64))
+        _assert_matches(run(jnp.asarray(x), w), want, scale)
+    # Equal inputs in every row give equal outputs in every row.
+    same = run(jnp.ones((5, 20)), w)
+    np.testing.assert_array_equal(same, np.broadcast_to(same[0], same.shape))
+
+
+@needs_native
+def test_linear_under_vmap_jit_and_grad():
+    gen = base.rng(2)
+    x = jnp.asarray(gen.standard_normal((3, 2, 24)), jnp.float32)
+    w = jnp.asarray(gen.standard_normal((10, 24)), jnp.float32)
+    mapped = jax.jit(jax.vmap(linear_native.linear, in_axes=(0, None)))(x, w)
+    base.assert_close(mapped, linear_reference.linear(x, w), jnp.float32)
+    # Leading axes are rows: [3, 2, 24] at once equals the mapped result bit for bit.
+    np.testing.assert_array_equal(mapped, jax.jit(linear_native.linear)(x, w))
+
+    def loss(fn, x_, w_):
+        return jnp.sum(jnp.sin(fn(x_, w_)))
+
+    got = jax.jit(jax.grad(lambda a, b: loss(linear_native.linear, a, b), argnums=(0, 1)))(x, w)
+    want = jax.grad(lambda a, b: loss(linear_reference.linear, a, b), argnums=(0, 1))(x, w)
+    for g, e in zip(got, want, strict=True):
+        base.assert_close(g, e, jnp.float32)
+
+
+@needs_native
+def test_linear_is_deterministic_and_the_api_dispatches():
+    gen = base.rng(3)
+    x = jnp.asarray(gen.standard_normal((4, 2304)), jnp.float32)
+    w = jnp.asarray(gen.standard_normal((2304, 2304)), jnp.bfloat16)  # split over threads
+    first = jax.jit(linear_native.linear)(x, w)
+    for _ in range(3):
+        np.testing.assert_array_equal(jax.jit(linear_native.linear)(x, w), first)
+    np.testing.assert_array_equal(linear_api.linear(x, w, implementation="native"), first)
+    want, scale = _linear_oracle(x, np.asarray(w.astype(jnp.float32), np.float64))
+    _assert_matches(linear_api.linear(x, w, implementation="xla"), want, scale)
+    _assert_matches(first, want, scale)
+    with pytest.raises(ValueError, match="float32 or bfloat16"):
+        linear_api.linear(x, w.astype(jnp.float16), implementation="native")
+    with pytest.raises(ValueError, match="with one I"):
+        linear_api.linear(x, w[:, :10], implementation="native")
+
+
+def _ffn_oracle(h, idx, x_rest, k2_64, v64):
+    h64, x64 = np.asarray(h, np.float64), np.asarray(x_rest, np.float64)
+    idx = np.asarray(idx)
+    value = np.einsum("bad,bd->ba", k2_64[idx], x64)
+    terms = np.abs(h64 * value)[..., None] * np.abs(v64[idx])
+    coef_scale = np.einsum("bad,bd->ba", np.abs(k2_64[idx]), np.abs(x64)) * np.abs(h64)
+    scale = terms.sum(axis=1) + (coef_scale[..., None] * np.abs(v64[idx])).sum(axis=1)
+    return np.einsum("ba,bad->bd", h64 * value, v64[idx]), scale
+
+
+def _ffn_case(gen, batch, slots, rows, rest, width, dtype):
+    h = gen.standard_normal((batch, slots)).astype(np.float32)
+    idx = gen.integers(0, rows, (batch, slots)).astype(np.int32)
+    x_rest = gen.standard_normal((batch, rest)).astype(np.float32)
+    k2, k2_64 = _as_stored(gen.standard_normal((rows, rest)), dtype)
+    v, v64 = _as_stored(gen.standard_normal((rows, width)), dtype)
+    return (h, idx, x_rest, k2, v), (k2_64, v64)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_sparse_ffn_matches_the_float64_formula_on_every_isa(dtype):
+    gen = base.rng(4)
+    # Widths off the 16-lane vectors and the 128-column blocks; batch 1 and 8.
+    for shape in (
+        (1, 5, 30, 19, 33),
+        (8, 40, 300, 64, 200),
+        (2, 1, 3, 1, 1),
+        (1, 300, 90, 129, 257),
+    ):
+        (h, idx, x_rest, k2, v), (k2_64, v64) = _ffn_case(gen, *shape, dtype)
+        want, scale = _ffn_oracle(h, idx, x_rest, k2_64, v64)
+        for isa in _native.supported_isas():
+            with base.using_isa(isa):
+                got = jax.jit(ffn_native.sparse_ffn)(h, idx, x_rest, k2, v)
+            _assert_matches(got, want, scale)
+
+
+@needs_native
+def test_sparse_ffn_degenerate_selections():
+    gen = base.rng(5)
+    (h, idx, x_rest, k2, v), (k2_64, v64) = _ffn_case(gen, 3, 6, 20, 8, 24, jnp.float32)
+    run = jax.jit(ffn_native.sparse_ffn)
+    # No slots, and only padding slots (h = 0): zeros, whatever the indices.
+    np.testing.assert_array_equal(
+        run(h[:, :0], idx[:, :0], x_rest, k2, v), np.zeros((3, 24), np.float32)
+    )
+    np.testing.assert_array_equal(run(np.zeros_like(h), idx, x_rest, k2, v), np.zeros((3, 24)))
+    # A zero input vector gives zeros; the same neuron twice counts twice.
+    np.testing.assert_array_equal(run(h, idx, np.zeros_like(x_rest), k2, v), np.zeros((3, 24)))
+    twice = np.repeat(idx[:, :1], 2, axis=1)
+    once = run(h[:, :1] * 2, idx[:, :1], x_rest, k2, v)
+    np.testing.assert_allclose(run(np.repeat(h[:, :1], 2, axis=1), twice, x_rest, k2, v), once,
+                               rtol=1e-6, atol=1e-6)  # fmt: skip
+    # Out-of-range indices read the edge rows (clamped), never outside the tables.
+    wild = np.array([[-5, 99, 19, 0, 1, 2]] * 3, np.int32)
+    clamped = np.clip(wild, 0, 19)
+    np.testing.assert_array_equal(run(h, wild, x_rest, k2, v), run(h, clamped, x_rest, k2, v))
+    # Huge values stay finite where the float64 result is in float32 range.
+    big = h * 1e15
+    want, scale = _ffn_oracle(big, idx, x_rest, k2_64, v64)
+    _assert_matches(run(big, idx, x_rest, k2, v), want, scale)
+
+
+@needs_native
+def test_sparse_ffn_under_vmap_and_mismatched_dtypes():
+    gen = base.rng(6)
+    (h, idx, x_rest, k2, v), _ = _ffn_case(gen, 2, 7, 40, 12, 20, jnp.float32)
+    stack = [np.stack([a, a[::-1]]) for a in (h, idx, x_rest)]
+    mapped = jax.jit(jax.vmap(ffn_native.sparse_ffn, in_axes=(0, 0, 0, None, None)))(*stack, k2, v)
+    for i in range(2):
+        one = jax.jit(ffn_native.sparse_ffn)(*(a[i] for a in stack), k2, v)
+        np.testing.assert_array_equal(mapped[i], one)
+    with pytest.raises(ValueError, match="one dtype"):
+        ffn_native.sparse_ffn(h, idx, x_rest, k2, v.astype(jnp.bfloat16))
+
+
+def test_a_missing_library_falls_back_under_auto_and_fails_when_asked_for(
+    monkeypatch, tmp_path, caplog
+):
+    state = (_native._library, _native._reason, _native._loaded)
+    monkeypatch.setattr(build, "library_path", lambda: tmp_path / "libsparse_jax_cpu-x.so")
+    monkeypatch.setattr(_native, "_loaded", False)
+    _native.warn_unavailable.cache_clear()
+    try:
+        assert not _native.available()
+        assert "python -m pallas_kernels._native" in _native.unavailable_reason()
+        if jax.default_backend() == "cpu":
+            with caplog.at_level(logging.WARNING, logger="pallas_kernels._native"):
+                assert dispatch.resolve_implementation("auto", False) == "xla"
+                assert dispatch.resolve_implementation("auto", False) == "xla"
+            warnings = [r for r in caplog.records if "running XLA's kernels" in r.message]
+            assert len(warnings) == 1  # one line, once per process
+        with pytest.raises(ImplementationUnavailableError, match="not built"):
+            dispatch.resolve_implementation("native", False)
+    finally:
+        _native._library, _native._reason, _native._loaded = state
+        _native.warn_unavailable.cache_clear()
+
+
+def test_the_build_without_a_compiler_says_what_to_install(monkeypatch, tmp_path):
+    monkeypatch.setenv("CXX", "no-such-compiler-xyz")
+    monkeypatch.setattr(build, "BUILD_DIR", tmp_path)
+    with pytest.raises(build.BuildError, match=r"no C\+\+ compiler found .*apt install g\+\+"):
+        build.build(force=True)
+    assert build.main() == 1  # setup goes on: the CPU path then runs XLA's kernels
+    assert list(tmp_path.iterdir()) == []
+
+
+@needs_native
+def test_the_library_is_named_by_its_sources_and_the_isa_can_be_chosen():
+    assert build.library_path().exists()
+    assert build.build() == build.library_path()  # up to date: a no-op
+    assert _native.isa() == _native.supported_isas()[-1]  # the widest by default
+    with pytest.raises(ValueError, match="isa must be one of"):
+        _native.use_isa("sse9")
+    with base.using_isa("generic"):
+        assert _native.isa() == "generic"
+    assert _native.isa() == _native.supported_isas()[-1]
