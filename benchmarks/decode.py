@@ -11,7 +11,10 @@ prefill of a 2048-token prompt (compute-bound and the same in every layer, so it
 the first ``--prefill-layers`` layers and scaled to the whole depth). Every ratio is printed
 beside its bound: the bytes each variant must read per step (:mod:`sparse_jax.cost.decode_bytes`)
 over the read bandwidth measured in the same run. ``--quick`` keeps the widths (and the
-vocabulary) with 2 layers. Results go to ``benchmarks/results/decode[_quick].{json,md,png}``.
+vocabulary) with 2 layers. ``--implementation`` picks the kernels (``auto``: the native CPU
+kernels when built; ``xla`` for XLA's), and the report names the one each figure used.
+Results go to ``benchmarks/results/decode[_quick][_<implementation>].{json,md,png}`` (no
+suffix for ``auto``).
 """
 
 from __future__ import annotations
@@ -30,10 +33,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from configs import get_model_config
+from pallas_kernels import _native
 from sparse_jax.cost.decode_bytes import attention_op_bytes, ffn_block_bytes, step_bytes
 from sparse_jax.decode.cache import KVCache, init_cache
 from sparse_jax.decode.step import DecodeOptions, decode_step_jit, ffn_mode, prefill
-from sparse_jax.kernels import XLA_KERNELS
+from sparse_jax.kernels import XLA_KERNELS, Kernels
 from sparse_jax.model.attention import attend_masked, attend_sparse
 from sparse_jax.model.ffn import make_ffn
 from sparse_jax.model.weights import random_params
@@ -58,6 +62,19 @@ def read_bandwidth(gigabytes: float = 1.0, repeats: int = 7) -> float:
     x = jnp.ones((int(gigabytes * 2**30) // 4,), jnp.float32)
     ms = timed(jax.jit(jnp.sum), x, repeats=repeats)
     return x.nbytes / (ms / 1e3)
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), or the platform's processor string."""
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
 
 
 def synthetic_cache(cfg, batch: int, context: int, max_len: int, seed: int = 0) -> KVCache:
@@ -99,11 +116,11 @@ def decode_ms(cfg, params, opts, batch, context, steps) -> tuple[float, dict]:
     return statistics.median(samples), stats
 
 
-def ffn_ms(cfg, params, repeats) -> dict[str, float]:
+def ffn_ms(cfg, params, repeats, implementation) -> dict[str, float]:
     """One FFN layer at batch 1: the gated FFN, or Spark's sparse and masked paths."""
     p = {"params": params["layers_0"]["ffn"]}
     x = jax.random.normal(jax.random.key(1), (1, 1, cfg.model_dim), jnp.float32)
-    ffn = make_ffn(cfg, "ffn", XLA_KERNELS)
+    ffn = make_ffn(cfg, "ffn", Kernels(implementation))
     masked = jax.jit(lambda p, x: ffn.apply(p, x, True)[0])
     if cfg.ffn_kind != "spark":
         return {"ffn": timed(masked, p, x, repeats=repeats)}
@@ -115,10 +132,10 @@ def ffn_ms(cfg, params, repeats) -> dict[str, float]:
     }
 
 
-def prefill_ms(cfg, params, length: int, chunk: int) -> float:
+def prefill_ms(cfg, params, length: int, chunk: int, implementation: str) -> float:
     """Wall ms to prefill one ``length``-token prompt, after compiling on one chunk."""
     tokens = np.asarray(jax.random.randint(jax.random.key(2), (1, length), 0, cfg.vocab_size))
-    opts = DecodeOptions(prefill_chunk=chunk)
+    opts = DecodeOptions(prefill_chunk=chunk, implementation=implementation)
     warm = init_cache(cfg, 1, length + 1)
     jax.block_until_ready(prefill(cfg, params, warm, tokens[:, :chunk], None, opts)[0])
     del warm
@@ -170,18 +187,19 @@ def measure_model(cfg, args, dtype_is_f32: bool, first_round: bool) -> dict:
     params = random_params(cfg, seed=0)
     jax.block_until_ready(params)
     out: dict = {"build_s": time.perf_counter() - start}
-    opts = DecodeOptions()
+    impl = args.implementation
+    opts = DecodeOptions(implementation=impl)
     for context in args.contexts:
         ms, stats = decode_ms(cfg, params, opts, 1, context, args.steps)
         out[f"decode_b1_p{context}"] = ms
         out[f"stats_b1_p{context}"] = stats
-    out.update(ffn_ms(cfg, params, args.repeats))
+    out.update(ffn_ms(cfg, params, args.repeats, impl))
     if dtype_is_f32:
         modes = ("per_token", "union", "masked") if cfg.ffn_kind == "spark" else ("masked",)
         for mode in modes:
-            mode_opts = DecodeOptions(path="masked")
+            mode_opts = DecodeOptions(path="masked", implementation=impl)
             if mode != "masked":
-                mode_opts = DecodeOptions(path="sparse", batch_mode=mode)
+                mode_opts = DecodeOptions(path="sparse", batch_mode=mode, implementation=impl)
             ms, _ = decode_ms(cfg, params, mode_opts, 8, 128, args.steps)
             out[f"decode_b8_p128/{mode}"] = ms
         caps = opts.ffn_caps(cfg, 8)
@@ -199,7 +217,7 @@ def measure_model(cfg, args, dtype_is_f32: bool, first_round: bool) -> dict:
                 if not k.startswith("layers_") or int(k.split("_")[1]) < n
             }
             out["prefill_layers"] = n
-            out["prefill_2048_measured"] = prefill_ms(part, sub, 2048, args.chunk)
+            out["prefill_2048_measured"] = prefill_ms(part, sub, 2048, args.chunk, impl)
             out["prefill_2048"] = out["prefill_2048_measured"] * cfg.num_layers / n
     del params
     gc.collect()
@@ -293,7 +311,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Decode benchmark ({report['mode']})",
         "",
-        f"Machine: {report['machine']}; read bandwidth measured in the run: "
+        f"Machine: {report['machine']}; kernels: {report['kernels']}; read bandwidth "
+        "measured in the run: "
         f"{report['bandwidth_gb_s']:.1f} GB/s; load average at start/end: "
         f"{report['load_start']} / {report['load_end']}; wall {report['wall_s']:.0f} s.",
         "Bound ratio: bytes each variant must read per step (dense / Spark). Bound ms: those "
@@ -358,7 +377,12 @@ def main() -> None:
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk")
     parser.add_argument("--prefill-layers", type=int, default=2, help="layers timed in prefill")
     parser.add_argument("--attn-context", type=int, default=32768)
+    parser.add_argument("--implementation", default="auto", choices=("auto", "xla", "native"))
     args = parser.parse_args()
+    resolved = Kernels(args.implementation).resolved()
+    kernels = resolved
+    if resolved == "native":
+        kernels = f"native ({_native.isa()}) products and gathered FFN, XLA attention"
     args.contexts = [int(c) for c in args.contexts.split(",")]
     wall = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -379,7 +403,8 @@ def main() -> None:
     print("attention op", attn, flush=True)
     report = {
         "mode": "quick (2 layers)" if args.quick else "full (26 layers)",
-        "machine": f"{os.cpu_count()} CPU cores, {jax.devices()[0].platform}",
+        "machine": f"{cpu_model()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
+        "kernels": kernels,
         "bandwidth_gb_s": bandwidth / 1e9,
         "args": vars(args),
         "attention_op_ms": attn,
@@ -403,6 +428,8 @@ def main() -> None:
     report["load_start"], report["load_end"] = load_start, [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = time.perf_counter() - wall
     stem = "decode_quick" if args.quick else "decode"
+    if args.implementation != "auto":
+        stem += f"_{args.implementation}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
     (RESULTS / f"{stem}.md").write_text(markdown(report))
