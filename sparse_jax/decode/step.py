@@ -135,13 +135,18 @@ def ffn_capacities(cfg: ModelConfig, batch_size: int, slack: float) -> tuple[int
 
 
 def ffn_mode(
-    cfg: ModelConfig, batch_size: int, path: str, caps: tuple[int, int], batch_mode: str
+    cfg: ModelConfig,
+    batch_size: int,
+    path: str,
+    caps: tuple[int, int],
+    batch_mode: str,
+    native: bool = False,
 ) -> str:
     """How a sparse Spark FFN layer runs at this batch size: masked, per-token or union.
 
-    Compares gathered row-equivalents: per token ``B * C * gather_cost``, union
-    ``C_union * union_gather_cost`` (the backend policy's constants,
-    :mod:`sparse_jax.policy`), masked ``F`` (every row streamed once).
+    Compares gathered row-equivalents: per token ``B * C * gather_cost`` (with the native
+    kernel, ``native_ffn_gather_cost``), union ``C_union * union_gather_cost`` (the backend
+    policy's constants, :mod:`sparse_jax.policy`), masked ``F`` (every row streamed once).
 
     Args:
       cfg: model config.
@@ -149,6 +154,7 @@ def ffn_mode(
       path: "sparse" (never masked), "masked" or "auto".
       caps: (per-token, union) capacities.
       batch_mode: "auto", "per_token" or "union" (forces the sparse variant).
+      native: the per-token product runs the native CPU kernel.
 
     Returns:
       "masked", "per_token" or "union".
@@ -157,7 +163,9 @@ def ffn_mode(
         return "masked"
     policy = policy_for()
     costs = {
-        "per_token": batch_size * caps[0] * policy.gather_cost,
+        "per_token": batch_size
+        * caps[0]
+        * (policy.native_ffn_gather_cost if native else policy.gather_cost),
         "union": caps[1] * policy.union_gather_cost,
     }
     if batch_size == 1:
@@ -190,7 +198,8 @@ def layer_choices(
                 attn_cap = cap
         mode, ffn_cap = "masked", 0
         if cfg.ffn_kind == "spark" and cfg.ffn_sparse_layers[i]:
-            mode = ffn_mode(cfg, batch_size, opts.path, caps, opts.batch_mode)
+            native = opts.kernels().native()
+            mode = ffn_mode(cfg, batch_size, opts.path, caps, opts.batch_mode, native)
             ffn_cap = caps[0] if mode == "per_token" else caps[1] if mode == "union" else 0
         choices.append(DecodeChoice(attn_capacity=attn_cap, ffn_mode=mode, ffn_capacity=ffn_cap))
     return tuple(choices)

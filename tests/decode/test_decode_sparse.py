@@ -140,3 +140,8 @@ def test_auto_mode_gathers_at_batch_one_and_streams_large_batches():
     assert ffn_mode(cfg, 64, "auto", caps, "auto") == "masked"
     assert ffn_mode(cfg, 64, "sparse", caps, "auto") != "masked"
     assert ffn_mode(cfg, 1, "masked", caps, "auto") == "masked"
+    # The native kernel gathers rows at streaming cost: 8 tokens x 1312 rows < 13824.
+    caps8 = (1312, 7240)
+    assert ffn_mode(cfg, 8, "auto", caps8, "auto") == "masked"
+    assert ffn_mode(cfg, 8, "auto", caps8, "auto", native=True) == "per_token"
+    assert ffn_mode(cfg, 16, "auto", (1312, 10808), "auto", native=True) == "masked"
