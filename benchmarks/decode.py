@@ -203,7 +203,7 @@ def measure_model(cfg, args, dtype_is_f32: bool, first_round: bool) -> dict:
             ms, _ = decode_ms(cfg, params, mode_opts, 8, 128, args.steps)
             out[f"decode_b8_p128/{mode}"] = ms
         caps = opts.ffn_caps(cfg, 8)
-        native = opts.kernels().native()
+        native = opts.kernels.native()
         out["b8_auto_mode"] = ffn_mode(cfg, 8, "auto", caps, "auto", native)
         if first_round:
             # Prefill is compute-bound and costs the same in every layer: it is timed on the

@@ -198,7 +198,7 @@ def layer_choices(
                 attn_cap = cap
         mode, ffn_cap = "masked", 0
         if cfg.ffn_kind == "spark" and cfg.ffn_sparse_layers[i]:
-            native = opts.kernels().native()
+            native = opts.kernels.native()
             mode = ffn_mode(cfg, batch_size, opts.path, caps, opts.batch_mode, native)
             ffn_cap = caps[0] if mode == "per_token" else caps[1] if mode == "union" else 0
         choices.append(DecodeChoice(attn_capacity=attn_cap, ffn_mode=mode, ffn_capacity=ffn_cap))
