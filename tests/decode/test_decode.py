@@ -10,7 +10,6 @@ from decode_cases import BASE, CACHED, MASKED, VARIANTS, T, full_forward
 
 from pallas_kernels import _native
 from sparse_jax.decode.cache import init_cache
-from sparse_jax.decode.generate import generate
 from sparse_jax.decode.step import DecodeOptions, decode_params, decode_step, prefill
 from sparse_jax.model.transformer import abstract_params, init_params, unstack_layers
 from sparse_jax.model.weights import random_params
@@ -164,7 +163,7 @@ def test_bad_input_raises_clear_errors():
 @pytest.mark.parametrize(
     ("dtype", "batch", "path"),
     [
-        ("float32", 1, "sparse"),
+        pytest.param("float32", 1, "sparse", marks=pytest.mark.slow),
         ("bfloat16", 8, "sparse"),
         pytest.param("float32", 1, "masked", marks=pytest.mark.slow),
         pytest.param("bfloat16", 1, "sparse", marks=pytest.mark.slow),
@@ -173,7 +172,7 @@ def test_bad_input_raises_clear_errors():
 )
 def test_native_kernels_decode_like_xla(dtype, batch, path):
     # The whole decode with the native products and gathered FFN against XLA's: the same
-    # logits within float32 reordering, and the same greedy tokens.
+    # logits within float32 reordering, and the same greedy token at every step.
     cfg, params, tokens = _setup("spark", seed=11, b=batch)
     dparams = decode_params(cfg, params, dtype=dtype)
     got, want = (
@@ -183,15 +182,4 @@ def test_native_kernels_decode_like_xla(dtype, batch, path):
         for impl in ("native", "xla")
     )
     np.testing.assert_allclose(got, want, **CACHED)
-    prompts = [list(map(int, row[:6])) for row in tokens]
-    runs = [
-        generate(
-            cfg,
-            dparams,
-            prompts,
-            max_new_tokens=8,
-            options=DecodeOptions(path, implementation=impl),
-        )
-        for impl in ("native", "xla")
-    ]
-    assert runs[0].tokens == runs[1].tokens
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))

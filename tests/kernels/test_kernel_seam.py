@@ -75,6 +75,8 @@ def test_training_gradients_with_the_tpu_kernels_equal_xla():
         np.testing.assert_allclose(g, w, rtol=1e-3, atol=1e-5)
 
 
+# Long (interpreted kernels in every decode step); the kernel test base checks each kernel.
+@pytest.mark.slow
 def test_sparse_decode_steps_with_the_tpu_kernels_equal_xla():
     cfg = BASE
     params, tokens = _inputs(cfg, seed=5)

@@ -98,6 +98,8 @@ def _metric_rows(workdir):
     return [(row["step"], row["kind"]) for row in map(json.loads, lines)]
 
 
+# The SIGTERM test below covers an interrupted run resuming identically in the default run.
+@pytest.mark.slow
 def test_kill_9_then_rerun_is_bitwise_identical(reference_run, tmp_path):
     proc = _run_cli(tmp_path)
     _wait_for_step(tmp_path, random.Random(0).randint(3, 9), proc)
