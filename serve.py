@@ -78,7 +78,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--kernels",
         choices=IMPLEMENTATIONS,
         default="auto",
-        help="implementation of the sparse ops (auto: Pallas on TPU/GPU, XLA on CPU)",
+        help="implementation of the sparse ops and products (auto: Pallas on TPU/GPU, the "
+        "native kernels on CPU when built, else XLA)",
     )
     args = parser.parse_args(argv)
     # An option of the other mode would be silently ignored: refuse it instead.

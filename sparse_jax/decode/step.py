@@ -52,11 +52,12 @@ class DecodeOptions:
       ffn_capacity: if set, the gathered neurons per selection (per token or union) instead of
         the slack rule; >= 1.
       attn_capacity: if set, the gathered keys per query head instead of the slack rule; >= 1.
-      implementation: the sparse ops of prefill and decoding (statistical top-k of the
-        masked path, the gathered FFN and attention of the sparse path) run through
-        :class:`sparse_jax.kernels.Kernels` with this implementation ("auto": Pallas on TPU
-        and GPU, XLA elsewhere; "xla"; "pallas_tpu"; "pallas_gpu"). The sparse path's
-        threshold and the union FFN gather for batches are always XLA.
+      implementation: the sparse ops and weight products of prefill and decoding
+        (statistical top-k of the masked path, the gathered FFN and attention of the sparse
+        path) run through :class:`sparse_jax.kernels.Kernels` with this implementation
+        ("auto": Pallas on TPU and GPU, the native kernels on CPU when built, else XLA;
+        "xla"; "native"; "pallas_tpu"; "pallas_gpu"). The sparse path's threshold and the
+        union FFN gather for batches are always XLA.
       interpret: run an explicit Pallas implementation in Pallas interpret mode.
     """
 

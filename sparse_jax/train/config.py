@@ -61,8 +61,9 @@ class TrainConfig:
       keep_checkpoints: how many recent checkpoints to keep.
       peak_flops: peak FLOP/s of the whole machine, for MFU.
       kernels: implementation of the model's sparse ops in training and evaluation: "auto"
-        (Pallas on TPU and GPU, XLA elsewhere), "xla", "pallas_tpu" or "pallas_gpu"
-        (:class:`sparse_jax.kernels.Kernels`).
+        (Pallas on TPU and GPU; on CPU the native kernels when built, which take only
+        products of a few rows, so training runs XLA's), "xla", "native", "pallas_tpu" or
+        "pallas_gpu" (:class:`sparse_jax.kernels.Kernels`).
       mesh: device mesh as ``data=2,fsdp=2,tensor=2`` (see
         :func:`sparse_jax.parallel.sharding.parse_mesh`; unnamed axes are 1 and ``data`` takes
         the remaining devices). Empty: one device when
