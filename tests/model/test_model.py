@@ -75,7 +75,7 @@ def _loss_and_grad(cfg, params, tokens):
     [
         pytest.param("spark", "full", marks=pytest.mark.slow),
         pytest.param("spark", "dots", marks=pytest.mark.slow),
-        ("spark", "names"),
+        pytest.param("spark", "names", marks=pytest.mark.slow),
         pytest.param("dense", "full", marks=pytest.mark.slow),
     ],
 )
