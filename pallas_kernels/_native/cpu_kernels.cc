@@ -66,6 +66,21 @@ int BestIsa() {
 
 std::atomic<int> g_isa{BestIsa()};
 
+// Calls f with the Kernels of the selected instruction set.
+template <typename F>
+void WithIsa(const F& f) {
+  switch (g_isa.load(std::memory_order_relaxed)) {
+    case kAvx512:
+      f(isa_avx512::Kernels{});
+      break;
+    case kAvx2:
+      f(isa_avx2::Kernels{});
+      break;
+    default:
+      f(isa_generic::Kernels{});
+  }
+}
+
 // Runs body(i) for i in [0, n) on the calling thread and up to threads - 1 pool threads.
 // Tasks claim indices from a shared counter, so a pool task that starts late (or never)
 // only means the others did its share; the caller waits for claimed indices to finish.
@@ -134,16 +149,9 @@ void LinearRun(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int6
   const int64_t row_bytes = std::max<int64_t>(1, in * static_cast<int64_t>(sizeof(W)));
   const int64_t min_rows = std::max<int64_t>(4, (64 << 10) / row_bytes);
   const int64_t chunks = Chunks(out, min_rows, pool.num_threads());
-  const int isa = g_isa.load(std::memory_order_relaxed);
   ParallelFor(pool, chunks, [&](int64_t c) {
     const int64_t begin = out * c / chunks, end = out * (c + 1) / chunks;
-    if (isa == kAvx512) {
-      isa_avx512::linear(x, w, y, rows, in, out, begin, end);
-    } else if (isa == kAvx2) {
-      isa_avx2::linear(x, w, y, rows, in, out, begin, end);
-    } else {
-      isa_generic::linear(x, w, y, rows, in, out, begin, end);
-    }
+    WithIsa([&](auto k) { k.Linear(x, w, y, rows, in, out, begin, end); });
   });
 }
 
@@ -179,7 +187,6 @@ template <typename W>
 void SparseFfnRun(ffi::ThreadPool& pool, const float* h, const int32_t* idx, const float* x,
                   const W* k2, const W* v, float* y, int64_t tokens, int64_t slots,
                   int64_t table_rows, int64_t rest, int64_t width) {
-  const int isa = g_isa.load(std::memory_order_relaxed);
   std::vector<float> coef(static_cast<size_t>(tokens * slots));
   // Phase 1: one dot product per selected K2 row; chunks of slots of one token.
   const int64_t slot_chunks = Chunks(slots, 32, pool.num_threads());
@@ -190,13 +197,7 @@ void SparseFfnRun(ffi::ThreadPool& pool, const float* h, const int32_t* idx, con
     const int32_t* in = idx + n * slots;
     const float* xn = x + n * rest;
     float* cn = coef.data() + n * slots;
-    if (isa == kAvx512) {
-      isa_avx512::gated_values(hn, in, xn, k2, cn, table_rows, rest, begin, end);
-    } else if (isa == kAvx2) {
-      isa_avx2::gated_values(hn, in, xn, k2, cn, table_rows, rest, begin, end);
-    } else {
-      isa_generic::gated_values(hn, in, xn, k2, cn, table_rows, rest, begin, end);
-    }
+    WithIsa([&](auto k) { k.GatedValues(hn, in, xn, k2, cn, table_rows, rest, begin, end); });
   });
   // Phase 2: the weighted sum of the selected V rows; chunks of output columns of one token
   // (multiples of 16 columns, so each chunk but the last is whole vectors).
@@ -209,13 +210,7 @@ void SparseFfnRun(ffi::ThreadPool& pool, const float* h, const int32_t* idx, con
     const float* cn = coef.data() + n * slots;
     const int32_t* in = idx + n * slots;
     float* yn = y + n * width;
-    if (isa == kAvx512) {
-      isa_avx512::scatter_rows(cn, in, v, yn, slots, table_rows, width, begin, end);
-    } else if (isa == kAvx2) {
-      isa_avx2::scatter_rows(cn, in, v, yn, slots, table_rows, width, begin, end);
-    } else {
-      isa_generic::scatter_rows(cn, in, v, yn, slots, table_rows, width, begin, end);
-    }
+    WithIsa([&](auto k) { k.ScatterRows(cn, in, v, yn, slots, table_rows, width, begin, end); });
   });
 }
 

@@ -160,3 +160,24 @@ void scatter_rows(const float* coef, const int32_t* idx, const W* v, float* y, i
     y[d] = acc;
   }
 }
+
+// This instruction set's entry points, as one type the dispatcher can pass around.
+struct Kernels {
+  template <typename W>
+  static void Linear(const float* x, const W* w, float* y, int64_t rows, int64_t in,
+                     int64_t out, int64_t o_begin, int64_t o_end) {
+    linear(x, w, y, rows, in, out, o_begin, o_end);
+  }
+  template <typename W>
+  static void GatedValues(const float* h, const int32_t* idx, const float* x, const W* k2,
+                          float* coef, int64_t rows, int64_t width, int64_t s_begin,
+                          int64_t s_end) {
+    gated_values(h, idx, x, k2, coef, rows, width, s_begin, s_end);
+  }
+  template <typename W>
+  static void ScatterRows(const float* coef, const int32_t* idx, const W* v, float* y,
+                          int64_t slots, int64_t rows, int64_t width, int64_t d_begin,
+                          int64_t d_end) {
+    scatter_rows(coef, idx, v, y, slots, rows, width, d_begin, d_end);
+  }
+};

@@ -1,5 +1,6 @@
 """Dense products of few rows with a weight stored [out, in]: ``y = x . w^T``.
 
-``api.linear`` dispatches to the op's XLA dot (``xla``) or the native CPU kernel (``native``);
-``reference`` is the oracle.
+``native`` is the C++ CPU kernel and ``reference`` the oracle. The XLA formulations the model
+runs elsewhere (dots, and on CPU the fenced elementwise forms) are
+:mod:`sparse_jax.model.products`, which calls ``native`` where the backend policy says so.
 """

@@ -17,7 +17,14 @@ def linear(x: jax.Array, w: jax.Array) -> jax.Array:
 
     ``x`` is cast to float32. Maps over ``x`` under ``jax.vmap``; mapping over ``w`` is an
     error.
+
+    Raises:
+      ValueError: ``w`` is not 2-D float32 or bfloat16, or its last axis is not x's.
     """
+    if w.ndim != 2 or x.ndim < 1 or x.shape[-1] != w.shape[1]:
+        raise ValueError(f"x must be [..., I] and w [O, I] with one I, got {x.shape}, {w.shape}")
+    if w.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(f"the native kernel takes float32 or bfloat16 weights, got {w.dtype}")
     _native.load()
     out = jax.ShapeDtypeStruct((*x.shape[:-1], w.shape[0]), jnp.float32)
     call = jax.ffi.ffi_call("sparse_jax_linear", out, vmap_method="expand_dims")

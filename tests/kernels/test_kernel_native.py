@@ -13,10 +13,10 @@ import pytest
 from pallas_kernels import ImplementationUnavailableError, _native
 from pallas_kernels._common import dispatch
 from pallas_kernels._native import build
-from pallas_kernels.linear import api as linear_api
 from pallas_kernels.linear import native as linear_native
 from pallas_kernels.linear import reference as linear_reference
 from pallas_kernels.sparse_ffn import native as ffn_native
+from sparse_jax.model import products
 
 needs_native = pytest.mark.skipif(not base.NATIVE, reason="native kernels not built")
 
@@ -104,21 +104,23 @@ def test_linear_under_vmap_jit_and_grad():
 
 
 @needs_native
-def test_linear_is_deterministic_and_the_api_dispatches():
+def test_linear_is_deterministic_and_matches_the_models_xla_products():
     gen = base.rng(3)
     x = jnp.asarray(gen.standard_normal((4, 2304)), jnp.float32)
     w = jnp.asarray(gen.standard_normal((2304, 2304)), jnp.bfloat16)  # split over threads
     first = jax.jit(linear_native.linear)(x, w)
     for _ in range(3):
         np.testing.assert_array_equal(jax.jit(linear_native.linear)(x, w), first)
-    np.testing.assert_array_equal(linear_api.linear(x, w, implementation="native"), first)
     want, scale = _linear_oracle(x, np.asarray(w.astype(jnp.float32), np.float64))
-    _assert_matches(linear_api.linear(x, w, implementation="xla"), want, scale)
     _assert_matches(first, want, scale)
+    # The model's own products: native where the policy says so, XLA's forms otherwise.
+    for native in (True, False):
+        got = jax.jit(lambda a, b, n=native: products.linear(a, b, native=n))(x, w)
+        _assert_matches(got, want, scale)
     with pytest.raises(ValueError, match="float32 or bfloat16"):
-        linear_api.linear(x, w.astype(jnp.float16), implementation="native")
+        linear_native.linear(x, w.astype(jnp.float16))
     with pytest.raises(ValueError, match="with one I"):
-        linear_api.linear(x, w[:, :10], implementation="native")
+        linear_native.linear(x, w[:, :10])
 
 
 def _ffn_oracle(h, idx, x_rest, k2_64, v64):
@@ -179,10 +181,11 @@ def test_sparse_ffn_degenerate_selections():
     wild = np.array([[-5, 99, 19, 0, 1, 2]] * 3, np.int32)
     clamped = np.clip(wild, 0, 19)
     np.testing.assert_array_equal(run(h, wild, x_rest, k2, v), run(h, clamped, x_rest, k2, v))
-    # Huge values stay finite where the float64 result is in float32 range.
-    big = h * 1e15
-    want, scale = _ffn_oracle(big, idx, x_rest, k2_64, v64)
-    _assert_matches(run(big, idx, x_rest, k2, v), want, scale)
+    # Huge and tiny activations: the float64 result, where it is in float32 range.
+    for magnitude in (1e15, 1e-15):
+        scaled = h * np.float32(magnitude)
+        want, scale = _ffn_oracle(scaled, idx, x_rest, k2_64, v64)
+        _assert_matches(run(scaled, idx, x_rest, k2, v), want, scale)
 
 
 @needs_native
