@@ -145,7 +145,7 @@ def prefill_ms(cfg, params, length: int, chunk: int, implementation: str) -> flo
     return (time.perf_counter() - start) * 1e3
 
 
-def attention_ms(base_cfgs, context: int, repeats: int) -> dict[str, float]:
+def attention_ms(base_cfgs, context: int, repeats: int, implementation: str) -> dict[str, float]:
     """One global layer's attention of one query over ``context`` keys, as in a decode step:
     ``context - 1`` cached tokens plus the current token's own key."""
     out = {}
@@ -172,7 +172,7 @@ def attention_ms(base_cfgs, context: int, repeats: int) -> dict[str, float]:
             cap = DecodeOptions().attn_cap(cfg, context)
             sparse = jax.jit(
                 lambda q, layer, new, window=window, cfg=cfg, cap=cap: attend_sparse(
-                    cfg, q, layer, new, new["pos"], window, cap
+                    cfg, q, layer, new, new["pos"], window, cap, Kernels(implementation)
                 )
             )
             out[name + "/masked"] = out[name]
@@ -383,7 +383,10 @@ def main() -> None:
     resolved = Kernels(args.implementation).resolved()
     kernels = resolved
     if resolved == "native":
-        kernels = f"native ({_native.isa()}) products and gathered FFN, XLA attention"
+        kernels = (
+            f"native ({_native.isa()}) products, gathered FFN and gathered attention; XLA "
+            "predictor scores and thresholds"
+        )
     args.contexts = [int(c) for c in args.contexts.split(",")]
     wall = time.perf_counter()
     load_start = [round(x, 2) for x in os.getloadavg()]
@@ -399,7 +402,9 @@ def main() -> None:
         cfgs[name] = cfg
     bandwidth = read_bandwidth()
     print(f"read bandwidth {bandwidth / 1e9:.1f} GB/s", flush=True)
-    attn = attention_ms(cfgs, args.attn_context, args.repeats) if args.attn_context else {}
+    attn = {}
+    if args.attn_context:
+        attn = attention_ms(cfgs, args.attn_context, args.repeats, args.implementation)
     attn["context"] = args.attn_context
     print("attention op", attn, flush=True)
     report = {

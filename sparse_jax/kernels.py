@@ -14,8 +14,9 @@ Every sparse op that has a kernel reaches it through a :class:`Kernels` value:
 ``pallas_gpu``, CPU -> ``native`` when the C++ kernels are built, else ``xla``); ``"xla"``
 runs each op's ``xla`` module in ``pallas_kernels`` (the statistical top-k with its
 closed-form backward), the same code the op's API runs for ``"xla"``; ``"native"`` runs the
-C++ kernels of the ops that have one (the weight products of few rows and the gathered FFN)
-and XLA for the others; an explicit implementation on a backend that cannot run it raises
+C++ kernels of the ops that have one (the weight products of few rows, the gathered FFN and
+the gathered decode attention) and XLA for the statistical top-k; an explicit implementation
+on a backend that cannot run it raises
 :class:`pallas_kernels._common.dispatch.ImplementationUnavailableError` when the op is traced,
 never a silent fallback. ``interpret=True`` runs an explicit Pallas implementation in Pallas
 interpret mode on any backend (the tests use it on CPU to check the model end to end).

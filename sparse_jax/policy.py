@@ -14,10 +14,11 @@ trick measured on one backend never runs on another by default:
   kernels gather rows by DMA at close to streaming rate; the figure 1 there is the design
   assumption, not yet measured on hardware.
 * ``union_gather_cost``: the same for the batch's union gather (sorted, dense index sets).
-* ``native_ffn_gather_cost``: the same for the native CPU kernel's per-token gathered FFN,
-  which reads each selected row of K2 and V in one contiguous pass: 1. In one run of
-  ``python -m benchmarks.decode --quick`` on the 2-core Xeon, batch-8 Spark decode took
-  129 ms per token with it against 147 ms masked (XLA's per-token gathers: 180 ms).
+* ``native_gather_cost``: the same for the native CPU kernels' gathers (the per-token FFN's
+  rows of K2 and V, the selected keys' halves and values), each row one contiguous pass: 1.
+  In one run of ``python -m benchmarks.decode --quick`` on the 2-core Xeon, batch-8 Spark
+  decode took 129 ms per token with the native per-token FFN against 147 ms masked (XLA's
+  per-token gathers: 180 ms).
 * ``native_max_rows`` / ``native_max_rows_narrow``: products of 1 up to this many rows with a
   float32 / bfloat16 weight run the native CPU kernel when the implementation is ``native``
   (:mod:`pallas_kernels.linear`); 0 never does (TPU and GPU have no native kernel). On the
@@ -51,7 +52,7 @@ class BackendPolicy:
         0 computes every product with a dot.
       gather_cost: cost of a gathered row in streamed rows, > 0.
       union_gather_cost: cost of a row of the batch's union gather in streamed rows, > 0.
-      native_ffn_gather_cost: ``gather_cost`` of the native gathered FFN, > 0.
+      native_gather_cost: ``gather_cost`` of the native kernels' gathers, > 0.
       keys_left_max_rows: largest query-row count per kv head whose scores take the keys as
         the left operand; 0 never does.
       native_max_rows: largest row count of a float32-weight product run by the native
@@ -63,7 +64,7 @@ class BackendPolicy:
     gather_cost: float
     union_gather_cost: float
     keys_left_max_rows: int = 0
-    native_ffn_gather_cost: float = 1.0
+    native_gather_cost: float = 1.0
     native_max_rows: int = 0
     native_max_rows_narrow: int = 0
 
@@ -77,7 +78,7 @@ class BackendPolicy:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise ValueError(f"BackendPolicy.{name}={value!r} must be an integer >= 0")
-        for name in ("gather_cost", "union_gather_cost", "native_ffn_gather_cost"):
+        for name in ("gather_cost", "union_gather_cost", "native_gather_cost"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"BackendPolicy.{name}={getattr(self, name)!r} must be > 0")
 
@@ -85,6 +86,10 @@ class BackendPolicy:
     def elementwise(self) -> bool:
         """Whether any product takes the elementwise form."""
         return self.elementwise_max_rows > 0
+
+    def row_gather_cost(self, native: bool) -> float:
+        """Cost of a gathered row in streamed rows, by the native kernels or by XLA."""
+        return self.native_gather_cost if native else self.gather_cost
 
     def native_rows(self, weight_dtype) -> int:
         """The largest row count the native kernel runs for a weight of ``weight_dtype``."""

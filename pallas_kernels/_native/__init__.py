@@ -26,7 +26,11 @@ from pallas_kernels._native import build as _build
 log = logging.getLogger(__name__)
 
 ISAS = ("generic", "avx2", "avx512")
-TARGETS = {"sparse_jax_linear": "SparseJaxLinear", "sparse_jax_sparse_ffn": "SparseJaxSparseFfn"}
+TARGETS = {
+    "sparse_jax_linear": "SparseJaxLinear",
+    "sparse_jax_sparse_ffn": "SparseJaxSparseFfn",
+    "sparse_jax_topk_attention": "SparseJaxTopkAttention",
+}
 
 _lock = threading.Lock()
 _library: ctypes.CDLL | None = None

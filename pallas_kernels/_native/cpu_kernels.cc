@@ -3,6 +3,8 @@
 //   sparse_jax_linear:     y [N, O] = x [N, I] . w [O, I]^T, w float32 or bfloat16.
 //   sparse_jax_sparse_ffn: y [N, D] = sum_a h[n, a] * (k2[idx[n, a]] . x_rest[n]) * v[idx[n, a]],
 //                          k2 [F, D-R] and v [F, D] float32 or bfloat16.
+//   sparse_jax_topk_attention: out [B, N, H] = sum_a p * softplus(q_rest . k_rest[idx]) * v[idx]
+//                          over the selected slots of each query head's kv head.
 //
 // Float32 accumulation throughout. Work is split over XLA's intra-op thread pool; each output
 // element is computed by one thread in a fixed order, so results are the same run to run.
@@ -10,6 +12,7 @@
 // best one this CPU supports is chosen when the library loads (sparse_jax_set_isa overrides).
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -260,6 +263,76 @@ ffi::Error SparseFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
   return ffi::Error::Success();
 }
 
+template <typename W>
+void TopkAttentionRun(ffi::ThreadPool& pool, const float* q, const float* p, const int32_t* idx,
+                      const W* k_rest, const W* v, float* out, int64_t batch, int64_t heads,
+                      int64_t kv_heads, int64_t slots, int64_t rows, int64_t rest,
+                      int64_t width) {
+  const int64_t group = heads / kv_heads;
+  // One task per (row, query head): its selected keys are read by it alone.
+  ParallelFor(pool, batch * heads, [&](int64_t task) {
+    const int64_t b = task / heads, n = task % heads;
+    const int64_t kv = b * kv_heads + n / group;
+    const int64_t at = task * slots;
+    WithIsa([&](auto k) {
+      k.GatedAttention(q + task * rest, p + at, idx + at, k_rest + kv * rows * rest,
+                       v + kv * rows * width, out + task * width, slots, rows, rest, width);
+    });
+  });
+}
+
+ffi::Error TopkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_rest,
+                             ffi::Buffer<ffi::F32> p, ffi::Buffer<ffi::S32> idx,
+                             ffi::AnyBuffer k_rest, ffi::AnyBuffer v,
+                             ffi::ResultBuffer<ffi::F32> out) {
+  auto qd = q_rest.dimensions();
+  auto pd = p.dimensions();
+  auto kd = k_rest.dimensions();
+  auto vd = v.dimensions();
+  if (qd.size() < 2 || pd.size() != qd.size() || kd.size() != qd.size() + 1 ||
+      vd.size() != kd.size()) {
+    return ffi::Error::InvalidArgument(
+        "expected q_rest [..., N, H-R], p and idx [..., N, A], k_rest [..., K, S, H-R] and "
+        "v [..., K, S, H]");
+  }
+  if (k_rest.element_type() != v.element_type() ||
+      (k_rest.element_type() != ffi::DataType::F32 &&
+       k_rest.element_type() != ffi::DataType::BF16)) {
+    return ffi::Error::InvalidArgument("k_rest and v must share one dtype, float32 or bfloat16");
+  }
+  const size_t r = qd.size();
+  const int64_t batch = Product(qd, 0, r - 2), heads = qd[r - 2], rest = qd[r - 1];
+  const int64_t slots = pd[r - 1];
+  // k_rest and v are [..., K, S, *] with q_rest's leading axes.
+  const int64_t kv_heads = kd[r - 2], rows = kd[r - 1], width = vd[r];
+  if (Product(kd, 0, r - 2) != batch || kd[r] != rest ||
+      Product(vd, 0, r) != batch * kv_heads * rows || kv_heads == 0 ||
+      heads % kv_heads != 0 || Product(pd, 0, r - 1) != batch * heads ||
+      static_cast<int64_t>(idx.element_count()) != batch * heads * slots) {
+    return ffi::Error::InvalidArgument("inconsistent top-k attention shapes");
+  }
+  if (static_cast<int64_t>(out->element_count()) != batch * heads * width) {
+    return ffi::Error::InvalidArgument("out must be [..., N, H]");
+  }
+  if (batch * heads * width == 0) return ffi::Error::Success();
+  if (slots == 0 || rows == 0) {
+    std::memset(out->typed_data(), 0, sizeof(float) * batch * heads * width);
+    return ffi::Error::Success();
+  }
+  if (k_rest.element_type() == ffi::DataType::F32) {
+    TopkAttentionRun(pool, q_rest.typed_data(), p.typed_data(), idx.typed_data(),
+                     static_cast<const float*>(k_rest.untyped_data()),
+                     static_cast<const float*>(v.untyped_data()), out->typed_data(), batch,
+                     heads, kv_heads, slots, rows, rest, width);
+  } else {
+    TopkAttentionRun(pool, q_rest.typed_data(), p.typed_data(), idx.typed_data(),
+                     static_cast<const uint16_t*>(k_rest.untyped_data()),
+                     static_cast<const uint16_t*>(v.untyped_data()), out->typed_data(), batch,
+                     heads, kv_heads, slots, rows, rest, width);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // The library's interface: the two handlers and the instruction-set controls (everything
@@ -279,6 +352,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparseFfn, SparseFfnImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxTopkAttention, TopkAttentionImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

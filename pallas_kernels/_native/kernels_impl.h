@@ -161,6 +161,39 @@ void scatter_rows(const float* coef, const int32_t* idx, const W* v, float* y, i
   }
 }
 
+// One query head of top-k attention at decode:
+//   out[h] = sum_a p[a] * softplus(q . k_rest[idx[a]]) * v[idx[a], h]
+// over the selected cache slots of its kv head (k_rest [rows, rest], v [rows, width]); a slot
+// whose p is 0 (padding) reads no row.
+template <typename W>
+void gated_attention(const float* q, const float* p, const int32_t* idx, const W* k_rest,
+                     const W* v, float* out, int64_t slots, int64_t rows, int64_t rest,
+                     int64_t width) {
+  const int64_t body = rest / kLanes * kLanes;
+  const int64_t vbody = width / kLanes * kLanes;
+  for (int64_t d = 0; d < width; ++d) out[d] = 0.0f;
+  for (int64_t s = 0; s < slots; ++s) {
+    if (p[s] == 0.0f) continue;
+    const int64_t row = clamp_row(idx[s], rows);
+    const W* k = k_rest + row * rest;
+    vf acc = vf{};
+    for (int64_t i = 0; i < body; i += kLanes) acc += load(k + i) * load(q + i);
+    float dot = sum_lanes(acc);
+    for (int64_t i = body; i < rest; ++i) dot += scalar(k[i]) * q[i];
+    // softplus(x) = max(x, 0) + log1p(exp(-|x|)), without overflow.
+    const float gate = (dot > 0.0f ? dot : 0.0f) + std::log1p(std::exp(-std::fabs(dot)));
+    const float weight = p[s] * gate;
+    const W* vr = v + row * width;
+    for (int64_t d = 0; d < vbody; d += kLanes) {
+      vf o;
+      __builtin_memcpy(&o, out + d, sizeof(vf));
+      o += weight * load(vr + d);
+      __builtin_memcpy(out + d, &o, sizeof(vf));
+    }
+    for (int64_t d = vbody; d < width; ++d) out[d] += weight * scalar(vr[d]);
+  }
+}
+
 // This instruction set's entry points, as one type the dispatcher can pass around.
 struct Kernels {
   template <typename W>
@@ -179,5 +212,11 @@ struct Kernels {
                           int64_t slots, int64_t rows, int64_t width, int64_t d_begin,
                           int64_t d_end) {
     scatter_rows(coef, idx, v, y, slots, rows, width, d_begin, d_end);
+  }
+  template <typename W>
+  static void GatedAttention(const float* q, const float* p, const int32_t* idx,
+                             const W* k_rest, const W* v, float* out, int64_t slots,
+                             int64_t rows, int64_t rest, int64_t width) {
+    gated_attention(q, p, idx, k_rest, v, out, slots, rows, rest, width);
   }
 };

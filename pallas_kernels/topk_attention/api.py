@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels._common import dispatch, sharding
-from pallas_kernels.topk_attention import pallas_gpu, pallas_tpu, xla
+from pallas_kernels.topk_attention import native, pallas_gpu, pallas_tpu, xla
 from pallas_kernels.topk_attention.block_sizes import BlockSizes
 
 _KERNELS = {"pallas_tpu": pallas_tpu.topk_attention, "pallas_gpu": pallas_gpu.topk_attention}
@@ -65,7 +65,8 @@ def topk_attention(
         valid position (its p is 0). Out-of-range positions are not checked.
       k_rest: [B, K, S, H-R] contiguous cache of the non-predictor halves of the keys.
       v: [B, K, S, H] contiguous value cache.
-      implementation: ``"auto"``, ``"xla"`` (the ``xla`` module), ``"pallas_tpu"`` or
+      implementation: ``"auto"``, ``"xla"`` (the ``xla`` module), ``"native"`` (the C++
+        kernel on CPU, float32 or bfloat16 k_rest and v of one dtype), ``"pallas_tpu"`` or
         ``"pallas_gpu"``.
       interpret: run the requested Pallas implementation in Pallas interpret mode (any
         backend); needs ``implementation`` ``"pallas_tpu"`` or ``"pallas_gpu"``.
@@ -92,7 +93,11 @@ def topk_attention(
     def xla_forward(*arrays):
         return xla.topk_attention(*arrays).astype(out_dtype)
 
-    forward = dispatch.forward_of(name, xla_forward, _KERNELS, block_sizes, interpret)
+    def native_forward(*arrays):
+        return native.topk_attention(*arrays).astype(out_dtype)
+
+    kernels = {**_KERNELS, "native": native_forward}
+    forward = dispatch.forward_of(name, xla_forward, kernels, block_sizes, interpret)
     if mesh is not None:
         sharding.check_mesh_axes(mesh, (*batch_axes, head_axis), "batch_axes/head_axis")
         spec = PartitionSpec(sharding.batch_entry(batch_axes), head_axis)

@@ -117,15 +117,18 @@ def attention_capacity(cfg: ModelConfig, cache_size: int, slack: float) -> int:
     return capacity(cfg.attn_top_k, cache_size, slack)
 
 
-def sparse_attention_pays(cfg: ModelConfig, cache_size: int, cap: int) -> bool:
+def sparse_attention_pays(
+    cfg: ModelConfig, cache_size: int, cap: int, native: bool = False
+) -> bool:
     """Whether the sparse path reads fewer byte-equivalents than the masked one at this size.
 
     Per kv head the masked path streams ``S * 2H`` values; the sparse path streams ``S * R``
-    predictor values and gathers ``G * C * (2H - R)``, each gathered value costing
-    the backend policy's ``gather_cost`` streamed ones (:mod:`sparse_jax.policy`).
+    predictor values and gathers ``G * C * (2H - R)``, each gathered value costing the
+    backend policy's ``gather_cost`` streamed ones (``native_gather_cost`` when ``native``
+    kernels gather; :mod:`sparse_jax.policy`).
     """
     h, r, g = cfg.head_dim, cfg.attn_predictor_dim, cfg.group_size
-    sparse = cache_size * r + policy_for().gather_cost * g * cap * (2 * h - r)
+    sparse = cache_size * r + policy_for().row_gather_cost(native) * g * cap * (2 * h - r)
     return sparse < cache_size * 2 * h
 
 
@@ -146,7 +149,7 @@ def ffn_mode(
     """How a sparse Spark FFN layer runs at this batch size: masked, per-token or union.
 
     Compares gathered row-equivalents: per token ``B * C * gather_cost`` (with the native
-    kernel, ``native_ffn_gather_cost``), union ``C_union * union_gather_cost`` (the backend
+    kernel, ``native_gather_cost``), union ``C_union * union_gather_cost`` (the backend
     policy's constants, :mod:`sparse_jax.policy`), masked ``F`` (every row streamed once).
 
     Args:
@@ -164,9 +167,7 @@ def ffn_mode(
         return "masked"
     policy = policy_for()
     costs = {
-        "per_token": batch_size
-        * caps[0]
-        * (policy.native_ffn_gather_cost if native else policy.gather_cost),
+        "per_token": batch_size * caps[0] * policy.row_gather_cost(native),
         "union": caps[1] * policy.union_gather_cost,
     }
     if batch_size == 1:
@@ -191,15 +192,15 @@ def layer_choices(
     """
     choices = []
     caps = opts.ffn_caps(cfg, batch_size)
+    native = opts.kernels.native()
     for i, size in enumerate(cache_sizes):
         attn_cap = None
         if cfg.attn_kind == "spark" and cfg.attn_sparse_layers[i] and opts.path != "masked":
             cap = opts.attn_cap(cfg, size)
-            if opts.path == "sparse" or sparse_attention_pays(cfg, size, cap):
+            if opts.path == "sparse" or sparse_attention_pays(cfg, size, cap, native):
                 attn_cap = cap
         mode, ffn_cap = "masked", 0
         if cfg.ffn_kind == "spark" and cfg.ffn_sparse_layers[i]:
-            native = opts.kernels.native()
             mode = ffn_mode(cfg, batch_size, opts.path, caps, opts.batch_mode, native)
             ffn_cap = caps[0] if mode == "per_token" else caps[1] if mode == "union" else 0
         choices.append(DecodeChoice(attn_capacity=attn_cap, ffn_mode=mode, ffn_capacity=ffn_cap))

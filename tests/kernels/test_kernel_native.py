@@ -1,6 +1,7 @@
-"""The native CPU kernels: the dense product and the gathered FFN against float64 oracles, on
-every instruction set this CPU runs; degenerate inputs; vmap, jit, gradients, determinism;
-the build, the loader and the ``auto`` fallback when the library is missing."""
+"""The native CPU kernels: the dense product, the gathered FFN and top-k decode attention
+against float64 oracles, on every instruction set this CPU runs; degenerate inputs; vmap,
+jit, gradients, determinism; the build, the loader and the ``auto`` fallback when the library
+is missing."""
 
 import logging
 
@@ -16,6 +17,7 @@ from pallas_kernels._native import build
 from pallas_kernels.linear import native as linear_native
 from pallas_kernels.linear import reference as linear_reference
 from pallas_kernels.sparse_ffn import native as ffn_native
+from pallas_kernels.topk_attention import native as attention_native
 from sparse_jax.model import products
 
 needs_native = pytest.mark.skipif(not base.NATIVE, reason="native kernels not built")
@@ -199,6 +201,78 @@ def test_sparse_ffn_under_vmap_and_mismatched_dtypes():
         np.testing.assert_array_equal(mapped[i], one)
     with pytest.raises(ValueError, match="one dtype"):
         ffn_native.sparse_ffn(h, idx, x_rest, k2, v.astype(jnp.bfloat16))
+
+
+def _attention_case(gen, batch, heads, kv_heads, seq, slots, rest, width, dtype):
+    q = gen.standard_normal((batch, heads, rest)).astype(np.float32)
+    p = gen.random((batch, heads, slots)).astype(np.float32)
+    idx = gen.integers(0, seq, (batch, heads, slots)).astype(np.int32)
+    k, k64 = _as_stored(gen.standard_normal((batch, kv_heads, seq, rest)), dtype)
+    v, v64 = _as_stored(gen.standard_normal((batch, kv_heads, seq, width)), dtype)
+    return (q, p, idx, k, v), (k64, v64)
+
+
+def _attention_oracle(q, p, idx, k64, v64):
+    """float64 result and the sum of |terms| (the scale of float32 rounding) per output."""
+    batch, heads, _ = q.shape
+    group = heads // k64.shape[1]
+    out = np.zeros((batch, heads, v64.shape[-1]))
+    scale = np.zeros_like(out)
+    for b in range(batch):
+        for n in range(heads):
+            k_sel, v_sel = k64[b, n // group, idx[b, n]], v64[b, n // group, idx[b, n]]
+            dot = k_sel @ np.asarray(q[b, n], np.float64)
+            weight = np.asarray(p[b, n], np.float64) * np.logaddexp(dot, 0.0)
+            out[b, n] = weight @ v_sel
+            gate_scale = np.abs(k_sel) @ np.abs(np.asarray(q[b, n], np.float64))
+            scale[b, n] = (np.abs(weight) + p[b, n] * gate_scale) @ np.abs(v_sel)
+    return out, scale
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_topk_attention_matches_the_float64_formula_on_every_isa(dtype):
+    gen = base.rng(7)
+    # MHA and GQA, widths off the 16 lanes (H 40, H-R 24) and Gemma's (256, 128).
+    for shape in ((1, 2, 2, 30, 5, 24, 40), (2, 8, 4, 300, 33, 128, 256), (1, 4, 1, 3, 1, 1, 1)):
+        (q, p, idx, k, v), (k64, v64) = _attention_case(gen, *shape, dtype)
+        want, scale = _attention_oracle(q, p, idx, k64, v64)
+        for isa in _native.supported_isas():
+            with base.using_isa(isa):
+                got = jax.jit(attention_native.topk_attention)(q, p, idx, k, v)
+            _assert_matches(got, want, scale)
+
+
+@needs_native
+def test_topk_attention_degenerate_selections():
+    gen = base.rng(8)
+    (q, p, idx, k, v), (k64, v64) = _attention_case(gen, 2, 4, 2, 20, 6, 8, 16, jnp.float32)
+    run = jax.jit(attention_native.topk_attention)
+    zeros = np.zeros((2, 4, 16), np.float32)
+    # No slots, and only padding slots (p = 0): zeros.
+    np.testing.assert_array_equal(run(q, p[..., :0], idx[..., :0], k, v), zeros)
+    np.testing.assert_array_equal(run(q, np.zeros_like(p), idx, k, v), zeros)
+    # A zero query gates every key by softplus(0) = log 2.
+    want, scale = _attention_oracle(np.zeros_like(q), p, idx, k64, v64)
+    _assert_matches(run(np.zeros_like(q), p, idx, k, v), want, scale)
+    # Huge gate logits (softplus(x) = x, no overflow) and huge negative ones (gate -> 0).
+    for magnitude in (1e4, -1e4):
+        big = q * np.float32(magnitude)
+        want, scale = _attention_oracle(big, p, idx, k64, v64)
+        got = run(big, p, idx, k, v)
+        assert np.all(np.isfinite(np.asarray(got)))
+        _assert_matches(got, want, scale)
+    # Out-of-range slots read the edge slots (clamped), never outside the cache.
+    wild = idx.copy()
+    wild[:, :, 0], wild[:, :, 1] = -3, 50
+    np.testing.assert_array_equal(run(q, p, wild, k, v), run(q, p, np.clip(wild, 0, 19), k, v))
+    # Mapped over a leading axis: each slice as computed alone.
+    stack = [np.stack([a, a[::-1]]) for a in (q, p, idx, np.asarray(k), np.asarray(v))]
+    mapped = jax.jit(jax.vmap(attention_native.topk_attention))(*stack)
+    for i in range(2):
+        np.testing.assert_array_equal(mapped[i], run(*(a[i] for a in stack)))
+    with pytest.raises(ValueError, match="one dtype"):
+        attention_native.topk_attention(q, p, idx, k, jnp.asarray(v, jnp.bfloat16))
 
 
 def test_a_missing_library_falls_back_under_auto_and_fails_when_asked_for(

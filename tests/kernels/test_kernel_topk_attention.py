@@ -35,6 +35,7 @@ class TestTopkAttention(base.KernelTestBase):
     # (B, N, K, S, A, H-R, H): MHA and GQA; A not a multiple of the block.
     CASES = ((1, 2, 2, 32, 16, 16, 32), (2, 4, 2, 24, 11, 24, 40))
     BLOCK_SIZES = BlockSizes(selected=8, columns=16)
+    IMPLEMENTATIONS = (*base.IMPLEMENTATIONS, *base.NATIVE)
     OP = staticmethod(topk_attention)
     REFERENCE = staticmethod(reference.topk_attention)
 
