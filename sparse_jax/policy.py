@@ -25,9 +25,7 @@ trick measured on one backend never runs on another by default:
   ``python -m benchmarks.native_products`` on the 2-core Intel Xeon (AVX-512, AMX), one
   [9216, 2304] weight: float32 at 1.05-1.06x XLA's speed up to 4 rows, 0.80x at 8 and 0.76x
   at 16 (the kernel is compute-bound there, XLA's dot is not); bfloat16 2.9-5.4x faster than
-  XLA's elementwise form at 1-16 rows (0.95-4.25 ms against 2.9-23 ms). (XLA's dot of
-  bfloat16 operands ran 2-16 rows in 1.4-1.6 ms on that AMX-BF16 CPU, but it rounds the
-  activations to bfloat16, and it took 24 ms for one row.)
+  XLA's elementwise form at 1-16 rows (0.95-4.25 ms against 2.9-23 ms).
 * ``keys_left_max_rows``: attention scores of up to this many query rows per kv head (a
   decode step, or a short chunk) are computed with the keys as the left operand of the dot,
   ``[S, M]``, then transposed: on CPU that ran 6.7 ms against 11 ms for an 8192-key decode
