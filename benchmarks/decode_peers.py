@@ -22,11 +22,11 @@ dtype Spark's best time was measured in). ``--layers N`` keeps the widths and vo
 N layers, as ``benchmarks/decode.py --quick`` does with 2. Results go to
 ``benchmarks/results/decode_peers.{json,md}``, or to the ``--out`` folder.
 
-The peer is an optional extra: ``.venv/bin/pip install -e ".[peers]"``. The extra pins
-``torch==2.13.0``, which on PyPI is the build with CUDA libraries; for the CPU-only build (a
-much smaller download, and the same ``2.13.0`` for the pin) install it first from PyTorch's
-index: ``.venv/bin/pip install "torch==2.13.0+cpu" --index-url
-https://download.pytorch.org/whl/cpu``, then the extra.
+The peer (torch 2.13.0, transformers 5.24.0) is in the ``dev`` extra that
+``scripts/setup_env.sh`` installs. ``torch==2.13.0`` on PyPI is the build with CUDA libraries;
+elsewhere, for the CPU-only build (a much smaller download, the same ``2.13.0`` for the pin),
+install it first from PyTorch's index: ``.venv/bin/pip install "torch==2.13.0+cpu"
+--index-url https://download.pytorch.org/whl/cpu``.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ import jax
 from benchmarks.decode import NAMES, bounds_and_ratios, decode_ms, ffn_ms, read_bandwidth
 from configs import get_model_config
 from sparse_jax.decode.step import DecodeOptions
+from sparse_jax.hf import config_to_hf
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.model.weights import random_params
 
@@ -58,8 +59,7 @@ RESULTS = pathlib.Path(__file__).parent / "results"
 STEM = "decode_peers"
 DTYPES = ("float32", "bfloat16")
 TARGET_FRACTION = 0.9
-INSTALL_HINT = 'install the peer with `.venv/bin/pip install -e ".[peers]"` (see the docstring)'
-HF_LAYER_TYPES = {"local": "sliding_attention", "global": "full_attention"}
+INSTALL_HINT = 'install the peer with `.venv/bin/pip install -e ".[dev]"` (see the docstring)'
 
 
 def require_peer() -> tuple[Any, Any]:
@@ -90,47 +90,17 @@ def sliced(cfg: ModelConfig, layers: int, longest: int) -> ModelConfig:
 def hf_config(cfg: ModelConfig) -> Gemma2Config:
     """The transformers ``Gemma2Config`` of a dense Gemma-2 style ``ModelConfig``.
 
-    Every architectural field is carried over: vocabulary, widths, depth, heads, the per-layer
-    local/global pattern and window, query scale (as ``query_pre_attn_scalar``, whose inverse
-    square root it is), both soft caps, norm epsilon, RoPE base and context length. Embeddings
-    are tied and the FFN is GeGLU with tanh gelu, as in the library's model.
+    The fields are the ones :func:`sparse_jax.hf.config_to_hf` writes into an exported
+    checkpoint's ``config.json``: every architectural field, embeddings tied, GeGLU with tanh
+    gelu.
 
     Raises:
-      ValueError: ``cfg`` is not a dense model, or its query scale has no integer
-        ``query_pre_attn_scalar``.
+      ValueError: ``cfg`` is not a dense model.
     """
     _, transformers = require_peer()
-    if cfg.ffn_kind != "gated" or cfg.attn_kind != "dense":
-        raise ValueError(
-            f"{cfg.name} has ffn_kind={cfg.ffn_kind!r}, attn_kind={cfg.attn_kind!r}: the HF peer "
-            "is dense Gemma-2 (ffn_kind='gated', attn_kind='dense')"
-        )
-    scalar = round(cfg.resolved_query_scale**-2)
-    if abs(scalar**-0.5 - cfg.resolved_query_scale) > 1e-9 * cfg.resolved_query_scale:
-        raise ValueError(
-            f"query scale {cfg.resolved_query_scale} of {cfg.name} is not 1/sqrt(an integer), "
-            "which transformers' query_pre_attn_scalar requires"
-        )
-    return transformers.Gemma2Config(
-        vocab_size=cfg.vocab_size,
-        hidden_size=cfg.model_dim,
-        intermediate_size=cfg.ffn_dim,
-        num_hidden_layers=cfg.num_layers,
-        num_attention_heads=cfg.num_heads,
-        num_key_value_heads=cfg.num_kv_heads,
-        head_dim=cfg.head_dim,
-        hidden_activation="gelu_pytorch_tanh",
-        max_position_embeddings=cfg.max_seq_len,
-        rms_norm_eps=cfg.norm_eps,
-        tie_word_embeddings=True,
-        rope_parameters={"rope_type": "default", "rope_theta": float(cfg.rope_base)},
-        attention_bias=False,
-        query_pre_attn_scalar=scalar,
-        sliding_window=cfg.sliding_window,
-        layer_types=[HF_LAYER_TYPES[t] for t in cfg.layer_types],
-        attn_logit_softcapping=cfg.attn_logit_softcap,
-        final_logit_softcapping=cfg.final_logit_softcap,
-    )
+    fields = config_to_hf(cfg)
+    del fields["model_type"], fields["dtype"]
+    return transformers.Gemma2Config(**fields)
 
 
 def build_hf_model(cfg: ModelConfig, dtype: str) -> Gemma2ForCausalLM:

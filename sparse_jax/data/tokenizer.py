@@ -1,7 +1,10 @@
 """SentencePiece subword tokenizer: train on a corpus, save, load, encode and decode.
 
-The tokenizer is a byte-fallback BPE model with fixed special ids (pad=0, bos=1, eos=2,
-unk=3), identity normalization and whitespace kept as written, so ``decode(encode(text))``
+The special ids are the model file's own. A tokenizer trained here is a byte-fallback BPE
+model with pad=0, bos=1, eos=2, unk=3; Gemma's ``tokenizer.model`` has pad=0, eos=1, bos=2,
+unk=3 and the turn markers ``<start_of_turn>`` / ``<end_of_turn>`` that chat formatting uses
+(:attr:`Tokenizer.turn_ids`). A trained tokenizer has identity normalization and whitespace
+kept as written, so ``decode(encode(text))``
 returns ``text`` exactly, unicode outside the training corpus included (it falls back to byte
 pieces). The one exception is SentencePiece's own space mark U+2581 ("▁"), which decodes as a
 space. Training is deterministic: the same texts and arguments give the same model bytes,
@@ -21,11 +24,14 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+# The special ids of the tokenizers :meth:`Tokenizer.train` makes.
 PAD_ID = 0
 BOS_ID = 1
 EOS_ID = 2
 UNK_ID = 3
 FILENAME = "tokenizer.model"
+# The pieces that open and close a chat turn in Gemma's tokenizer.
+TURN_PIECES = ("<start_of_turn>", "<end_of_turn>")
 
 # Lines longer than this many characters are cut at spaces before training: the SentencePiece
 # trainer skips sentences over ``max_sentence_length`` bytes instead of using them.
@@ -60,7 +66,7 @@ def _spm_message(error: RuntimeError) -> str:
 
 
 class Tokenizer:
-    """A SentencePiece model with fixed special ids pad=0, bos=1, eos=2, unk=3.
+    """A SentencePiece model; its pad, bos, eos and unk ids are the ones the model file defines.
 
     Build one with :meth:`train` or :meth:`load`; the constructor takes serialized model bytes.
 
@@ -75,8 +81,8 @@ class Tokenizer:
           model_proto: the bytes of a ``.model`` file.
 
         Raises:
-          ValueError: if the bytes are not a SentencePiece model, or its special ids differ
-            from pad=0, bos=1, eos=2, unk=3.
+          ValueError: if the bytes are not a SentencePiece model, or it lacks a pad, bos or eos
+            piece, or two of pad, bos, eos and unk share an id.
         """
         self.model_proto = bytes(model_proto)
         try:
@@ -89,9 +95,17 @@ class Tokenizer:
             "eos": self._sp.eos_id(),
             "unk": self._sp.unk_id(),
         }
-        want = {"pad": PAD_ID, "bos": BOS_ID, "eos": EOS_ID, "unk": UNK_ID}
-        if ids != want:
-            raise ValueError(f"tokenizer special ids are {ids}; this library requires {want}")
+        missing = [name for name, i in ids.items() if i < 0]
+        if missing:
+            raise ValueError(
+                f"tokenizer special ids are {ids}: it defines no {' or '.join(missing)} piece, "
+                "which this library needs (padding, document start and end)"
+            )
+        if len(set(ids.values())) < len(ids):
+            raise ValueError(f"tokenizer special ids are {ids}: two of them share an id")
+        self._special = ids
+        turns = tuple(self._sp.piece_to_id(piece) for piece in TURN_PIECES)
+        self._turns = turns if all(i != ids["unk"] for i in turns) else None
 
     @classmethod
     def train(
@@ -172,7 +186,8 @@ class Tokenizer:
 
         Raises:
           FileNotFoundError: if the file (or ``tokenizer.model`` in the directory) is missing.
-          ValueError: if the file is not a SentencePiece model with this library's special ids.
+          ValueError: if the file is not a SentencePiece model the library can use (see
+            the constructor).
         """
         path = pathlib.Path(path)
         if path.is_dir():
@@ -206,23 +221,28 @@ class Tokenizer:
 
     @property
     def pad_id(self) -> int:
-        """Id of the padding token (0)."""
-        return PAD_ID
+        """Id of the padding token."""
+        return self._special["pad"]
 
     @property
     def bos_id(self) -> int:
-        """Id of the beginning-of-sequence token (1)."""
-        return BOS_ID
+        """Id of the beginning-of-sequence token."""
+        return self._special["bos"]
 
     @property
     def eos_id(self) -> int:
-        """Id of the end-of-sequence token (2)."""
-        return EOS_ID
+        """Id of the end-of-sequence token."""
+        return self._special["eos"]
 
     @property
     def unk_id(self) -> int:
-        """Id of the unknown token (3); byte fallback means encoding never produces it."""
-        return UNK_ID
+        """Id of the unknown token; with byte fallback encoding never produces it."""
+        return self._special["unk"]
+
+    @property
+    def turn_ids(self) -> tuple[int, int] | None:
+        """Ids of ``<start_of_turn>`` and ``<end_of_turn>``, or None if the model lacks them."""
+        return self._turns
 
     def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Encodes one string into token ids.

@@ -341,14 +341,22 @@ class Checkpointer:
         Damaged steps on the way are moved to :attr:`aside` (see the module docstring).
 
         Raises:
-          CheckpointError: the newest readable checkpoint was written for another model config,
-            or a step failed to read for a reason other than damage on every attempt.
+          CheckpointError: the newest readable checkpoint was written for another model config
+            or holds parameters only (an imported model), or a step failed to read for a
+            reason other than damage on every attempt.
         """
         for step in reversed(self.steps()):
             step_dir = self.directory / str(step)
             try:
                 self._read(lambda d=step_dir: check_files(d), "files", step_dir)
                 meta = self._read(lambda s=step: self.read_meta(s), "metadata", step_dir)
+                if meta.get("params_only"):
+                    raise CheckpointError(
+                        f"checkpoint {step_dir} holds parameters only (imported from "
+                        f"{meta.get('source', {}).get('format', 'elsewhere')}), no optimizer or "
+                        "data state: it cannot be resumed. Load it with sparse_jax.load or "
+                        "serve.py, and train in another workdir"
+                    )
                 diff = config_mismatch(meta.get("model_config", {}), model_config)
                 if diff:
                     raise CheckpointError(

@@ -1,6 +1,6 @@
 """The HF transformers peer of ``benchmarks/decode_peers.py`` is the ``gemma2_2b`` preset.
 
-Skipped unless the optional ``peers`` extra (torch, transformers) is installed. Only the config
+Skipped unless torch and transformers (the ``dev`` extra) are installed. Only the config
 is built at full size; the one model instantiated is tiny.
 """
 
