@@ -1,9 +1,13 @@
 """Generate from a checkpoint: one prompt on the terminal, or an OpenAI-compatible HTTP server.
 
     python serve.py --checkpoint runs/tiny --prompt "In the beginning"   # stream one completion
+    python serve.py --checkpoint runs/gemma --chat "Who are you?"        # one chat turn
     python serve.py --checkpoint runs/tiny --port 8000                   # serve on 127.0.0.1:8000
 
-The server answers ``POST /v1/completions`` (streamed with ``"stream": true``), ``GET
+``--chat`` (with ``--system`` for a system message) formats one user turn in Gemma's chat
+format and prints the model's reply; it needs a tokenizer with Gemma's turn markers, such as
+a checkpoint imported with ``python -m sparse_jax.hf import``. The server answers ``POST
+/v1/completions`` and ``POST /v1/chat/completions`` (streamed with ``"stream": true``), ``GET
 /v1/models``, ``GET /v1/models/{id}`` and ``GET /health``, decoding concurrent requests together
 in ``--slots`` batch rows. With ``--api-key`` (or the SPARSE_JAX_API_KEY environment variable)
 the ``/v1`` routes need ``Authorization: Bearer <key>``. It listens on 127.0.0.1 unless
@@ -50,9 +54,12 @@ def _port(text: str) -> int:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True, help="training workdir or step directory")
-    one = parser.add_argument_group("one prompt")
-    one.add_argument("--prompt", help="generate one completion to stdout and exit")
+    one = parser.add_argument_group("one prompt or chat turn")
+    first = one.add_mutually_exclusive_group()
+    first.add_argument("--prompt", help="generate one completion to stdout and exit")
+    first.add_argument("--chat", help="answer one user message in the chat format and exit")
     one_only = [
+        one.add_argument("--system", default=None, help="system message (with --chat)"),
         one.add_argument("--max-tokens", type=_count, default=64),
         one.add_argument("--temperature", type=float, default=0.0, help="0 means greedy"),
         one.add_argument("--top-k", type=int, default=None),
@@ -83,19 +90,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     # An option of the other mode would be silently ignored: refuse it instead.
-    ignored = one_only if args.prompt is None else server_only
+    one_shot = args.prompt is not None or args.chat is not None
+    ignored = server_only if one_shot else one_only
     for action in ignored:
         if getattr(args, action.dest) != action.default:
-            mode = "--prompt" if args.prompt is None else "the server (without --prompt)"
+            mode = "the server (without --prompt or --chat)" if one_shot else "--prompt or --chat"
             parser.error(f"{action.option_strings[0]} applies only to {mode}")
+    if args.system is not None and args.chat is None:
+        parser.error("--system applies only to --chat")
     return args
 
 
 def run_prompt(args: argparse.Namespace) -> int:
     sampler = Sampler(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     generator = TextGenerator(load(args.checkpoint))
-    pieces = generator.stream(
-        args.prompt,
+    settings = dict(
         max_tokens=args.max_tokens,
         sampler=sampler,
         seed=args.seed,
@@ -104,10 +113,17 @@ def run_prompt(args: argparse.Namespace) -> int:
             DEFAULT_OPTIONS, path=args.decode_path, implementation=args.kernels
         ),
     )
+    if args.chat is not None:
+        messages = [("user", args.chat)]
+        if args.system is not None:
+            messages.insert(0, ("system", args.system))
+        pieces = generator.stream_chat(messages, **settings)
+    else:
+        pieces = generator.stream(args.prompt, **settings)
     # The generator checks the prompt and every setting before its first piece: a request that
     # fails prints nothing but its error.
     first = next(pieces, "")
-    print(args.prompt + first, end="", flush=True)
+    print((args.prompt or "") + first, end="", flush=True)
     for piece in pieces:
         print(piece, end="", flush=True)
     print()
@@ -179,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        if args.prompt is not None:
+        if args.prompt is not None or args.chat is not None:
             return run_prompt(args)
         return run_server(args)
     except (CheckpointError, ValueError, ImplementationUnavailableError) as err:

@@ -2,7 +2,8 @@
 
 A checkpoint of the tiny preset's shape (few steps) stands at ``runs/tiny`` in a scratch
 directory, the blocks run there in one namespace, and the OpenAI-client block runs against
-the real server on that checkpoint (its port swapped for a free one).
+the real server on that checkpoint (its port swapped for a free one). The chat-client block
+runs against a server on a tiny random Gemma-2 imported from transformers.
 """
 
 import contextlib
@@ -30,7 +31,25 @@ def readme_blocks() -> list[str]:
 
 
 def _is_client(block: str) -> bool:
-    return "OpenAI(" in block
+    return "OpenAI(" in block and not _is_chat(block)
+
+
+def _is_chat(block: str) -> bool:
+    return "OpenAI(" in block and "chat.completions" in block
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    """A tiny random Gemma-2 built with transformers and imported (the chat block's model)."""
+    pytest.importorskip("torch")
+    from hf_models import hf_model, save_hf
+
+    from sparse_jax.hf import import_checkpoint
+
+    root = tmp_path_factory.mktemp("gemma")
+    model = hf_model(seed=3, max_position_embeddings=128)
+    import_checkpoint(save_hf(model, root / "hf"), root / "run")
+    return load(root / "run")
 
 
 @pytest.fixture(scope="module")
@@ -50,15 +69,25 @@ def test_the_readme_has_the_blocks_this_test_runs():
     blocks = readme_blocks()
     assert len(blocks) >= 4
     assert sum(_is_client(b) for b in blocks) == 1
+    assert sum(_is_chat(b) for b in blocks) == 1
 
 
-def test_python_blocks_run_in_order(scratch, monkeypatch):
+def test_python_blocks_run_in_order(scratch, gemma, monkeypatch):
     monkeypatch.chdir(scratch)
     monkeypatch.syspath_prepend(str(ROOT))  # `from configs import ...`, as from a clone
     namespace: dict = {}
     printed = io.StringIO()
     model = None
     for block in readme_blocks():
+        if _is_chat(block):
+            settings = ServerSettings(model_name="gemma2", api_key="KEY")
+            engine = Engine(gemma.config, gemma.params, slots=1)
+            with serving(create_app(engine, gemma.tokenizer, settings)) as url:
+                block = block.replace(README_PORT, url.removeprefix("http://"))
+                with contextlib.redirect_stdout(printed):
+                    exec(compile(block, "README.md", "exec"), namespace)
+            assert namespace["reply"].choices[0].message.role == "assistant"
+            continue
         if _is_client(block):
             model = model or load(scratch / "runs" / "tiny")
             settings = ServerSettings(model_name="tiny", api_key="KEY")

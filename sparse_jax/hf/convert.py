@@ -1,12 +1,13 @@
 """Import a Hugging Face Gemma-2 checkpoint into the library's format, and export one back.
 
 :func:`import_checkpoint` reads ``config.json``, the ``*.safetensors`` files (one, or shards
-listed by ``model.safetensors.index.json``) and ``tokenizer.model``, checks every tensor's
+listed by ``model.safetensors.index.json``) and ``tokenizer.model``. It checks every tensor's
 presence, shape and dtype before reading any, then reads the tensors one at a time
-(``safetensors.safe_open``) straight into the stacked parameter arrays, so the host holds one
-copy of the model and the tensor being read. It writes a step-0 checkpoint under
-``<workdir>/checkpoints`` that :func:`sparse_jax.load`, ``serve.py`` and the notebook read as
-they read a trained one. The checkpoint holds parameters only (no optimizer or data state), so
+(``safetensors.safe_open``). Each becomes a leaf of the unstacked parameter tree (``layers_0``,
+``layers_1``, ...: no copy into a stack), which Orbax writes without a copy of its own, so the
+host holds one copy of the model and the tensor being read. The result is a step-0 checkpoint
+under ``<workdir>/checkpoints`` that :func:`sparse_jax.load`, ``serve.py`` and the notebook
+read as they read a trained one. It holds parameters only (no optimizer or data state), so
 ``train.py`` refuses to resume it rather than start from its weights by accident.
 
 :func:`export_checkpoint` writes a dense checkpoint as ``config.json``, ``model.safetensors``
@@ -17,6 +18,7 @@ and ``tokenizer.model``, into a new directory that appears complete or not at al
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -125,24 +127,23 @@ def _check_tensor(handle: Any, name: str, shape: tuple[int, ...], file: str) -> 
         )
 
 
-def _empty_params(cfg: ModelConfig, plan: list[Tensor]) -> dict[str, Any]:
-    dtype = NUMPY_DTYPES[cfg.param_dtype]
-    params: dict[str, Any] = {}
-    for t in plan:
-        node = params
-        for key in t.path[:-1]:
-            node = node.setdefault(key, {})
-        if t.path[-1] not in node:
-            shape = t.shape if t.layer is None else (cfg.num_layers, *t.shape)
-            node[t.path[-1]] = np.empty(shape, dtype)
-    return params
+def _tree_path(t: Tensor) -> tuple[str, ...]:
+    """Where ``t`` goes in the unstacked parameter tree (``layers_0`` ... as leaves)."""
+    return t.path if t.layer is None else (f"layers_{t.layer}", *t.path[1:])
 
 
-def _leaf(params: dict[str, Any], t: Tensor) -> np.ndarray:
+def _put(params: dict[str, Any], path: tuple[str, ...], value: np.ndarray) -> None:
     node = params
-    for key in t.path:
-        node = node[key]
-    return node if t.layer is None else node[t.layer]
+    for key in path[:-1]:
+        node = node.setdefault(key, {})
+    node[path[-1]] = value
+
+
+def _read(path: pathlib.Path, name: str) -> np.ndarray:
+    """One tensor, from a handle opened for it alone: the file's pages that were mapped to read
+    it are unmapped again at once, so the process holds the tensor and nothing more."""
+    with _open(path) as f:
+        return f.get_tensor(name)
 
 
 def _check_workdir(workdir: pathlib.Path) -> pathlib.Path:
@@ -189,6 +190,7 @@ def import_checkpoint(
         raise ConversionError(f"{hf_dir} has no {CONFIG_FILE}")
     hf_config = _read_json(hf_dir / CONFIG_FILE)
     cfg = config_from_hf(hf_config, param_dtype=param_dtype, name=hf_dir.name or "gemma2")
+    cfg = dataclasses.replace(cfg, scan_layers=False)
     token_path = pathlib.Path(tokenizer) if tokenizer is not None else hf_dir / TOKENIZER_FILE
     try:
         tok = Tokenizer.load(token_path)
@@ -214,30 +216,33 @@ def import_checkpoint(
                 embedding.hf_shape,
                 where[LM_HEAD_NAME].name,
             )
-        params = _empty_params(cfg, plan)
-        for n, t in enumerate(plan, 1):
-            value = handles[where[t.name]].get_tensor(t.name)
-            _leaf(params, t)[...] = value.reshape(t.shape)
-            del value
-            if progress is not None:
-                progress(n, len(plan))
-        if LM_HEAD_NAME in where:
-            # A tied model may carry its output projection too; it must be the embedding.
-            head = handles[where[LM_HEAD_NAME]].get_tensor(LM_HEAD_NAME)
-            same = np.array_equal(head, params["embedder"]["embedding"].astype(head.dtype))
-            del head
-            if not same:
-                raise ConversionError(
-                    f"{LM_HEAD_NAME} differs from {EMBEDDING_NAME}: an untied output projection "
-                    "cannot be represented (the library ties it to the embedding)"
-                )
+    # The checks above read headers only. Each tensor becomes its own leaf (the unstacked
+    # tree), so no array is copied into a stack, and Orbax writes the leaves in place.
+    dtype = NUMPY_DTYPES[cfg.param_dtype]
+    params: dict[str, Any] = {}
+    for n, t in enumerate(plan, 1):
+        value = _read(where[t.name], t.name).reshape(t.shape)
+        _put(params, _tree_path(t), value.astype(dtype, copy=False))
+        del value
+        if progress is not None:
+            progress(n, len(plan))
+    if LM_HEAD_NAME in where:
+        # A tied model may carry its output projection too; it must be the embedding.
+        head = _read(where[LM_HEAD_NAME], LM_HEAD_NAME)
+        same = np.array_equal(head, params["embedder"]["embedding"].astype(head.dtype, copy=False))
+        del head
+        if not same:
+            raise ConversionError(
+                f"{LM_HEAD_NAME} differs from {EMBEDDING_NAME}: an untied output projection "
+                "cannot be represented (the library ties it to the embedding)"
+            )
     meta = {
         "model_config": cfg.to_dict(),
         "tokenizer": tokenizer_to_json(tok),
         "params_only": True,
         "source": {"format": SOURCE, "name": hf_dir.name, "config": hf_config},
     }
-    with Checkpointer(target, keep=1, async_save=False) as ckpt:
+    with Checkpointer(target, keep=1, async_save=False, numpy_in_place=True) as ckpt:
         ckpt.save(0, {"params": params}, {}, meta)
     return target / "0"
 
@@ -334,6 +339,12 @@ def export_checkpoint(
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         (tmp / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2) + "\n")
         tok.save(tmp)
+        # mkdtemp and safetensors make owner-only files; give them the usual permissions.
+        umask = os.umask(0)
+        os.umask(umask)
+        for path in tmp.iterdir():
+            path.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if out.exists():
             out.rmdir()  # empty, checked above
         tmp.rename(out)

@@ -1,8 +1,10 @@
 """The HTTP server: FastAPI routes for OpenAI-compatible completions over the batching engine.
 
-:func:`create_app` serves ``POST /v1/completions`` (whole or streamed as server-sent events;
-its body's schema is in ``/openapi.json``), ``GET /v1/models``, ``GET /v1/models/{id}`` and
-``GET /health``. The ``/v1`` routes need ``Authorization: Bearer KEY`` when the settings hold
+:func:`create_app` serves ``POST /v1/completions`` and ``POST /v1/chat/completions`` (whole
+or streamed as server-sent events; their bodies' schemas are in ``/openapi.json``), ``GET
+/v1/models``, ``GET /v1/models/{id}`` and ``GET /health``. Chat needs a tokenizer with Gemma's
+turn markers (:mod:`sparse_jax.serve.chat`); for any other model it is a 400 saying so. The
+``/v1`` routes need ``Authorization: Bearer KEY`` when the settings hold
 an API key; ``/health`` then tells a caller without the key only whether the server is up.
 Every invalid request gets a 4xx with OpenAI's JSON error body (a failure on the server's side
 a 5xx of the same shape), and the server goes on serving. A prompt is tokenized on a worker
@@ -32,9 +34,9 @@ from starlette.exceptions import HTTPException
 
 from sparse_jax.data.tokenizer import Tokenizer
 from sparse_jax.model.config import check_context
-from sparse_jax.serve import protocol
+from sparse_jax.serve import chat, protocol
 from sparse_jax.serve.engine import Engine
-from sparse_jax.serve.protocol import ApiError, CompletionRequest
+from sparse_jax.serve.protocol import ApiError, ChatCompletionRequest, CompletionRequest
 from sparse_jax.serve.row_sampling import TOP_P_OFF, RowSettings
 from sparse_jax.serve.textgen import TextStream, encode_prompt
 from sparse_jax.serve.tickets import EngineBusy, Event, Ticket
@@ -193,21 +195,18 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings) -
             raise _no_such_model(model_id, settings.model_name)
         return model_card
 
-    body_schema = {"application/json": {"schema": protocol.request_schema()}}
+    def schema(request_type: type) -> dict:
+        content = {"application/json": {"schema": protocol.request_schema(request_type)}}
+        return {"requestBody": {"required": True, "content": content}}
 
-    # The body is read and validated by hand (size limit, OpenAI's error messages), so FastAPI
-    # is told its schema rather than left to infer none.
-    @app.post(
-        "/v1/completions",
-        openapi_extra={"requestBody": {"required": True, "content": body_schema}},
-    )
-    async def completions(request: Request):
-        authorize(request)
-        body = await _read_body(request, settings.max_request_bytes)
-        req = protocol.parse_completion_request(body)
-        prompt_ids, engine_request = await _engine_request(
-            req, tokenizer, cfg.max_seq_len, settings, chars_per_token
-        )
+    async def respond(
+        req: protocol._Sampled,
+        prompt_ids: list[int],
+        engine_request: EngineRequest,
+        request: Request,
+        is_chat: bool,
+        echo: str = "",
+    ):
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[Event] = asyncio.Queue()
         try:
@@ -220,14 +219,13 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings) -
             raise ApiError(400, str(err)) from None
         text = TextStream(tokenizer, req.stop or (), context=prompt_ids)
         pieces = _pieces(ticket, events, text, request)
-        request_id = f"cmpl-{uuid.uuid4().hex}"
+        request_id = f"{'chatcmpl' if is_chat else 'cmpl'}-{uuid.uuid4().hex}"
         name = settings.model_name
-        echo = ""
-        if req.echo:
-            echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt_ids)
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            stream = _sse(pieces, request_id, name, include_usage, len(prompt_ids), text, echo)
+            stream = _sse(
+                pieces, request_id, name, include_usage, len(prompt_ids), text, echo, is_chat
+            )
             return _EventStream(stream, ticket)
         try:
             parts, reason = [echo], None
@@ -239,7 +237,50 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServerSettings) -
         finally:
             ticket.cancel()
         counts = protocol.usage(len(prompt_ids), len(text.tokens))
-        return protocol.completion_body(request_id, name, "".join(parts), reason, counts)
+        body = protocol.chat_completion_body if is_chat else protocol.completion_body
+        return body(request_id, name, "".join(parts), reason, counts)
+
+    # The bodies are read and validated by hand (size limit, OpenAI's error messages), so
+    # FastAPI is told their schemas rather than left to infer none.
+    @app.post("/v1/completions", openapi_extra=schema(CompletionRequest))
+    async def completions(request: Request):
+        authorize(request)
+        body = await _read_body(request, settings.max_request_bytes)
+        req = protocol.parse_completion_request(body)
+        max_tokens = _max_tokens(req, settings)
+        prompt_ids = await _prompt_ids(
+            req.prompt, tokenizer, cfg.max_seq_len, max_tokens, chars_per_token
+        )
+        engine_request = _engine_request(req, prompt_ids, max_tokens, (tokenizer.eos_id,))
+        echo = ""
+        if req.echo:
+            echo = req.prompt if isinstance(req.prompt, str) else tokenizer.decode(prompt_ids)
+        return await respond(req, prompt_ids, engine_request, request, False, echo)
+
+    @app.post("/v1/chat/completions", openapi_extra=schema(ChatCompletionRequest))
+    async def chat_completions(request: Request):
+        authorize(request)
+        body = await _read_body(request, settings.max_request_bytes)
+        req = protocol.parse_chat_request(body)
+        if not chat.supports_chat(tokenizer):
+            raise ApiError(400, chat.no_chat_format(tokenizer), code="chat_not_supported")
+        max_tokens = _max_tokens(req, settings)
+        messages = [(m.role, m.text) for m in req.messages]
+        try:  # the body's size limit bounds the encoding work
+            prompt_ids = await run_in_threadpool(chat.conversation_ids, tokenizer, messages)
+        except ValueError as err:
+            raise ApiError(400, str(err), param="messages") from None
+        try:
+            check_context(cfg.max_seq_len, len(prompt_ids), max_tokens, "max_tokens")
+        except ValueError as err:
+            raise ApiError(
+                400,
+                f"the conversation is {len(prompt_ids)} tokens: {err}",
+                param="messages",
+                code="context_length_exceeded",
+            ) from None
+        engine_request = _engine_request(req, prompt_ids, max_tokens, chat.stop_ids(tokenizer))
+        return await respond(req, prompt_ids, engine_request, request, True)
 
     return app
 
@@ -277,25 +318,28 @@ async def _prompt_ids(
         raise ApiError(400, str(err), param="prompt", code="context_length_exceeded") from None
 
 
-async def _engine_request(
-    req: CompletionRequest,
-    tokenizer: Tokenizer,
-    context: int,
-    settings: ServerSettings,
-    chars_per_token: int,
-) -> tuple[list[int], EngineRequest]:
+def _max_tokens(req: protocol._Sampled, settings: ServerSettings) -> int:
+    """The request's token limit, checked against the server's; also checks the model id."""
     if req.model != settings.model_name:
         raise _no_such_model(req.model, settings.model_name)
-    max_tokens = req.max_tokens
+    max_tokens = req.token_limit
     if max_tokens is None:
-        max_tokens = min(protocol.DEFAULT_MAX_TOKENS, settings.max_tokens_limit)
+        max_tokens = settings.max_tokens_limit
+        if isinstance(req, CompletionRequest):
+            max_tokens = min(protocol.DEFAULT_MAX_TOKENS, max_tokens)
     if max_tokens > settings.max_tokens_limit:
+        name = "max_completion_tokens" if req.token_limit != req.max_tokens else "max_tokens"
         raise ApiError(
             400,
-            f"max_tokens={max_tokens} is over this server's limit of {settings.max_tokens_limit}",
-            param="max_tokens",
+            f"{name}={max_tokens} is over this server's limit of {settings.max_tokens_limit}",
+            param=name,
         )
-    ids = await _prompt_ids(req.prompt, tokenizer, context, max_tokens, chars_per_token)
+    return max_tokens
+
+
+def _engine_request(
+    req: protocol._Sampled, ids: list[int], max_tokens: int, stop_tokens: tuple[int, ...]
+) -> EngineRequest:
     row = RowSettings(
         temperature=req.temperature,
         top_k=req.top_k or 0,
@@ -303,7 +347,7 @@ async def _engine_request(
         top_p=req.top_p if req.top_p < 1.0 else TOP_P_OFF,
         seed=(req.seed if req.seed is not None else uuid.uuid4().int) % (1 << 31),
     )
-    return ids, EngineRequest(tuple(ids), max_tokens, row, (tokenizer.eos_id,))
+    return EngineRequest(tuple(ids), max_tokens, row, stop_tokens)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -373,12 +417,23 @@ async def _sse(
     prompt_tokens: int,
     text: TextStream,
     echo: str,
+    is_chat: bool = False,
 ) -> AsyncIterator[str]:
+    def chunk(piece: str, reason: str | None, first: bool = False) -> str:
+        if not is_chat:
+            return protocol.chunk_body(request_id, model, piece, reason, include_usage)
+        delta = {"role": "assistant", "content": piece} if first else {"content": piece}
+        if reason is not None and not piece:
+            delta = {}
+        return protocol.chat_chunk_body(request_id, model, delta, reason, include_usage)
+
     try:
         if echo:
-            yield protocol.chunk_body(request_id, model, echo, None, include_usage)
+            yield chunk(echo, None)
+        if is_chat:  # OpenAI's chat streams open with the role
+            yield chunk("", None, first=True)
         async for piece, reason in pieces:
-            yield protocol.chunk_body(request_id, model, piece, reason, include_usage)
+            yield chunk(piece, reason)
     except ApiError as err:
         yield protocol.sse(err.body())
         return
@@ -386,6 +441,8 @@ async def _sse(
         return
     if include_usage:
         body = protocol.completion_body(request_id, model, "", None, None)
+        if is_chat:
+            body["object"] = "chat.completion.chunk"
         body["choices"] = []
         body["usage"] = protocol.usage(prompt_tokens, len(text.tokens))
         yield protocol.sse(body)

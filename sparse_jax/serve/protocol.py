@@ -1,8 +1,9 @@
-"""The OpenAI completions protocol as this server speaks it: request schema, errors, bodies.
+"""The OpenAI completions protocol as this server speaks it: request schemas, errors, bodies.
 
-:func:`parse_completion_request` turns raw body bytes into a :class:`CompletionRequest` or
-raises :class:`ApiError` (malformed JSON at any nesting depth, a wrong type, an unknown field, a
-value out of range, a value this server cannot serve), whose :meth:`~ApiError.body` is OpenAI's
+:func:`parse_completion_request` and :func:`parse_chat_request` turn raw body bytes into a
+:class:`CompletionRequest` or :class:`ChatCompletionRequest`, or raise :class:`ApiError`
+(malformed JSON at any nesting depth, a wrong type, an unknown field, a value out of range, a
+value this server cannot serve), whose :meth:`~ApiError.body` is OpenAI's
 ``{"error": {"message", "type", "param", "code"}}``. Every field of OpenAI's legacy completions
 API is accepted; ``null`` means the field's default, as in OpenAI's API.
 
@@ -16,9 +17,15 @@ API is accepted; ``null`` means the field's default, as in OpenAI's API.
   probabilities: ``n``, ``best_of``, ``frequency_penalty``, ``presence_penalty``,
   ``logit_bias``, ``logprobs`` and ``suffix``. Any other value is a 400 naming the field.
 
-:func:`request_schema` is the body's JSON schema for the OpenAPI document;
-:func:`completion_body` and :func:`chunk_body` build the response objects, whole or as
-server-sent-event chunks.
+Chat requests take ``messages`` (roles ``system``, ``developer``, ``user`` and ``assistant``;
+content as a string or a list of text parts; ``name`` is ignored) and
+``max_completion_tokens`` instead of ``prompt``, ``echo``, ``best_of`` and ``suffix``, with the
+same sampling fields; ``logprobs`` must be false and ``top_logprobs`` null
+(:data:`CHAT_NEUTRAL`); tools and other fields are unknown fields, a 400.
+
+:func:`request_schema` is a body's JSON schema for the OpenAPI document;
+:func:`completion_body`, :func:`chunk_body`, :func:`chat_completion_body` and
+:func:`chat_chunk_body` build the response objects, whole or as server-sent-event chunks.
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ from __future__ import annotations
 import json
 import reprlib
 import time
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import pydantic
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema
@@ -136,22 +143,13 @@ _STOP_SCHEMA = {
 Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
-class CompletionRequest(BaseModel):
-    """The body of ``POST /v1/completions``; defaults are OpenAI's.
-
-    ``max_tokens`` left out means :data:`DEFAULT_MAX_TOKENS` (OpenAI's 16), lowered to the
-    server's limit if that is smaller. A token-id ``prompt`` is used as given (no BOS is
-    added); a string gets the tokenizer's BOS.
-    """
+class _Sampled(BaseModel):
+    """The fields completions and chat completions share; defaults are OpenAI's."""
 
     model_config = _STRICT
     model: str
-    prompt: Prompt
-    best_of: int | None = Field(1, ge=1)
-    echo: bool | None = False
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Bias] | None = None
-    logprobs: int | None = Field(None, ge=0, le=5)
     max_tokens: int | None = Field(None, ge=1)
     n: int | None = Field(1, ge=1)
     presence_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
@@ -159,7 +157,6 @@ class CompletionRequest(BaseModel):
     stop: Annotated[list[str] | None, WithJsonSchema(_STOP_SCHEMA)] = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    suffix: str | None = None
     temperature: float | None = Field(1.0, ge=0.0, le=2.0)
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
@@ -189,6 +186,75 @@ class CompletionRequest(BaseModel):
             )
         return value
 
+    @property
+    def token_limit(self) -> int | None:
+        """The most tokens to generate that the request asks for, if it says."""
+        return self.max_tokens
+
+
+class CompletionRequest(_Sampled):
+    """The body of ``POST /v1/completions``; defaults are OpenAI's.
+
+    ``max_tokens`` left out means :data:`DEFAULT_MAX_TOKENS` (OpenAI's 16), lowered to the
+    server's limit if that is smaller. A token-id ``prompt`` is used as given (no BOS is
+    added); a string gets the tokenizer's BOS.
+    """
+
+    prompt: Prompt
+    best_of: int | None = Field(1, ge=1)
+    echo: bool | None = False
+    logprobs: int | None = Field(None, ge=0, le=5)
+    suffix: str | None = None
+
+
+class TextPart(BaseModel):
+    """One part of a message's content given as a list of parts (text parts only)."""
+
+    model_config = _STRICT
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One message of a chat: a role and its text (a string, or a list of text parts)."""
+
+    model_config = _STRICT
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if v is not None}
+        return value
+
+    @property
+    def text(self) -> str:
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampled):
+    """The body of ``POST /v1/chat/completions``; defaults are OpenAI's.
+
+    ``max_completion_tokens`` (OpenAI's newer name) wins over ``max_tokens``; with neither, the
+    server's limit applies (OpenAI's chat API has no small default).
+    """
+
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+
+    @property
+    def token_limit(self) -> int | None:
+        if self.max_completion_tokens is not None:
+            return self.max_completion_tokens
+        return self.max_tokens
+
 
 # What each field that this server cannot honour must be, and why.
 _ONE_COMPLETION = "this server returns one completion per request"
@@ -210,10 +276,19 @@ NEUTRAL = {
         "this server completes after the prompt only (no insertion before a suffix)",
     ),
 }
+CHAT_NEUTRAL = {
+    **{k: NEUTRAL[k] for k in ("n", "frequency_penalty", "presence_penalty", "logit_bias")},
+    "logprobs": (lambda v: not v, "false", "this server returns no log probabilities"),
+    "top_logprobs": (
+        lambda v: v is None,
+        "null",
+        "this server returns no log probabilities",
+    ),
+}
 
 
-def _check_servable(req: CompletionRequest) -> None:
-    for name, (neutral, allowed, why) in NEUTRAL.items():
+def _check_servable(req: _Sampled, neutral_values: dict[str, Any]) -> None:
+    for name, (neutral, allowed, why) in neutral_values.items():
         value = getattr(req, name)
         if not neutral(value):
             raise ApiError(
@@ -229,15 +304,18 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not valid JSON")
 
 
-def _describe(error: dict[str, Any]) -> tuple[str, str]:
+def _describe(error: dict[str, Any], schema: type[BaseModel]) -> tuple[str, str]:
     """(field path, message) for one pydantic error; union branch names are left out."""
     head, *rest = error["loc"] or ("body",)
+    nested = {"stream_options": StreamOptions, "messages": ChatMessage}
     if error["type"] == "extra_forbidden":
         field = ".".join(map(str, error["loc"]))
-        schema = StreamOptions if len(error["loc"]) > 1 else CompletionRequest
+        if len(error["loc"]) > 1:
+            schema = TextPart if "content" in error["loc"] else nested.get(head, StreamOptions)
         supported = ", ".join(schema.model_fields)
         return field, f"unknown field {field!r}; supported fields: {supported}"
-    kept = [str(x) for x in rest if isinstance(x, int) or x in StreamOptions.model_fields]
+    inner = {*StreamOptions.model_fields, *ChatMessage.model_fields, *TextPart.model_fields}
+    kept = [str(x) for x in rest if isinstance(x, int) or x in inner]
     field = ".".join([str(head), *kept])
     if error["type"] == "missing":
         return field, f"{field} is required"
@@ -245,13 +323,7 @@ def _describe(error: dict[str, Any]) -> tuple[str, str]:
     return field, f"{field}: {message} (got {_QUOTE.repr(error.get('input'))})"
 
 
-def parse_completion_request(body: bytes) -> CompletionRequest:
-    """Validates a request body.
-
-    Raises:
-      ApiError: 400 for a body that is not a JSON object, does not fit the schema, or asks for
-        what this server cannot serve (see :data:`NEUTRAL`).
-    """
+def _parse(body: bytes, schema: type[_Sampled], neutral: dict[str, Any]) -> Any:
     try:
         data = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as err:
@@ -263,13 +335,32 @@ def parse_completion_request(body: bytes) -> CompletionRequest:
     if not isinstance(data, dict):
         raise ApiError(400, f"the body must be a JSON object, got {type(data).__name__}")
     try:
-        req = CompletionRequest.model_validate(data)
+        req = schema.model_validate(data)
     except pydantic.ValidationError as err:
-        described = [_describe(e) for e in err.errors(include_url=False)]
+        described = [_describe(e, schema) for e in err.errors(include_url=False)]
         message = "; ".join(dict.fromkeys(m for _, m in described))
         raise ApiError(400, message, param=described[0][0]) from None
-    _check_servable(req)
+    _check_servable(req, neutral)
     return req
+
+
+def parse_completion_request(body: bytes) -> CompletionRequest:
+    """Validates a ``/v1/completions`` request body.
+
+    Raises:
+      ApiError: 400 for a body that is not a JSON object, does not fit the schema, or asks for
+        what this server cannot serve (see :data:`NEUTRAL`).
+    """
+    return _parse(body, CompletionRequest, NEUTRAL)
+
+
+def parse_chat_request(body: bytes) -> ChatCompletionRequest:
+    """Validates a ``/v1/chat/completions`` request body (see :data:`CHAT_NEUTRAL`).
+
+    Raises:
+      ApiError: 400, as :func:`parse_completion_request`.
+    """
+    return _parse(body, ChatCompletionRequest, CHAT_NEUTRAL)
 
 
 def _inline(node: Any, definitions: dict[str, Any]) -> Any:
@@ -282,9 +373,10 @@ def _inline(node: Any, definitions: dict[str, Any]) -> Any:
     return node
 
 
-def request_schema() -> dict[str, Any]:
-    """The JSON schema of :class:`CompletionRequest`, self-contained (no ``$ref``)."""
-    schema = CompletionRequest.model_json_schema()
+def request_schema(schema_type: type[BaseModel] | None = None) -> dict[str, Any]:
+    """The JSON schema of a request body (:class:`CompletionRequest` by default),
+    self-contained (no ``$ref``)."""
+    schema = (schema_type or CompletionRequest).model_json_schema()
     return _inline(schema, schema.pop("$defs", {}))
 
 
@@ -317,6 +409,53 @@ def chunk_body(
     OpenAI's chunks do then.
     """
     body = completion_body(request_id, model, text, finish_reason, None)
+    if with_usage:
+        body["usage"] = None
+    return sse(body)
+
+
+def chat_completion_body(
+    request_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None,
+    usage: dict[str, int] | None,
+) -> dict[str, Any]:
+    """A ``chat.completion`` object with one choice, the assistant's message."""
+    body: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        ],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
+def chat_chunk_body(
+    request_id: str,
+    model: str,
+    delta: dict[str, Any],
+    finish_reason: str | None,
+    with_usage: bool = False,
+) -> str:
+    """One server-sent event carrying a ``chat.completion.chunk`` with ``delta``."""
+    body: dict[str, Any] = {
+        "id": request_id,
+        "object": "chat.completion.chunk",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+    }
     if with_usage:
         body["usage"] = None
     return sse(body)

@@ -150,6 +150,47 @@ class TextGenerator:
         After the generator is exhausted, ``self.last`` holds the :class:`Completion`.
         """
         ids = self.encode_prompt(prompt, max_tokens)
+        yield from self._stream_ids(
+            ids, (self.tokenizer.eos_id,), max_tokens, sampler, seed, stop, options
+        )
+
+    def stream_chat(
+        self,
+        messages: Sequence[tuple[str, str]],
+        *,
+        max_tokens: int,
+        sampler: Sampler,
+        seed: int = 0,
+        stop: Sequence[str] = (),
+        options: DecodeOptions = DEFAULT_OPTIONS,
+    ) -> Iterator[str]:
+        """Yields the model's reply to a conversation of (role, text) messages, in Gemma's chat
+        format (:mod:`sparse_jax.serve.chat`); it ends at ``<end_of_turn>``, EOS, a stop
+        string or the limit. Other arguments as :meth:`stream`.
+
+        Raises:
+          ValueError: the tokenizer has no chat format, the roles break its rules, or the
+            conversation plus ``max_tokens`` exceeds the context.
+        """
+        from sparse_jax.serve import chat
+
+        max_tokens = as_count(max_tokens, "max_tokens")
+        ids = chat.conversation_ids(self.tokenizer, messages)
+        check_context(self.config.max_seq_len, len(ids), max_tokens, "max_tokens")
+        yield from self._stream_ids(
+            ids, chat.stop_ids(self.tokenizer), max_tokens, sampler, seed, stop, options
+        )
+
+    def _stream_ids(
+        self,
+        ids: list[int],
+        stop_tokens: tuple[int, ...],
+        max_tokens: int,
+        sampler: Sampler,
+        seed: int,
+        stop: Sequence[str],
+        options: DecodeOptions,
+    ) -> Iterator[str]:
         text = TextStream(self.tokenizer, stop, context=ids)
         reason = "length"
         for out in stream_tokens(
@@ -159,7 +200,7 @@ class TextGenerator:
             max_new_tokens=max_tokens,
             sampler=sampler,
             seeds=seed,
-            stop_tokens=(self.tokenizer.eos_id,),
+            stop_tokens=stop_tokens,
             options=options,
         ):
             token = int(out.tokens[0])

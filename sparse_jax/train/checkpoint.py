@@ -36,6 +36,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
 from sparse_jax.data.tokenizer import Tokenizer
@@ -229,6 +230,10 @@ class Checkpointer:
       async_save: write in a background thread (call :meth:`wait` before exiting).
       read_attempts: tries of a read that fails for a reason other than damage.
       retry_delay_s: wait before the second try; it grows linearly with each try.
+      numpy_in_place: write NumPy leaves of the state from their own memory: without the copy
+        Orbax makes of each by default (a guard against changes while an asynchronous save
+        runs) and uncompressed (the compressed chunks would be a second copy in memory), so a
+        save needs no more host memory than the state; only with ``async_save=False``.
     """
 
     def __init__(
@@ -238,7 +243,10 @@ class Checkpointer:
         async_save: bool = True,
         read_attempts: int = 3,
         retry_delay_s: float = 1.0,
+        numpy_in_place: bool = False,
     ):
+        if numpy_in_place and async_save:
+            raise ValueError("Checkpointer(numpy_in_place=True) needs async_save=False")
         self.directory = pathlib.Path(directory).absolute()
         self.aside = self.directory.parent / f"{self.directory.name}_unreadable"
         self.read_attempts, self.retry_delay_s = read_attempts, retry_delay_s
@@ -248,9 +256,25 @@ class Checkpointer:
             enable_async_checkpointing=async_save,
             cleanup_tmp_directories=True,
         )
-        self._manager = ocp.CheckpointManager(
-            self.directory, options=options, item_names=("state", "data", "meta")
-        )
+        self._in_place = numpy_in_place
+        if numpy_in_place:
+            registry = ocp.type_handlers.create_type_handler_registry(
+                (np.ndarray, ocp.type_handlers.NumpyHandler(deepcopy_host_arrays=False))
+            )
+            handlers = {
+                "state": ocp.PyTreeCheckpointHandler(
+                    type_handler_registry=registry, use_compression=False
+                ),
+                "data": ocp.JsonCheckpointHandler(),
+                "meta": ocp.JsonCheckpointHandler(),
+            }
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_handlers=handlers
+            )
+        else:
+            self._manager = ocp.CheckpointManager(
+                self.directory, options=options, item_names=("state", "data", "meta")
+            )
 
     def __enter__(self) -> Checkpointer:
         return self
@@ -263,10 +287,11 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, data_state: dict[str, Any], meta: dict[str, Any]) -> None:
         meta = {**meta, "format": FORMAT, "step": int(step)}
+        save = ocp.args.PyTreeSave if self._in_place else ocp.args.StandardSave
         self._manager.save(
             int(step),
             args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state),
+                state=save(state),
                 data=ocp.args.JsonSave(data_state),
                 meta=ocp.args.JsonSave(meta),
             ),

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
+import stat
 
 import jax.numpy as jnp
 import numpy as np
@@ -147,6 +149,11 @@ def test_export_reloads_in_transformers_and_round_trips(imported, tmp_path):
         "model.safetensors",
         "tokenizer.model",
     ]
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in (out, *out.iterdir()):  # the usual permissions, not the temp dir's owner-only
+        want = (0o777 if path.is_dir() else 0o666) & ~umask
+        assert stat.S_IMODE(path.stat().st_mode) == want, path
     again = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager")
     ids = tokens(seed=5)
     np.testing.assert_array_equal(hf_logits(again, ids), hf_logits(model, ids))
@@ -409,6 +416,13 @@ def test_imported_checkpoint_is_not_resumed_by_training(small_hf, tmp_path):
     with pytest.raises(CheckpointError, match="parameters only"):
         train(loaded.config, tc, tmp_path / "run", verbose=False)
     assert (tmp_path / "run" / "checkpoints" / "0").is_dir()
+
+
+def test_in_place_saves_are_synchronous(tmp_path):
+    from sparse_jax.train.checkpoint import Checkpointer
+
+    with pytest.raises(ValueError, match="async_save=False"):
+        Checkpointer(tmp_path / "c", numpy_in_place=True)
 
 
 def test_cli(small_hf, tmp_path, capsys):
