@@ -7,7 +7,12 @@ import sys
 import time
 
 from sparse_jax.hf.config import HF_DTYPES, ConversionError
-from sparse_jax.hf.convert import export_checkpoint, import_checkpoint, peak_rss_bytes
+from sparse_jax.hf.convert import (
+    OVERRIDABLE,
+    export_checkpoint,
+    import_checkpoint,
+    peak_rss_bytes,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -20,6 +25,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     imp.add_argument("workdir", help="new workdir; the checkpoint goes to WORKDIR/checkpoints")
     imp.add_argument("--dtype", choices=sorted(HF_DTYPES), help="default: the config's dtype")
     imp.add_argument("--tokenizer", help="SentencePiece model (default: HF_DIR/tokenizer.model)")
+    imp.add_argument(
+        "--set",
+        nargs="+",
+        default=[],
+        metavar="FIELD=VALUE",
+        help=f"model config fields that do not change the weights: {', '.join(OVERRIDABLE)}",
+    )
     exp = sub.add_parser("export", help="library checkpoint (dense) -> HF directory")
     exp.add_argument("workdir", help="workdir, checkpoints or step directory")
     exp.add_argument("hf_dir", help="new directory to write")
@@ -46,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
                     args.workdir,
                     param_dtype=args.dtype,
                     tokenizer=args.tokenizer,
+                    overrides=args.set,
                     progress=progress,
                 )
         else:

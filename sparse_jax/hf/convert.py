@@ -24,7 +24,7 @@ import os
 import pathlib
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import ml_dtypes
@@ -36,7 +36,7 @@ from sparse_jax.data.tokenizer import FILENAME as TOKENIZER_FILE
 from sparse_jax.data.tokenizer import Tokenizer
 from sparse_jax.hf.config import ConversionError, config_from_hf, config_to_hf
 from sparse_jax.hf.tensors import EMBEDDING_NAME, LM_HEAD_NAME, Tensor, tensors
-from sparse_jax.model.config import ModelConfig
+from sparse_jax.model.config import ModelConfig, override
 from sparse_jax.train.checkpoint import Checkpointer, tokenizer_to_json
 
 CONFIG_FILE = "config.json"
@@ -47,6 +47,37 @@ SOURCE = "huggingface"
 FLOAT_DTYPES = {"F32": np.float32, "BF16": ml_dtypes.bfloat16, "F16": np.float16}
 NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
 DEFAULT_SHARD_BYTES = 2 << 30
+
+
+# ModelConfig fields an import may set: they change how the model runs, not what its weights
+# compute.
+OVERRIDABLE = ("name", "max_seq_len", "dtype", "param_dtype", "remat_policy")
+
+
+def apply_overrides(cfg: ModelConfig, overrides: Sequence[str]) -> ModelConfig:
+    """``cfg`` with ``field=value`` overrides of :data:`OVERRIDABLE` fields.
+
+    Raises:
+      ConversionError: a field that would change the model the checkpoint describes (Spark
+        kinds included), or a bad value.
+    """
+    for item in overrides:
+        field = item.split("=", 1)[0].strip()
+        if field in ("ffn_kind", "attn_kind"):
+            raise ConversionError(
+                f"{item!r}: a Gemma-2 checkpoint imports as the dense model it is; turning its "
+                "weights into a Spark model is a research question (how to initialize the "
+                "predictors and the wider FFN), not a conversion"
+            )
+        if field not in OVERRIDABLE:
+            raise ConversionError(
+                f"{item!r}: {field} is fixed by the checkpoint's config.json; an import may set "
+                f"only {list(OVERRIDABLE)}"
+            )
+    try:
+        return override(cfg, list(overrides))
+    except ValueError as err:
+        raise ConversionError(str(err)) from None
 
 
 def _read_json(path: pathlib.Path) -> Any:
@@ -164,6 +195,7 @@ def import_checkpoint(
     *,
     param_dtype: str | None = None,
     tokenizer: str | os.PathLike[str] | None = None,
+    overrides: Sequence[str] = (),
     progress: Callable[[int, int], None] | None = None,
 ) -> pathlib.Path:
     """Converts a Hugging Face ``Gemma2ForCausalLM`` directory into a library checkpoint.
@@ -173,6 +205,8 @@ def import_checkpoint(
       workdir: where to write; ``<workdir>/checkpoints`` must be empty or absent.
       param_dtype: dtype to store the weights in; default: the config's ``dtype``.
       tokenizer: SentencePiece model to use instead of ``<hf_dir>/tokenizer.model``.
+      overrides: ``field=value`` settings of the imported ``ModelConfig`` that leave what the
+        weights compute unchanged (:data:`OVERRIDABLE`, e.g. ``max_seq_len=2048``).
       progress: called with (tensors read, tensors in all) after each tensor.
 
     Returns:
@@ -190,7 +224,7 @@ def import_checkpoint(
         raise ConversionError(f"{hf_dir} has no {CONFIG_FILE}")
     hf_config = _read_json(hf_dir / CONFIG_FILE)
     cfg = config_from_hf(hf_config, param_dtype=param_dtype, name=hf_dir.name or "gemma2")
-    cfg = dataclasses.replace(cfg, scan_layers=False)
+    cfg = apply_overrides(dataclasses.replace(cfg, scan_layers=False), overrides)
     token_path = pathlib.Path(tokenizer) if tokenizer is not None else hf_dir / TOKENIZER_FILE
     try:
         tok = Tokenizer.load(token_path)

@@ -29,7 +29,13 @@ from hf_models import VOCAB, gemma_layout_tokenizer, hf_model, save_hf  # noqa: 
 import sparse_jax  # noqa: E402
 from sparse_jax.data.tokenizer import Tokenizer  # noqa: E402
 from sparse_jax.decode.generate import generate  # noqa: E402
-from sparse_jax.hf import ConversionError, config_from_hf, export_checkpoint, import_checkpoint  # noqa: E402
+from sparse_jax.hf import (  # noqa: E402
+    ConversionError,
+    config_from_hf,
+    config_to_hf,
+    export_checkpoint,
+    import_checkpoint,
+)
 from sparse_jax.hf.__main__ import main as cli  # noqa: E402
 from sparse_jax.model.transformer import forward  # noqa: E402
 
@@ -371,6 +377,53 @@ def test_transformers_4_config_fields():
         assert getattr(cfg, field) == getattr(preset, field), field
     assert cfg.resolved_query_scale == pytest.approx(preset.resolved_query_scale, rel=1e-15)
     assert cfg.param_dtype == "bfloat16"
+
+
+# Gemma-2 9B and 27B as their config.json files give them (transformers 4 layout).
+LARGER = {
+    "9b": dict(hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+               num_attention_heads=16, num_key_value_heads=8, head_dim=256,
+               query_pre_attn_scalar=256),
+    "27b": dict(hidden_size=4608, intermediate_size=36864, num_hidden_layers=46,
+                num_attention_heads=32, num_key_value_heads=16, head_dim=128,
+                query_pre_attn_scalar=144),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("size", sorted(LARGER))
+def test_larger_gemma2_configs(size):
+    """27B's query scale is 1/sqrt(144), not 1/sqrt(head_dim=128): the field decides."""
+    hf = dict(
+        architectures=["Gemma2ForCausalLM"], model_type="gemma2", vocab_size=256000,
+        hidden_activation="gelu_pytorch_tanh", max_position_embeddings=8192,
+        rms_norm_eps=1e-6, rope_theta=10000.0, sliding_window=4096,
+        attn_logit_softcapping=50.0, final_logit_softcapping=30.0, torch_dtype="float32",
+        **LARGER[size],
+    )  # fmt: skip
+    cfg = config_from_hf(hf)
+    assert cfg.resolved_query_scale == pytest.approx(hf["query_pre_attn_scalar"] ** -0.5)
+    assert cfg.num_layers == hf["num_hidden_layers"] == len(cfg.layer_types)
+    assert cfg.layer_types[:2] == ("local", "global")
+    back = config_to_hf(cfg)
+    for key in LARGER[size]:
+        assert back[key] == hf[key], key
+    assert back["layer_types"][:2] == ["sliding_attention", "full_attention"]
+    assert back["rope_parameters"] == {"rope_type": "default", "rope_theta": 10000.0}
+
+
+def test_overrides(small_hf, tmp_path):
+    import_checkpoint(small_hf, tmp_path / "a", overrides=["max_seq_len=32", "name=mine"])
+    cfg = sparse_jax.load(tmp_path / "a").config
+    assert (cfg.max_seq_len, cfg.name) == (32, "mine")
+    for item, match in [
+        ("ffn_kind=spark", "research question"),
+        ("attn_kind=spark", "research question"),
+        ("sliding_window=3", "fixed by the checkpoint's config.json"),
+        ("max_seq_len=0", "max_seq_len"),
+    ]:
+        with pytest.raises(ConversionError, match=match):
+            import_checkpoint(small_hf, tmp_path / "b", overrides=[item])
+        assert not (tmp_path / "b" / "checkpoints").exists()
 
 
 def test_directory_problems(small_hf, tmp_path):
