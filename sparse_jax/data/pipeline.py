@@ -166,27 +166,40 @@ def _shard_rows(batch_size: int, shard_index: int, shard_count: int) -> slice:
     return slice(shard_index * rows, (shard_index + 1) * rows)
 
 
-def _stream(tokenizer: Tokenizer, docs: list[str], seq_len: int, split: str) -> np.ndarray:
-    tokens = tokenize_documents(tokenizer, docs)
-    if len(tokens) < seq_len + 1:
+def check_stream_length(num_tokens: int, seq_len: int, split: str) -> None:
+    """Raises unless a stream of ``num_tokens`` holds one window of ``seq_len + 1``."""
+    if num_tokens < seq_len + 1:
         raise ValueError(
-            f"the {split} documents hold {len(tokens)} tokens, fewer than one window of "
+            f"the {split} documents hold {num_tokens} tokens, fewer than one window of "
             f"DataConfig.seq_len + 1 = {seq_len + 1}; add text or lower seq_len"
         )
+
+
+def _stream(tokenizer: Tokenizer, docs: list[str], seq_len: int, split: str) -> np.ndarray:
+    tokens = tokenize_documents(tokenizer, docs)
+    check_stream_length(len(tokens), seq_len, split)
     return tokens
 
 
 class _GatherRows:
-    """Maps a global batch of window indices to this shard's rows; index -1 is a padding row."""
+    """Maps a global batch of window indices to this shard's rows; index -1 is a padding row.
 
-    def __init__(self, tokens: np.ndarray, seq_len: int, rows: slice):
+    ``tokens`` is an array, or any stream with ``windows(starts, length)`` (the memory-mapped
+    shards of :mod:`sparse_jax.data.prepared`): only this shard's rows are read.
+    """
+
+    def __init__(self, tokens: Any, seq_len: int, rows: slice):
         self.tokens, self.seq_len, self.rows = tokens, seq_len, rows
 
     def __call__(self, window_indices: np.ndarray) -> Batch:
         index = np.asarray(window_indices, dtype=np.int64)[self.rows]
         real = (index >= 0)[:, None]
-        starts = np.maximum(index, 0)[:, None] * self.seq_len
-        windows = np.where(real, self.tokens[starts + np.arange(self.seq_len + 1)], 0)
+        starts = np.maximum(index, 0) * self.seq_len
+        if isinstance(self.tokens, np.ndarray):
+            read = self.tokens[starts[:, None] + np.arange(self.seq_len + 1)]
+        else:
+            read = self.tokens.windows(starts, self.seq_len + 1)
+        windows = np.where(real, read, 0)
         return {
             "inputs": windows[:, :-1].astype(np.int32),
             "targets": windows[:, 1:].astype(np.int32),
@@ -205,8 +218,17 @@ class TrainIterator(grain.DatasetIterator):
       num_windows: packed windows per epoch (an epoch ends mid-batch when B does not divide it).
     """
 
-    def __init__(self, cfg: DataConfig, tokens: np.ndarray, rows: slice, seed: int):
-        """Wraps the Grain pipeline; build it with :func:`train_iterator`."""
+    def __init__(
+        self,
+        cfg: DataConfig,
+        tokens: Any,
+        rows: slice,
+        seed: int,
+        fingerprint: dict[str, Any] | None = None,
+    ):
+        """Wraps the Grain pipeline; build it with :func:`train_iterator` (or
+        :meth:`sparse_jax.data.prepared.PreparedData.train_iterator`, which passes the token
+        stream's ``fingerprint`` in place of a checksum of every token)."""
         self.num_windows = (len(tokens) - 1) // cfg.seq_len
         dataset = (
             grain.MapDataset.range(self.num_windows)
@@ -218,9 +240,10 @@ class TrainIterator(grain.DatasetIterator):
         # Data is in memory and a batch is one gather: threads would only contend for the GIL.
         options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
         super().__init__(iter(dataset.to_iter_dataset(options)))
+        if fingerprint is None:
+            fingerprint = {"tokens_crc32": zlib.crc32(tokens.tobytes()), "num_tokens": len(tokens)}
         self._fingerprint = {
-            "tokens_crc32": zlib.crc32(tokens.tobytes()),
-            "num_tokens": len(tokens),
+            **fingerprint,
             "seq_len": cfg.seq_len,
             "batch_size": cfg.batch_size,
             "seed": seed,
@@ -296,10 +319,22 @@ def eval_batches(
     Raises:
       ValueError: for a bad shard, or non-empty ``docs`` shorter than ``seq_len + 1`` tokens.
     """
-    rows = _shard_rows(cfg.batch_size, shard_index, shard_count)
+    _shard_rows(cfg.batch_size, shard_index, shard_count)
     if not docs:
         return []
     tokens = _stream(tokenizer, docs, cfg.seq_len, "eval")
+    return eval_batches_of(cfg, tokens, shard_index, shard_count)
+
+
+def eval_batches_of(
+    cfg: DataConfig, tokens: Any, shard_index: int = 0, shard_count: int = 1
+) -> list[Batch]:
+    """:func:`eval_batches` over a held-out token stream (an array or sharded tokens); an
+    empty stream gives no batches."""
+    rows = _shard_rows(cfg.batch_size, shard_index, shard_count)
+    if not len(tokens):
+        return []
+    check_stream_length(len(tokens), cfg.seq_len, "eval")
     num_windows = min((len(tokens) - 1) // cfg.seq_len, cfg.eval_batches * cfg.batch_size)
     index = np.full([-(-num_windows // cfg.batch_size) * cfg.batch_size], -1)
     index[:num_windows] = np.arange(num_windows)

@@ -38,6 +38,7 @@ import numpy as np
 from sparse_jax.cost import flops
 from sparse_jax.data import pipeline as data_lib
 from sparse_jax.data.corpus import split_documents
+from sparse_jax.data.prepared import PreparedData, is_prepared
 from sparse_jax.data.tokenizer import Tokenizer
 from sparse_jax.kernels import Kernels
 from sparse_jax.model.config import ModelConfig
@@ -274,19 +275,36 @@ def train(
     feed = _Feeder(plan, tc)
     if plan is not None:
         log.info("mesh %s, %s", dict(plan.mesh.shape), distributed.describe())
-    docs = data_lib.load_documents(tc.data)
-    train_docs, eval_docs = split_documents(docs, tc.data.eval_fraction, tc.seed)
+    prepared = None
+    if is_prepared(tc.data.paths):
+        # Tokenized once by `python -m sparse_jax.data.prepare`: memory-mapped, not read here.
+        prepared = PreparedData(tc.data.paths[0])
+        log.info("data: %s prepared at %s", prepared.describe(), prepared.path)
+        train_docs = eval_docs = []
+        if tc.data.tokenizer_path is not None:
+            prepared.check_tokenizer(
+                Tokenizer.load(tc.data.tokenizer_path),
+                f"data.tokenizer_path={tc.data.tokenizer_path}",
+            )
+    else:
+        docs = data_lib.load_documents(tc.data)
+        train_docs, eval_docs = split_documents(docs, tc.data.eval_fraction, tc.seed)
     optimizer = make_optimizer(tc)
     with Checkpointer(workdir / "checkpoints", keep=tc.keep_checkpoints) as ckpt:
         state = init_train_state(model_cfg, optimizer, tc.seed, plan)
         restored = ckpt.restore_latest(state, model_cfg)
         if restored is None:
             _check_fresh_start(ckpt, restart_if_unreadable)
-            tokenizer = _new_tokenizer(tc, model_cfg.vocab_size, train_docs)
+            if prepared is not None:
+                tokenizer = prepared.tokenizer
+            else:
+                tokenizer = _new_tokenizer(tc, model_cfg.vocab_size, train_docs)
         else:
             saved = restored.meta.get("train_config", {})
             check_resume(saved, tc, restored.step, ckpt.directory, allow_schedule_change)
             tokenizer = tokenizer_from_json(restored.meta["tokenizer"])
+            if prepared is not None:
+                prepared.check_tokenizer(tokenizer, f"checkpoint step {restored.step}")
         if tokenizer.vocab_size != model_cfg.vocab_size:
             raise ValueError(
                 f"tokenizer has {tokenizer.vocab_size} pieces but ModelConfig.vocab_size="
@@ -295,8 +313,14 @@ def train(
         if distributed.is_primary():
             tokenizer.save(workdir)
         shard = dict(shard_index=feed.shard_index, shard_count=feed.shard_count)
-        iterator = data_lib.train_iterator(tc.data, tokenizer, train_docs, **shard, seed=tc.seed)
-        held_out = data_lib.eval_batches(tc.data, tokenizer, eval_docs, **shard)
+        if prepared is not None:
+            iterator = prepared.train_iterator(tc.data, **shard, seed=tc.seed)
+            held_out = prepared.eval_batches(tc.data, **shard)
+        else:
+            iterator = data_lib.train_iterator(
+                tc.data, tokenizer, train_docs, **shard, seed=tc.seed
+            )
+            held_out = data_lib.eval_batches(tc.data, tokenizer, eval_docs, **shard)
         last_eval = None
         if restored is not None:
             state, last_eval = restored.state, restored.meta.get("last_eval")
@@ -306,9 +330,12 @@ def train(
             log.info(
                 "no eval set (eval_fraction=%s): nothing will be evaluated", tc.data.eval_fraction
             )
-        entropy = data_lib.unigram_entropy(
-            data_lib.tokenize_documents(tokenizer, train_docs), tokenizer.vocab_size
-        )
+        if prepared is not None:
+            entropy = prepared.unigram_entropy()
+        else:
+            entropy = data_lib.unigram_entropy(
+                data_lib.tokenize_documents(tokenizer, train_docs), tokenizer.vocab_size
+            )
         meta = {
             "model_config": model_cfg.to_dict(),
             "train_config": tc.to_dict(),
