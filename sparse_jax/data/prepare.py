@@ -26,6 +26,7 @@ never overwritten. ``--verify DIR`` checks every shard against its checksum.
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import dataclasses
 import hashlib
@@ -125,19 +126,15 @@ def _init_worker(model_proto: bytes, seed: int, threshold: int | None) -> None:
     _WORKER.update(tokenizer=Tokenizer(model_proto), seed=seed, threshold=threshold)
 
 
-def _encode_chunk(docs: list[str]) -> tuple[np.ndarray, int, np.ndarray, int]:
-    """(training tokens, training documents, held-out tokens, held-out documents) of a chunk,
+def _encode_chunk(docs: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(held out per document, tokens per document, the tokens) of a chunk of documents,
     each document as ``[bos] + ids + [eos]``, in input order."""
     tokenizer, seed, threshold = _WORKER["tokenizer"], _WORKER["seed"], _WORKER["threshold"]
-    held = [threshold is not None and split_key(d, seed) <= threshold for d in docs]
-    train = [d for d, h in zip(docs, held, strict=True) if not h]
-    evals = [d for d, h in zip(docs, held, strict=True) if h]
-
-    def flat(texts: list[str]) -> np.ndarray:
-        ids = tokenizer.encode_batch(texts, add_bos=True, add_eos=True)
-        return np.fromiter(itertools.chain.from_iterable(ids), dtype=np.int64)
-
-    return flat(train), len(train), flat(evals), len(evals)
+    held = np.array([threshold is not None and split_key(d, seed) <= threshold for d in docs])
+    ids = tokenizer.encode_batch(docs, add_bos=True, add_eos=True)
+    lengths = np.array([len(x) for x in ids], np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), np.uint32, int(lengths.sum()))
+    return held, lengths, tokens
 
 
 def _chunks(docs: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -215,7 +212,6 @@ def prepare(
     identity = {
         "format": FORMAT,
         "settings": dataclasses.asdict(settings),
-        "chunk_documents": CHUNK_DOCS,
         "inputs": _inputs_identity(settings),
     }
     identity = json.loads(json.dumps(identity))  # as it reads back from progress.json
@@ -229,7 +225,7 @@ def prepare(
     if threshold is not None and int(np.sum(keys > np.uint64(threshold))) == 0:
         raise PrepareError(f"eval_fraction={settings.eval_fraction} leaves no training document")
     out.mkdir(parents=True, exist_ok=True)
-    progress.setdefault("chunks_done", 0)
+    progress.setdefault("documents_done", 0)
     progress.setdefault("shards", {split: [] for split in SPLITS})
     progress["documents"] = len(keys)
     _write_json(out / PROGRESS, {**identity, **progress})
@@ -241,10 +237,11 @@ def prepare(
     counts = dict.fromkeys(SPLITS, 0)
     commits = 0
 
-    def commit(chunks_done: int) -> None:
+    def commit(documents_done: int) -> None:
         nonlocal commits
         for split in SPLITS:
-            if not buffers[split]:
+            if not counts[split]:
+                buffers[split] = []
                 continue
             tokens = np.concatenate(buffers[split]).astype(dtype)
             name = f"{split}-{len(progress['shards'][split]):05d}.npy"
@@ -258,14 +255,14 @@ def prepare(
                 }
             )
             buffers[split], counts[split] = [], 0
-        progress["chunks_done"] = chunks_done
+        progress["documents_done"] = documents_done
         _write_json(out / PROGRESS, {**identity, **progress})
         commits += 1
         if _stop_after_shards is not None and commits >= _stop_after_shards:
             raise _Interrupted
 
-    skip = progress["chunks_done"]
-    pending = itertools.islice(_chunks(docs(), CHUNK_DOCS), skip, None)
+    skip = progress["documents_done"]
+    pending = _chunks(itertools.islice(docs(), skip, None), CHUNK_DOCS)
     args = (tokenizer.model_proto, settings.seed, threshold)
     if workers is None:
         workers = os.cpu_count() or 1
@@ -274,7 +271,7 @@ def prepare(
             pool = stack.enter_context(
                 multiprocessing.get_context("spawn").Pool(workers, _init_worker, args)
             )
-            results = pool.imap(_encode_chunk, pending)
+            results = _bounded_imap(pool, pending, 4 * workers)
         else:
             _init_worker(*args)
             results = map(_encode_chunk, pending)
@@ -282,27 +279,39 @@ def prepare(
         if show_progress:
             from tqdm import tqdm
 
-            done = min(len(keys), skip * CHUNK_DOCS)
             bar = stack.enter_context(
-                tqdm(total=len(keys), initial=done, unit="doc", desc="tokenizing")
+                tqdm(total=len(keys), initial=skip, unit="doc", desc="tokenizing")
             )
-        chunk = skip
-        pending_tokens = 0
-        for train, n_train, held, n_held in results:
-            chunk += 1
-            buffers["train"].append(train)
-            buffers["eval"].append(held)
-            counts["train"] += n_train
-            counts["eval"] += n_held
-            pending_tokens += len(train)
+        done, train_tokens = skip, 0
+        for held, lengths, tokens in results:
+            ends = np.cumsum(lengths)
+            for is_held, start, end in zip(held, ends - lengths, ends, strict=True):
+                done += 1
+                split = "eval" if is_held else "train"
+                buffers[split].append(tokens[start:end])
+                counts[split] += 1
+                if not is_held:
+                    train_tokens += int(end - start)
+                    if train_tokens >= settings.shard_tokens:
+                        commit(done)
+                        train_tokens = 0
             if bar is not None:
-                bar.update(n_train + n_held)
-            if pending_tokens >= settings.shard_tokens:
-                commit(chunk)
-                pending_tokens = 0
+                bar.update(len(lengths))
         if any(counts.values()):
-            commit(chunk)
+            commit(done)
     return _finish(out, identity, progress, tokenizer, dtype)
+
+
+def _bounded_imap(pool: Any, chunks: Iterator[list[str]], ahead: int) -> Iterator[Any]:
+    """``pool.imap(_encode_chunk, chunks)`` with at most ``ahead`` chunks in flight: ``imap``
+    itself would read (and queue) the whole corpus as fast as it can."""
+    pending: collections.deque = collections.deque()
+    for chunk in chunks:
+        pending.append(pool.apply_async(_encode_chunk, (chunk,)))
+        if len(pending) >= ahead:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
 
 
 class _Interrupted(Exception):
