@@ -77,28 +77,25 @@ def test_python_blocks_run_in_order(scratch, gemma, monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT))  # `from configs import ...`, as from a clone
     namespace: dict = {}
     printed = io.StringIO()
-    model = None
-    for block in readme_blocks():
-        if _is_chat(block):
-            settings = ServerSettings(model_name="gemma2", api_key="KEY")
-            engine = Engine(gemma.config, gemma.params, slots=1)
-            with serving(create_app(engine, gemma.tokenizer, settings)) as url:
-                block = block.replace(README_PORT, url.removeprefix("http://"))
-                with contextlib.redirect_stdout(printed):
-                    exec(compile(block, "README.md", "exec"), namespace)
-            assert namespace["reply"].choices[0].message.role == "assistant"
-            continue
-        if _is_client(block):
-            model = model or load(scratch / "runs" / "tiny")
-            settings = ServerSettings(model_name="tiny", api_key="KEY")
-            engine = Engine(model.config, model.params, slots=1)
-            with serving(create_app(engine, model.tokenizer, settings)) as url:
-                block = block.replace(README_PORT, url.removeprefix("http://"))
-                with contextlib.redirect_stdout(printed):
-                    exec(compile(block, "README.md", "exec"), namespace)
-            continue
+
+    def run(block: str) -> None:
         with contextlib.redirect_stdout(printed):
             exec(compile(block, "README.md", "exec"), namespace)
+
+    def against_server(block: str, loaded, name: str) -> None:
+        settings = ServerSettings(model_name=name, api_key="KEY")
+        engine = Engine(loaded.config, loaded.params, slots=1)
+        with serving(create_app(engine, loaded.tokenizer, settings)) as url:
+            run(block.replace(README_PORT, url.removeprefix("http://")))
+
+    for block in readme_blocks():
+        if _is_chat(block):
+            against_server(block, gemma, "gemma2")
+            assert namespace["reply"].choices[0].message.role == "assistant"
+        elif _is_client(block):
+            against_server(block, load(scratch / "runs" / "tiny"), "tiny")
+        else:
+            run(block)
     assert namespace["logits"].shape[-1] == namespace["cfg"].vocab_size
     assert namespace["prompt_ids"][0] == namespace["model"].tokenizer.bos_id
     assert len(namespace["out"].tokens[0]) == 40

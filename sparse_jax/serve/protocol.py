@@ -380,6 +380,21 @@ def request_schema(schema_type: type[BaseModel] | None = None) -> dict[str, Any]
     return _inline(schema, schema.pop("$defs", {}))
 
 
+def _envelope(
+    request_id: str, model: str, kind: str, choice: dict[str, Any], usage: dict[str, int] | None
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "id": request_id,
+        "object": kind,
+        "created": int(time.time()),
+        "model": model,
+        "choices": [{"index": 0, **choice, "logprobs": None}],
+    }
+    if usage is not None:
+        body["usage"] = usage
+    return body
+
+
 def completion_body(
     request_id: str,
     model: str,
@@ -388,16 +403,8 @@ def completion_body(
     usage: dict[str, int] | None,
 ) -> dict[str, Any]:
     """A ``text_completion`` object with one choice (also the shape of each stream chunk)."""
-    body: dict[str, Any] = {
-        "id": request_id,
-        "object": "text_completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}],
-    }
-    if usage is not None:
-        body["usage"] = usage
-    return body
+    choice = {"text": text, "finish_reason": finish_reason}
+    return _envelope(request_id, model, "text_completion", choice, usage)
 
 
 def chunk_body(
@@ -422,23 +429,9 @@ def chat_completion_body(
     usage: dict[str, int] | None,
 ) -> dict[str, Any]:
     """A ``chat.completion`` object with one choice, the assistant's message."""
-    body: dict[str, Any] = {
-        "id": request_id,
-        "object": "chat.completion",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-        ],
-    }
-    if usage is not None:
-        body["usage"] = usage
-    return body
+    message = {"role": "assistant", "content": text, "refusal": None}
+    choice = {"message": message, "finish_reason": finish_reason}
+    return _envelope(request_id, model, "chat.completion", choice, usage)
 
 
 def chat_chunk_body(
@@ -449,13 +442,8 @@ def chat_chunk_body(
     with_usage: bool = False,
 ) -> str:
     """One server-sent event carrying a ``chat.completion.chunk`` with ``delta``."""
-    body: dict[str, Any] = {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": int(time.time()),
-        "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
+    choice = {"delta": delta, "finish_reason": finish_reason}
+    body = _envelope(request_id, model, "chat.completion.chunk", choice, None)
     if with_usage:
         body["usage"] = None
     return sse(body)
