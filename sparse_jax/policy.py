@@ -26,6 +26,10 @@ trick measured on one backend never runs on another by default:
   [9216, 2304] weight: float32 at 1.05-1.06x XLA's speed up to 4 rows, 0.80x at 8 and 0.76x
   at 16 (the kernel is compute-bound there, XLA's dot is not); bfloat16 2.9-5.4x faster than
   XLA's elementwise form at 1-16 rows (0.95-4.25 ms against 2.9-23 ms).
+* ``blockwise_min_len``: a sequence of at least this many tokens attends to its own keys
+  blockwise (:mod:`pallas_kernels.blockwise_attention`) when ``ModelConfig.attn_impl`` is
+  ``"auto"``; shorter ones build the score tensors at once, which is faster while they fit.
+  BLOCKWISE_MEASUREMENT
 * ``keys_left_max_rows``: attention scores of up to this many query rows per kv head (a
   decode step, or a short chunk) are computed with the keys as the left operand of the dot,
   ``[S, M]``, then transposed: on CPU that ran 6.7 ms against 11 ms for an 8192-key decode
@@ -56,6 +60,8 @@ class BackendPolicy:
       native_max_rows: largest row count of a float32-weight product run by the native
         kernel; 0 never.
       native_max_rows_narrow: the same for bfloat16 weights.
+      blockwise_min_len: the shortest sequence that attends blockwise under ``attn_impl=
+        "auto"``, >= 1.
     """
 
     elementwise_max_rows: int
@@ -65,6 +71,7 @@ class BackendPolicy:
     native_gather_cost: float = 1.0
     native_max_rows: int = 0
     native_max_rows_narrow: int = 0
+    blockwise_min_len: int = 2048
 
     def __post_init__(self) -> None:
         for name in (
@@ -72,6 +79,7 @@ class BackendPolicy:
             "keys_left_max_rows",
             "native_max_rows",
             "native_max_rows_narrow",
+            "blockwise_min_len",
         ):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from pallas_kernels.blockwise_attention import blockwise_attention
 from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.model.config import ModelConfig
@@ -231,6 +232,55 @@ def attend_masked(
     return _ungroup(_values(weights, segments)), count
 
 
+def uses_blockwise(cfg: ModelConfig, length: int) -> bool:
+    """Whether a block of ``length`` tokens without a cache attends blockwise."""
+    if cfg.attn_impl == "auto":
+        return cfg.topk_method == "statistical" and length >= policy_for().blockwise_min_len
+    return cfg.attn_impl == "blockwise"
+
+
+def attend_blockwise(
+    cfg: ModelConfig,
+    q: jax.Array,
+    segment: Segment,
+    q_pos: jax.Array,
+    window: jax.Array | int,
+    enabled: jax.Array | bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`attend_masked` over one segment (a block's own keys), computed blockwise in
+    O(T x ``cfg.attn_block_size``) memory (:mod:`pallas_kernels.blockwise_attention`).
+
+    Returns:
+      out [B, T, N, H] float32 and the attended keys per query head [B, N, T] float32.
+    """
+    qg = _grouped(cfg, q)
+    b, kv, g, t, _ = qg.shape
+    if cfg.attn_kind == "spark":
+        r = cfg.attn_predictor_dim
+        parts = (
+            qg[..., :r] * jnp.asarray(cfg.resolved_predictor_query_scale, qg.dtype),
+            _gate_query(cfg, qg),
+        )
+        keys = (segment["k_pred"], segment["k_rest"])
+    else:
+        parts = (qg * jnp.asarray(cfg.resolved_query_scale, qg.dtype),)
+        keys = (segment["k"],)
+    out, count = blockwise_attention(
+        parts,
+        keys,
+        segment["v"],
+        q_pos,
+        segment["pos"],
+        window,
+        enabled=enabled,
+        softcap=cfg.attn_logit_softcap,
+        top_k=cfg.attn_top_k if cfg.attn_kind == "spark" else 0,
+        block_q=cfg.attn_block_size,
+        block_k=cfg.attn_block_size,
+    )
+    return _ungroup(out), count.reshape(b, kv * g, t)
+
+
 def attend_sparse(
     cfg: ModelConfig,
     q: jax.Array,
@@ -356,6 +406,8 @@ class Attention(nn.Module):
             out, kept, overflow = attend_sparse(
                 self.cfg, q, cache, new, positions, window, sparse_capacity, self.kernels
             )
+        elif cache is None and uses_blockwise(self.cfg, x.shape[1]):
+            out, kept = attend_blockwise(self.cfg, q, new, positions, window, enabled)
         else:
             segments = (new,) if cache is None else (cache, new)
             out, kept = attend_masked(

@@ -23,6 +23,7 @@ LAYER_TYPES = ("local", "global")
 DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "full", "dots", "names")
 TOPK_METHODS = ("statistical", "lax_top_k", "approx_max_k")
+ATTN_IMPLS = ("auto", "materialized", "blockwise")
 
 
 def _fail(field: str, value: Any, allowed: str) -> None:
@@ -70,6 +71,12 @@ class ModelConfig:
         outputs without batch dims) or ``"names"`` (save q/k/v and FFN pre-activations).
       topk_method: how the threshold is found: ``"statistical"`` (the method) or the
         ``"lax_top_k"`` / ``"approx_max_k"`` baselines, which find the k-th largest value.
+      attn_impl: how a sequence attends to its own keys in training, evaluation and a prefill
+        chunk without a cache: ``"materialized"`` (every score tensor at once),
+        ``"blockwise"`` (:mod:`pallas_kernels.blockwise_attention`, O(T x block) memory;
+        ``topk_method="statistical"`` only) or ``"auto"`` (blockwise from
+        ``policy.blockwise_min_len`` tokens).
+      attn_block_size: query and key block of the blockwise form, >= 1.
     """
 
     name: str = "custom"
@@ -103,6 +110,8 @@ class ModelConfig:
     scan_layers: bool = True
     remat_policy: str = "none"
     topk_method: str = "statistical"
+    attn_impl: str = "auto"
+    attn_block_size: int = 512
 
     DERIVED_FIELDS: ClassVar[dict[str, tuple[str, ...]]] = {
         "num_layers": ("layer_types", "ffn_sparse_layers", "attn_sparse_layers"),
@@ -159,6 +168,13 @@ class ModelConfig:
             _fail("remat_policy", self.remat_policy, f"must be one of {REMAT_POLICIES}")
         if self.topk_method not in TOPK_METHODS:
             _fail("topk_method", self.topk_method, f"must be one of {TOPK_METHODS}")
+        if self.attn_impl not in ATTN_IMPLS:
+            _fail("attn_impl", self.attn_impl, f"must be one of {ATTN_IMPLS}")
+        if self.attn_impl == "blockwise" and self.topk_method != "statistical":
+            _fail("attn_impl", self.attn_impl, "blockwise needs topk_method='statistical'")
+        value = self.attn_block_size
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            _fail("attn_block_size", value, "must be an integer >= 1")
         if self.ffn_kind == "spark" and self.ffn_keep_count < 1:
             _fail("ffn_keep_fraction", self.ffn_keep_fraction, "keeps no neuron at this ffn_dim")
 

@@ -82,14 +82,24 @@ def tokenizer_from_json(text: str) -> Tokenizer:
     return Tokenizer(base64.b64decode(text))
 
 
+# Model config fields a run may change on resume: they change how it computes, not what.
+UNCHECKED_FIELDS = ("name", "attn_impl", "attn_block_size")
+
+
 def config_mismatch(saved: dict[str, Any], current: ModelConfig) -> list[str]:
-    """Fields where a saved model config differs from ``current``, as readable strings."""
+    """Fields where a saved model config differs from ``current``, as readable strings.
+
+    A field the saved config lacks (one added to ``ModelConfig`` after it was written) counts
+    as its default, which a checkpoint written before it had.
+    """
     now = current.to_dict()
+    defaults = ModelConfig.from_dict({k: v for k, v in now.items() if k in saved}).to_dict()
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     fields = sorted(set(saved) | set(now))
     return [
         f"{f}: checkpoint {saved.get(f)!r} != run {now.get(f)!r}"
         for f in fields
-        if saved.get(f) != now.get(f) and f != "name"
+        if saved.get(f) != now.get(f) and f not in UNCHECKED_FIELDS
     ]
 
 

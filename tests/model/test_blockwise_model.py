@@ -1,0 +1,63 @@
+"""The model with blockwise attention equals the materialized model: logits, attended-key
+statistics and gradients, dense and Spark, local and global layers, under ``nn.scan``."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from micro_configs import MICRO_MODEL
+
+from configs import get_model_config
+from sparse_jax.model.attention import uses_blockwise
+from sparse_jax.model.config import ModelConfig, override
+from sparse_jax.model.transformer import forward, init_params
+from sparse_jax.policy import policy_for
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny_dense"])
+def test_blockwise_model_equals_materialized(preset):
+    base = override(get_model_config(preset), MICRO_MODEL)
+    # 40 tokens: windows of 16 cut blocks of 8; the first tokens keep all keys (k = 8).
+    base = dataclasses.replace(base, max_seq_len=40, attn_block_size=8)
+    cfgs = {
+        impl: dataclasses.replace(base, attn_impl=impl) for impl in ("materialized", "blockwise")
+    }
+    params = init_params(cfgs["materialized"], jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, base.vocab_size)
+
+    def loss(p, cfg):
+        logits, stats = forward(cfg, p, tokens)
+        return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), (logits, stats)
+
+    results = {
+        impl: jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)(params, cfg)
+        for impl, cfg in cfgs.items()
+    }
+    (loss_m, (logits_m, stats_m)), grads_m = results["materialized"]
+    (loss_b, (logits_b, stats_b)), grads_b = results["blockwise"]
+    assert float(loss_b) == pytest.approx(float(loss_m), rel=1e-5)
+    np.testing.assert_allclose(logits_b, logits_m, rtol=2e-5, atol=2e-5)
+    for key in stats_m:
+        np.testing.assert_allclose(stats_b[key], stats_m[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    leaves_m, leaves_b = jax.tree.leaves(grads_m), jax.tree.leaves(grads_b)
+    for a, b in zip(leaves_b, leaves_m, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()) + 1e-9)
+
+
+def test_auto_chooses_by_length_and_validates():
+    cfg = ModelConfig()
+    threshold = policy_for().blockwise_min_len
+    assert not uses_blockwise(cfg, threshold - 1) and uses_blockwise(cfg, threshold)
+    assert uses_blockwise(dataclasses.replace(cfg, attn_impl="blockwise"), 8)
+    assert not uses_blockwise(dataclasses.replace(cfg, attn_impl="materialized"), 1 << 20)
+    assert not uses_blockwise(dataclasses.replace(cfg, topk_method="lax_top_k"), 1 << 20)
+    with pytest.raises(ValueError, match="attn_impl"):
+        ModelConfig(attn_impl="flash")
+    with pytest.raises(ValueError, match="topk_method='statistical'"):
+        ModelConfig(attn_impl="blockwise", topk_method="lax_top_k")
+    with pytest.raises(ValueError, match="attn_block_size"):
+        ModelConfig(attn_block_size=0)
