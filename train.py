@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as err:
         print(f"error: {err}", file=sys.stderr)
         return 3
-    except (ValueError, OSError, ImplementationUnavailableError) as err:
+    except (ValueError, OSError, MemoryError, ImplementationUnavailableError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(summary_line(summary))

@@ -54,6 +54,7 @@ from sparse_jax.train.config import TrainConfig, check_resume
 from sparse_jax.train.metrics import MetricsWriter
 from sparse_jax.train.optim import learning_rate_schedule, make_optimizer
 from sparse_jax.train.step import (
+    abstract_train_state,
     batch_sharding,
     init_train_state,
     make_eval_step,
@@ -100,6 +101,35 @@ def _new_tokenizer(tc: TrainConfig, vocab_size: int, train_docs: list[str]) -> T
 
 def _to_device(batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return {k: jnp.asarray(v) for k, v in batch.items()}
+
+
+class ContextTooLarge(MemoryError):
+    """The train step does not fit the device's memory at this context and batch."""
+
+
+def _out_of_memory(
+    model_cfg: ModelConfig, tc: TrainConfig, optimizer: Any, train_step: Any, batch: Any
+) -> str:
+    """What ran out of memory, with XLA's estimate of what the step needs."""
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), batch)
+    try:
+        compiled = train_step.lower(abstract_train_state(model_cfg, optimizer), shapes).compile()
+        analysis = compiled.memory_analysis()
+        need = analysis.temp_size_in_bytes + analysis.argument_size_in_bytes
+        estimate = (
+            f"about {need / 2**30:.1f} GiB by XLA's estimate "
+            f"({analysis.temp_size_in_bytes / 2**30:.1f} GiB of temporaries)"
+        )
+    except Exception:  # the estimate is a courtesy: never hide the real error behind it
+        estimate = "more than the device holds"
+    hint = ""
+    if model_cfg.attn_impl != "blockwise":
+        hint = " or set attn_impl=blockwise (attention in O(T x block) memory)"
+    return (
+        f"the train step at data.seq_len={tc.data.seq_len}, data.batch_size={tc.data.batch_size} "
+        f"(grad_accum={tc.grad_accum}) needs {estimate}, more than the device could allocate: "
+        f"lower seq_len or batch_size, raise grad_accum{hint}"
+    )
 
 
 def sharding_plan(tc: TrainConfig) -> ShardingPlan | None:
@@ -359,7 +389,15 @@ def train(
             window_start, window_tokens = time.perf_counter(), 0.0
             with _stop_on_signals() as signals:
                 while step < tc.steps:
-                    state, metrics = train_step(state, feed(next(iterator)))
+                    batch = feed(next(iterator))
+                    try:
+                        state, metrics = train_step(state, batch)
+                    except jax.errors.JaxRuntimeError as err:
+                        if "RESOURCE_EXHAUSTED" not in str(err):
+                            raise
+                        raise ContextTooLarge(
+                            _out_of_memory(model_cfg, tc, optimizer, train_step, batch)
+                        ) from None
                     loss = float(metrics["loss"])
                     step += 1
                     if not (math.isfinite(loss) and bool(metrics["params_finite"])):

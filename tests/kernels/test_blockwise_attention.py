@@ -78,12 +78,13 @@ def blockwise(cfg, pos, window, block_q, block_k, enabled=True):
     return run
 
 
+SLOW = pytest.mark.slow
 CASES = [
     # kind, length, window, block_q, block_k, top_k, softcap
     ("dense", 37, 10, 8, 16, 5, 5.0),  # local window, ragged blocks
-    ("dense", 32, 1000, 16, 8, 5, None),  # global, no cap
+    pytest.param("dense", 32, 1000, 16, 8, 5, None, marks=SLOW),  # global, no cap
     ("spark", 37, 10, 8, 16, 5, 5.0),  # a window of 10 > k: the threshold decides
-    ("spark", 40, 1000, 8, 8, 3, 5.0),  # global: the first 3 queries keep every key
+    pytest.param("spark", 40, 1000, 8, 8, 3, 5.0, marks=SLOW),  # the first 3 keep every key
     ("spark", 33, 6, 16, 4, 8, None),  # window 6 <= k: every row keeps all its keys
 ]
 
@@ -162,7 +163,7 @@ def _temp_bytes(fn, *args) -> int:
     return jax.jit(fn).lower(*args).compile().memory_analysis().temp_size_in_bytes
 
 
-@pytest.mark.parametrize("kind", ["dense", "spark"])
+@pytest.mark.parametrize("kind", [pytest.param("dense", marks=SLOW), "spark"])
 def test_memory_grows_linearly_with_the_context(kind):
     """The compiled gradient's temporaries: 4x the context costs the blockwise form about 4x,
     the materialized form about 16x."""

@@ -18,7 +18,7 @@ from sparse_jax.model.transformer import forward, init_params
 from sparse_jax.policy import policy_for
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny_dense"])
+@pytest.mark.parametrize("preset", ["tiny", pytest.param("tiny_dense", marks=pytest.mark.slow)])
 def test_blockwise_model_equals_materialized(preset):
     base = override(get_model_config(preset), MICRO_MODEL)
     # 40 tokens: windows of 16 cut blocks of 8; the first tokens keep all keys (k = 8).

@@ -1,0 +1,165 @@
+"""Long-context training: the blockwise and materialized attention, memory and step time.
+
+* Memory: the compiled train step's temporary bytes (``compiled.memory_analysis()``, from
+  abstract inputs: nothing is allocated) of the ``small`` and ``small_dense`` presets at batch
+  1 for each context in ``--memory-lens``, both forms of attention.
+* Time: one train step (forward, backward, AdamW) at batch 1 for each context in
+  ``--time-lens``, dense and Spark, both forms, measured round-robin in one process (median
+  of ``--rounds``), with the Spark/dense ratio per length and form.
+
+    python -m benchmarks.long_context [--memory-lens 1024,8192] [--time-lens 256,1024,2048,4096]
+
+Results: ``benchmarks/results/long_context.{json,md}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import pathlib
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks.train_step import cpu_model
+from configs import get_model_config
+from sparse_jax.data.pipeline import DataConfig
+from sparse_jax.train.config import TrainConfig
+from sparse_jax.train.optim import make_optimizer
+from sparse_jax.train.step import abstract_train_state, init_train_state, make_train_step
+
+RESULTS = pathlib.Path(__file__).resolve().parent / "results"
+PRESETS = {"dense": "small_dense", "spark": "small"}
+IMPLS = ("materialized", "blockwise")
+
+
+def model(kind: str, impl: str, length: int):
+    cfg = get_model_config(PRESETS[kind])
+    return dataclasses.replace(cfg, attn_impl=impl, max_seq_len=max(cfg.max_seq_len, length))
+
+
+def batch(length: int, vocab: int, abstract: bool):
+    if abstract:
+        ints = jax.ShapeDtypeStruct((1, length), jnp.int32)
+        return {
+            "inputs": ints,
+            "targets": ints,
+            "mask": jax.ShapeDtypeStruct((1, length), jnp.float32),
+        }
+    tokens = np.random.default_rng(0).integers(0, vocab, (1, length + 1))
+    return {
+        "inputs": jnp.asarray(tokens[:, :-1], jnp.int32),
+        "targets": jnp.asarray(tokens[:, 1:], jnp.int32),
+        "mask": jnp.ones((1, length), jnp.float32),
+    }
+
+
+def temp_bytes(kind: str, impl: str, length: int) -> int:
+    cfg = model(kind, impl, length)
+    opt = make_optimizer(TrainConfig(data=DataConfig(batch_size=1, seq_len=length)))
+    step = make_train_step(cfg, opt, 1)
+    lowered = step.lower(abstract_train_state(cfg, opt), batch(length, cfg.vocab_size, True))
+    return int(lowered.compile().memory_analysis().temp_size_in_bytes)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--memory-lens", default="1024,2048,4096,8192")
+    parser.add_argument("--time-lens", default="256,1024,2048,4096")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--out", default=str(RESULTS))
+    args = parser.parse_args(argv)
+    memory = {}
+    for length in (int(x) for x in args.memory_lens.split(",") if x):
+        for kind in PRESETS:
+            for impl in IMPLS:
+                key = f"{kind}/{impl}/{length}"
+                memory[key] = temp_bytes(kind, impl, length)
+                print(f"memory {key}: {memory[key] / 2**20:.0f} MiB", flush=True)
+    times: dict[str, list[float]] = {}
+    out_of_memory: list[str] = []
+    for length in (int(x) for x in args.time_lens.split(",") if x):
+        runs = {}
+        for kind in PRESETS:
+            for impl in IMPLS:
+                cfg = model(kind, impl, length)
+                opt = make_optimizer(TrainConfig(data=DataConfig(batch_size=1, seq_len=length)))
+                step = make_train_step(cfg, opt, 1)
+                state = init_train_state(cfg, opt, 0)
+                data = batch(length, cfg.vocab_size, False)
+                try:
+                    state, metrics = step(state, data)  # compiles
+                    jax.block_until_ready(metrics)
+                except jax.errors.JaxRuntimeError as err:
+                    if "RESOURCE_EXHAUSTED" not in str(err):
+                        raise
+                    out_of_memory.append(f"{kind}/{impl}/{length}")
+                    print(f"time {kind}/{impl}/{length}: out of memory", flush=True)
+                    continue
+                runs[kind, impl] = [step, state, data]
+        for _ in range(args.rounds):
+            for (kind, impl), run in runs.items():
+                start = time.perf_counter()
+                run[1], metrics = run[0](run[1], run[2])
+                jax.block_until_ready(metrics)
+                times.setdefault(f"{kind}/{impl}/{length}", []).append(time.perf_counter() - start)
+        for kind, impl in runs:
+            key = f"{kind}/{impl}/{length}"
+            print(f"time {key}: {statistics.median(times[key]):.3f} s", flush=True)
+        del runs
+    report = {
+        "machine": f"{cpu_model()}, {jax.device_count()} {jax.default_backend()} device(s)",
+        "presets": PRESETS,
+        "batch": 1,
+        "temp_bytes": memory,
+        "step_seconds": {k: statistics.median(v) for k, v in times.items()},
+        "step_times": times,
+        "out_of_memory": out_of_memory,
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "long_context.json").write_text(json.dumps(report, indent=2) + "\n")
+    lines = [f"# Long-context training step, batch 1 ({report['machine']})", ""]
+    lens = sorted({int(k.rsplit("/", 1)[1]) for k in memory})
+    if lens:
+        lines += [
+            "Temporary bytes of the compiled train step, MiB:",
+            "",
+            "| T | dense materialized | dense blockwise | Spark materialized | Spark blockwise |",
+            "|---|---|---|---|---|",
+        ]
+        for t in lens:
+            cells = [f"{memory[f'{k}/{i}/{t}'] / 2**20:,.0f}" for k in PRESETS for i in IMPLS]
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+        lines.append("")
+    tlens = sorted({int(k.rsplit("/", 1)[1]) for k in [*times, *out_of_memory]})
+    if tlens:
+        lines += [
+            "Train step, median seconds (Spark/dense in parentheses):",
+            "",
+            "| T | dense materialized | dense blockwise | Spark materialized | Spark blockwise |",
+            "|---|---|---|---|---|",
+        ]
+        med = report["step_seconds"]
+        for t in tlens:
+            cells = []
+            for k in PRESETS:
+                for i in IMPLS:
+                    s = med.get(f"{k}/{i}/{t}")
+                    if s is None:
+                        cells.append("out of memory")
+                        continue
+                    dense = med.get(f"dense/{i}/{t}")
+                    ratio = "" if k == "dense" or dense is None else f" ({s / dense:.2f}x)"
+                    cells.append(f"{s:.3f}{ratio}")
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    (out / "long_context.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
