@@ -71,8 +71,8 @@ class ModelConfig:
         outputs without batch dims) or ``"names"`` (save q/k/v and FFN pre-activations).
       topk_method: how the threshold is found: ``"statistical"`` (the method) or the
         ``"lax_top_k"`` / ``"approx_max_k"`` baselines, which find the k-th largest value.
-      attn_impl: how a sequence attends to its own keys in training, evaluation and a prefill
-        chunk without a cache: ``"materialized"`` (every score tensor at once),
+      attn_impl: how a sequence attends to its own keys in training and evaluation (no
+        cache): ``"materialized"`` (every score tensor at once),
         ``"blockwise"`` (:mod:`pallas_kernels.blockwise_attention`, O(T x block) memory;
         ``topk_method="statistical"`` only) or ``"auto"`` (blockwise from
         ``policy.blockwise_min_len`` tokens).

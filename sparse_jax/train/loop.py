@@ -390,15 +390,15 @@ def train(
             with _stop_on_signals() as signals:
                 while step < tc.steps:
                     batch = feed(next(iterator))
-                    try:
+                    try:  # dispatch is asynchronous: a failed allocation shows at the read
                         state, metrics = train_step(state, batch)
+                        loss = float(metrics["loss"])
                     except jax.errors.JaxRuntimeError as err:
                         if "RESOURCE_EXHAUSTED" not in str(err):
                             raise
                         raise ContextTooLarge(
                             _out_of_memory(model_cfg, tc, optimizer, train_step, batch)
                         ) from None
-                    loss = float(metrics["loss"])
                     step += 1
                     if not (math.isfinite(loss) and bool(metrics["params_finite"])):
                         steps = ckpt.steps()
