@@ -84,3 +84,31 @@ def save_hf(model, directory: pathlib.Path, **kwargs) -> pathlib.Path:
     model.save_pretrained(directory, **kwargs)
     (directory / "tokenizer.model").write_bytes(gemma_layout_tokenizer(model.config.vocab_size))
     return directory
+
+
+@functools.cache
+def _library_tokenizer_bytes() -> bytes:
+    from sparse_jax.data.tokenizer import Tokenizer
+
+    return Tokenizer.train(load_documents(DataConfig())[:200], 512).model_proto
+
+
+def random_library_checkpoint(workdir: pathlib.Path) -> pathlib.Path:
+    """A step-0 checkpoint of the micro Spark model with random weights and a tokenizer trained
+    here (the library's layout, no turn markers): a Spark checkpoint without training one."""
+    import jax
+    from micro_configs import MICRO_MODEL
+
+    from configs import get_model_config
+    from sparse_jax.data.tokenizer import Tokenizer
+    from sparse_jax.model.config import override
+    from sparse_jax.model.transformer import init_params
+    from sparse_jax.train.checkpoint import Checkpointer, tokenizer_to_json
+
+    cfg = override(get_model_config("tiny"), MICRO_MODEL)
+    params = init_params(cfg, jax.random.key(0))
+    tokenizer = Tokenizer(_library_tokenizer_bytes())
+    meta = {"model_config": cfg.to_dict(), "tokenizer": tokenizer_to_json(tokenizer)}
+    with Checkpointer(workdir / "checkpoints", keep=1, async_save=False) as ckpt:
+        ckpt.save(0, {"params": params}, {}, meta)
+    return workdir

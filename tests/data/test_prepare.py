@@ -260,6 +260,7 @@ def test_training_from_shards_equals_training_from_text(trained_from_shards, cor
     _params_equal(load(trained_from_shards).params, load(tmp_path).params)
 
 
+@pytest.mark.slow  # the iterator-state test above covers the data side in the default run
 def test_interrupted_training_from_shards_resumes_exactly(trained_from_shards, prepared, tmp_path):
     tc = _train_config([str(prepared)])
     train(MODEL, tc, tmp_path, stop_after=3, verbose=False)

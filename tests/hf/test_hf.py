@@ -24,7 +24,13 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import safetensors.numpy  # noqa: E402
-from hf_models import VOCAB, gemma_layout_tokenizer, hf_model, save_hf  # noqa: E402
+from hf_models import (  # noqa: E402
+    VOCAB,
+    gemma_layout_tokenizer,
+    hf_model,
+    random_library_checkpoint,
+    save_hf,
+)
 
 import sparse_jax  # noqa: E402
 from sparse_jax.data.tokenizer import Tokenizer  # noqa: E402
@@ -451,9 +457,10 @@ def test_never_overwrites(small_hf, tmp_path):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
-def test_spark_checkpoint_does_not_export(served_checkpoint, tmp_path):
+def test_spark_checkpoint_does_not_export(tmp_path):
+    spark = random_library_checkpoint(tmp_path / "spark")
     with pytest.raises(ConversionError, match=r"Spark model .* no architecture"):
-        export_checkpoint(served_checkpoint, tmp_path / "out")
+        export_checkpoint(spark, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 

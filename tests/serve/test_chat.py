@@ -11,7 +11,7 @@ import pathlib
 import httpx
 import openai
 import pytest
-from hf_models import gemma_layout_tokenizer, hf_model, save_hf
+from hf_models import gemma_layout_tokenizer, hf_model, random_library_checkpoint, save_hf
 from serve_cases import serving
 
 from sparse_jax.data.tokenizer import Tokenizer
@@ -100,8 +100,14 @@ def test_role_rules(tokenizer, messages, match):
         chat.conversation_ids(tokenizer, messages)
 
 
-def test_tokenizer_without_markers_has_no_chat_format(served_checkpoint):
-    library_tokenizer = load(served_checkpoint).tokenizer
+@pytest.fixture(scope="module")
+def library_checkpoint(tmp_path_factory):
+    """A checkpoint whose tokenizer is the library's own (no turn markers)."""
+    return random_library_checkpoint(tmp_path_factory.mktemp("library"))
+
+
+def test_tokenizer_without_markers_has_no_chat_format(library_checkpoint):
+    library_tokenizer = load(library_checkpoint).tokenizer
     assert library_tokenizer.turn_ids is None
     with pytest.raises(ValueError, match="no chat format"):
         chat.conversation_ids(library_tokenizer, [("user", "hi")])
@@ -233,8 +239,8 @@ def test_bad_chat_requests(served, body, param, match):
     assert match in error["message"], error
 
 
-def test_chat_is_a_400_without_turn_markers(served_checkpoint):
-    loaded = load(served_checkpoint)
+def test_chat_is_a_400_without_turn_markers(library_checkpoint):
+    loaded = load(library_checkpoint)
     engine = Engine(loaded.config, loaded.params, slots=1)
     app = create_app(engine, loaded.tokenizer, ServerSettings("micro"))
     with serving(app) as url:
@@ -246,7 +252,7 @@ def test_chat_is_a_400_without_turn_markers(served_checkpoint):
         assert err.value.body["code"] == "chat_not_supported"
 
 
-def test_serve_cli_chat(imported, served_checkpoint):
+def test_serve_cli_chat(imported, library_checkpoint):
     model, workdir = imported
     tokenizer = load(workdir).tokenizer
     want, _, _ = hf_reply(model, tokenizer, [("system", "Be brief."), ("user", "Hello")], 8)
@@ -257,7 +263,7 @@ def test_serve_cli_chat(imported, served_checkpoint):
     assert out.getvalue() == want + "\n"
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
-        assert serve_cli.main(["--checkpoint", str(served_checkpoint), "--chat", "hi"]) == 2
+        assert serve_cli.main(["--checkpoint", str(library_checkpoint), "--chat", "hi"]) == 2
     assert "no chat format" in err.getvalue()
     with pytest.raises(SystemExit):
         serve_cli.parse_args(["--checkpoint", "x", "--prompt", "a", "--chat", "b"])
