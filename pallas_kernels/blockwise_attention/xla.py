@@ -76,10 +76,10 @@ def _any_valid(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array) -> jax.Arr
     return (kmin <= qmax) & (qmin - kmax < window) & jnp.any(kvalid) & (qmax >= 0)
 
 
-def _key_blocks(x: jax.Array, bk: int, axis: int) -> jax.Array:
-    """Splits the key axis into [n_blocks, ...] leading blocks."""
-    n = x.shape[axis] // bk
-    x = x.reshape(*x.shape[:axis], n, bk, *x.shape[axis + 1 :])
+def _blocks(x: jax.Array, size: int, axis: int) -> jax.Array:
+    """Splits ``axis`` (queries or keys) into blocks of ``size``: [n_blocks, ...]."""
+    n = x.shape[axis] // size
+    x = x.reshape(*x.shape[:axis], n, size, *x.shape[axis + 1 :])
     return jnp.moveaxis(x, axis, 0)
 
 
@@ -114,9 +114,9 @@ def _forward_block(q, keys, v, q_pos, k_pos, window, enabled, blocks: Blocks):
     spark = blocks.top_k > 0
     b, kv, g, bq, _ = q[0].shape
     bk = blocks.block_k
-    kb = [_key_blocks(x, bk, 2) for x in keys]
-    vb = _key_blocks(v, bk, 2)
-    pb = _key_blocks(k_pos, bk, 1)
+    kb = [_blocks(x, bk, 2) for x in keys]
+    vb = _blocks(v, bk, 2)
+    pb = _blocks(k_pos, bk, 1)
     shape = (b, kv, g, bq)
     theta = jnp.full(shape, -jnp.inf, jnp.float32)
     keep_all = jnp.ones(shape, bool)
@@ -175,14 +175,10 @@ def _forward_block(q, keys, v, q_pos, k_pos, window, enabled, blocks: Blocks):
     return out, lse, theta, keep_all, n
 
 
-def _query_blocks(x: jax.Array, bq: int, axis: int) -> jax.Array:
-    return _key_blocks(x, bq, axis)
-
-
 def _run_forward(q, keys, v, q_pos, k_pos, window, enabled, blocks: Blocks):
     bq = blocks.block_q
-    qb = [_query_blocks(x, bq, 3) for x in q]
-    pb = _query_blocks(q_pos, bq, 1)
+    qb = [_blocks(x, bq, 3) for x in q]
+    pb = _blocks(q_pos, bq, 1)
 
     def one(xs):
         *q_parts, pos = xs
@@ -210,12 +206,12 @@ def _attention_bwd(blocks: Blocks, residuals, cotangents):
     spark = blocks.top_k > 0
     bq, bk = blocks.block_q, blocks.block_k
     delta = jnp.sum(d_out * out, axis=-1)  # do_i . out_i
-    qb = [_query_blocks(x, bq, 3) for x in q]
-    per_query = [_query_blocks(x, bq, 3) for x in (d_out, lse, delta, theta, keep_all)]
-    pb = _query_blocks(q_pos, bq, 1)
-    kb = [_key_blocks(x, bk, 2) for x in keys]
-    vb = _key_blocks(v, bk, 2)
-    kpb = _key_blocks(k_pos, bk, 1)
+    qb = [_blocks(x, bq, 3) for x in q]
+    per_query = [_blocks(x, bq, 3) for x in (d_out, lse, delta, theta, keep_all)]
+    pb = _blocks(q_pos, bq, 1)
+    kb = [_blocks(x, bk, 2) for x in keys]
+    vb = _blocks(v, bk, 2)
+    kpb = _blocks(k_pos, bk, 1)
 
     def query_block(d_keys, xs):
         *q_parts, do, lse_b, delta_b, theta_b, keep_b, pos = xs

@@ -118,23 +118,21 @@ def eval_threshold(keys: np.ndarray, eval_fraction: float) -> int | None:
     return int(np.partition(keys, count - 1)[count - 1])
 
 
-# Worker side: the tokenizer and split, set once per process.
+# Worker side: the tokenizer, set once per process.
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(model_proto: bytes, seed: int, threshold: int | None) -> None:
-    _WORKER.update(tokenizer=Tokenizer(model_proto), seed=seed, threshold=threshold)
+def _init_worker(model_proto: bytes) -> None:
+    _WORKER["tokenizer"] = Tokenizer(model_proto)
 
 
-def _encode_chunk(docs: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(held out per document, tokens per document, the tokens) of a chunk of documents,
-    each document as ``[bos] + ids + [eos]``, in input order."""
-    tokenizer, seed, threshold = _WORKER["tokenizer"], _WORKER["seed"], _WORKER["threshold"]
-    held = np.array([threshold is not None and split_key(d, seed) <= threshold for d in docs])
-    ids = tokenizer.encode_batch(docs, add_bos=True, add_eos=True)
+def _encode_chunk(docs: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(tokens per document, the tokens) of a chunk of documents, each document as
+    ``[bos] + ids + [eos]``, in input order."""
+    ids = _WORKER["tokenizer"].encode_batch(docs, add_bos=True, add_eos=True)
     lengths = np.array([len(x) for x in ids], np.int64)
     tokens = np.fromiter(itertools.chain.from_iterable(ids), np.uint32, int(lengths.sum()))
-    return held, lengths, tokens
+    return lengths, tokens
 
 
 def _chunks(docs: Iterable[str], size: int) -> Iterator[list[str]]:
@@ -222,14 +220,17 @@ def prepare(
     if not len(keys):
         raise PrepareError(f"the inputs {list(settings.inputs)} hold no non-blank document")
     threshold = eval_threshold(keys, settings.eval_fraction)
-    if threshold is not None and int(np.sum(keys > np.uint64(threshold))) == 0:
+    # Held out per document, from the keys of pass 1 (no document is hashed twice).
+    held_out = np.zeros(len(keys), bool) if threshold is None else keys <= np.uint64(threshold)
+    del keys
+    if held_out.all():
         raise PrepareError(f"eval_fraction={settings.eval_fraction} leaves no training document")
     out.mkdir(parents=True, exist_ok=True)
     progress.setdefault("documents_done", 0)
     progress.setdefault("shards", {split: [] for split in SPLITS})
-    progress["documents"] = len(keys)
+    progress["documents"] = len(held_out)
     _write_json(out / PROGRESS, {**identity, **progress})
-    train_docs = (d for d in docs() if threshold is None or split_key(d, settings.seed) > threshold)
+    train_docs = (d for d, held in zip(docs(), held_out, strict=True) if not held)
     tokenizer = _tokenizer(settings, out, train_docs)
     dtype = token_dtype(tokenizer.vocab_size)
 
@@ -263,7 +264,7 @@ def prepare(
 
     skip = progress["documents_done"]
     pending = _chunks(itertools.islice(docs(), skip, None), CHUNK_DOCS)
-    args = (tokenizer.model_proto, settings.seed, threshold)
+    args = (tokenizer.model_proto,)
     if workers is None:
         workers = os.cpu_count() or 1
     with contextlib.ExitStack() as stack:
@@ -280,12 +281,13 @@ def prepare(
             from tqdm import tqdm
 
             bar = stack.enter_context(
-                tqdm(total=len(keys), initial=skip, unit="doc", desc="tokenizing")
+                tqdm(total=len(held_out), initial=skip, unit="doc", desc="tokenizing")
             )
         done, train_tokens = skip, 0
-        for held, lengths, tokens in results:
+        for lengths, tokens in results:
             ends = np.cumsum(lengths)
-            for is_held, start, end in zip(held, ends - lengths, ends, strict=True):
+            for start, end in zip(ends - lengths, ends, strict=True):
+                is_held = held_out[done]
                 done += 1
                 split = "eval" if is_held else "train"
                 buffers[split].append(tokens[start:end])

@@ -143,10 +143,22 @@ _STOP_SCHEMA = {
 Bias = Annotated[float, Field(ge=-100, le=100)]
 
 
-class _Sampled(BaseModel):
-    """The fields completions and chat completions share; defaults are OpenAI's."""
+class _Body(BaseModel):
+    """A strict request object in which ``null`` means "not given", as in OpenAI's API."""
 
     model_config = _STRICT
+
+    @pydantic.model_validator(mode="before")
+    @classmethod
+    def _nulls_are_defaults(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: v for k, v in value.items() if v is not None}
+        return value
+
+
+class _Sampled(_Body):
+    """The fields completions and chat completions share; defaults are OpenAI's."""
+
     model: str
     frequency_penalty: float | None = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, Bias] | None = None
@@ -161,14 +173,6 @@ class _Sampled(BaseModel):
     top_p: float | None = Field(1.0, gt=0.0, le=1.0)
     user: str | None = None
     top_k: int | None = Field(None, ge=1)
-
-    @pydantic.model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, value: Any) -> Any:
-        # null is "not given" in OpenAI's API: the field keeps its default.
-        if isinstance(value, dict):
-            return {k: v for k, v in value.items() if v is not None}
-        return value
 
     @pydantic.field_validator("stop", mode="before")
     @classmethod
@@ -215,20 +219,12 @@ class TextPart(BaseModel):
     text: str
 
 
-class ChatMessage(BaseModel):
+class ChatMessage(_Body):
     """One message of a chat: a role and its text (a string, or a list of text parts)."""
 
-    model_config = _STRICT
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[TextPart]
     name: str | None = None
-
-    @pydantic.model_validator(mode="before")
-    @classmethod
-    def _nulls_are_defaults(cls, value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: v for k, v in value.items() if v is not None}
-        return value
 
     @property
     def text(self) -> str:
