@@ -38,15 +38,6 @@ class Blocks(NamedTuple):
     top_k: int
 
 
-def _pad(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-    extra = size - x.shape[axis]
-    if extra == 0:
-        return x
-    widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, extra)
-    return jnp.pad(x, widths, constant_values=value)
-
-
 def _cap(raw: jax.Array, cap: float | None) -> jax.Array:
     return raw if cap is None else cap * jnp.tanh(raw / cap)
 
@@ -191,6 +182,7 @@ def _run_forward(q, keys, v, q_pos, k_pos, window, enabled, blocks: Blocks):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
 def _attention(q, keys, v, q_pos, k_pos, window, enabled, blocks: Blocks):
+    """Padded inputs (T a multiple of ``block_q``, S of ``block_k``); (out f32, count)."""
     out, _, _, _, n = _run_forward(q, keys, v, q_pos, k_pos, window, enabled, blocks)
     return out, n
 
@@ -275,54 +267,4 @@ def _attention_bwd(blocks: Blocks, residuals, cotangents):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-def blockwise_attention(
-    q: tuple[jax.Array, ...],
-    keys: tuple[jax.Array, ...],
-    v: jax.Array,
-    q_pos: jax.Array,
-    k_pos: jax.Array,
-    window: jax.Array | int,
-    *,
-    enabled: jax.Array | bool = True,
-    softcap: float | None = None,
-    top_k: int = 0,
-    block_q: int = 256,
-    block_k: int = 256,
-) -> tuple[jax.Array, jax.Array]:
-    """Attention of grouped queries over keys, blockwise.
-
-    Args:
-      q: dense: ``(q * scale,)``; Spark: ``(q_pred * pred_scale, q_rest * gate_scale)``, each
-        [B, K, G, T, W].
-      keys: dense: ``(k,)`` [B, K, S, H]; Spark: ``(k_pred, k_rest)``.
-      v: [B, K, S, H].
-      q_pos: [B, T] query positions (-1: padding, output 0).
-      k_pos: [B, S] key positions (-1: empty).
-      window: keys at distance >= window are out of reach.
-      enabled: Spark only: false keeps every valid key.
-      softcap: the logit soft-cap (None: none).
-      top_k: Spark's k; 0 means dense attention.
-      block_q: query rows per block (T is padded up to a multiple).
-      block_k: keys per block (S is padded up to a multiple).
-
-    Returns:
-      out [B, K, G, T, H] float32 and the attended keys per query [B, K, G, T] float32.
-    """
-    for name, value in (("block_q", block_q), ("block_k", block_k)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    if len(q) != (2 if top_k else 1) or len(keys) != len(q):
-        raise ValueError("dense attention takes one query and key part, Spark two")
-    t, s = q[0].shape[3], v.shape[2]
-    bq, bk = min(block_q, t), min(block_k, s)
-    tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
-    q = tuple(_pad(x, 3, tp) for x in q)
-    keys = tuple(_pad(x, 2, sp) for x in keys)
-    v = _pad(v, 2, sp)
-    q_pos = _pad(q_pos.astype(jnp.int32), 1, tp, -1)
-    k_pos = _pad(k_pos.astype(jnp.int32), 1, sp, -1)
-    window = jnp.asarray(window, jnp.int32)
-    enabled = jnp.asarray(enabled, bool)
-    blocks = Blocks(bq, bk, None if softcap is None else float(softcap), int(top_k))
-    out, n = _attention(q, keys, v, q_pos, k_pos, window, enabled, blocks)
-    return out[..., :t, :], n[..., :t]
+attention = _attention
