@@ -4,6 +4,8 @@ Every sparse op that has a kernel reaches it through a :class:`Kernels` value:
 
 * :meth:`Kernels.soft_topk` and :meth:`Kernels.mask_topk`: statistical top-k of the Spark FFN
   and Spark attention in the model (training, evaluation, prefill of a full sequence);
+* :meth:`Kernels.blockwise_attention`: dense and Spark attention of a long block over its
+  own keys in O(T x block) memory (training, evaluation, prefill above a length threshold);
 * :meth:`Kernels.sparse_ffn` and :meth:`Kernels.topk_attention`: the decode path's gathered
   FFN over the active neurons and attention over the selected keys;
 * :meth:`Kernels.linear`, :meth:`Kernels.linear_many`, :meth:`Kernels.linear_rows`: every
@@ -34,6 +36,7 @@ is whole on each shard.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -42,6 +45,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from pallas_kernels._common import dispatch
 from pallas_kernels._common import sharding as kernel_sharding
+from pallas_kernels.blockwise_attention import api as blockwise_attention_api
 from pallas_kernels.sparse_ffn import api as sparse_ffn_api
 from pallas_kernels.sparse_ffn import xla as sparse_ffn_xla
 from pallas_kernels.stat_topk import api as stat_topk_api
@@ -50,6 +54,7 @@ from pallas_kernels.topk_attention import api as topk_attention_api
 from pallas_kernels.topk_attention import xla as topk_attention_xla
 
 IMPLEMENTATIONS = dispatch.IMPLEMENTATIONS
+GPU_BLOCKWISE_MAX_BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -258,6 +263,53 @@ class Kernels:
             q_rest, p, idx, k_rest, v, head_axis=None, **self._kernel_args()
         )
         return out.astype(jnp.float32)
+
+    def blockwise_attention(
+        self,
+        q: tuple[jax.Array, ...],
+        keys: tuple[jax.Array, ...],
+        v: jax.Array,
+        q_pos: jax.Array,
+        k_pos: jax.Array,
+        window: jax.Array | int,
+        **options: Any,
+    ) -> tuple[jax.Array, jax.Array]:
+        """Blockwise attention; see ``pallas_kernels.blockwise_attention``. ``options`` are
+        its keyword options (``enabled``, ``softcap``, ``top_k``, ``block_q``, ``block_k``).
+
+        The Pallas GPU kernel holds its tiles in registers, so its blocks are capped at
+        ``GPU_BLOCKWISE_MAX_BLOCK`` (the block of Pallas' own GPU flash attention). The XLA
+        implementation is partitioned by XLA like the rest of the model. A Pallas one
+        under a mesh runs per shard with the batch split over ``batch_axes`` and the heads
+        whole on each shard.
+
+        Returns:
+          out [B, K, G, T, H] float32 and the attended keys per query [B, K, G, T] float32.
+        """
+        name = self.resolved()
+        if name == "pallas_gpu":
+            for key in ("block_q", "block_k"):
+                if key in options:
+                    options[key] = min(options[key], GPU_BLOCKWISE_MAX_BLOCK)
+        call = functools.partial(
+            blockwise_attention_api.blockwise_attention,
+            implementation=name,
+            interpret=self.interpret,
+        )
+        enabled = jnp.asarray(options.pop("enabled", True), bool)
+        window = jnp.asarray(window, jnp.int32)
+        if self.mesh is None or name in ("xla", "native"):
+            return call(q, keys, v, q_pos, k_pos, window, enabled=enabled, **options)
+
+        def per_shard(q_, keys_, v_, q_pos_, k_pos_, window_, enabled_):
+            return call(q_, keys_, v_, q_pos_, k_pos_, window_, enabled=enabled_, **options)
+
+        split = PartitionSpec(kernel_sharding.batch_entry(self.batch_axes))
+        parts = lambda xs: tuple(split for _ in xs)  # noqa: E731
+        in_specs = (parts(q), parts(keys), split, split, split, PartitionSpec(), PartitionSpec())
+        return kernel_sharding.maybe_shard_map(per_shard, self.mesh, in_specs, (split, split))(
+            q, keys, v, q_pos, k_pos, window, enabled
+        )
 
 
 DEFAULT_KERNELS = Kernels()

@@ -45,7 +45,9 @@ def _check_block(name: str, value, implementation: str) -> None:
     unit = q_unit if name == "block_q" else k_unit
     if value % unit or (power_of_two and value & (value - 1)):
         kind = "a power of two >= " if power_of_two else "a multiple of "
-        raise ValueError(f"{name}={value} must be {kind}{unit} for implementation={implementation!r}")
+        raise ValueError(
+            f"{name}={value} must be {kind}{unit} for implementation={implementation!r}"
+        )
 
 
 def _block(requested: int, length: int, implementation: str, axis: str) -> int:

@@ -95,7 +95,6 @@ def _fwd(q, keys, v, q_pos, k_pos, window, enabled, settings: Settings):
 def _bwd(settings: Settings, residuals, cotangents):
     q, keys, v, q_pos, k_pos, (live, window_arr, lse, theta, keep_all, out) = residuals
     d_out, _ = cotangents
-    b, kv = v.shape[:2]
     d_out = _flat(d_out.astype(jnp.float32), 0)
     delta = jnp.sum(d_out * out, axis=-1)
     dq, dk, dv = _BACKENDS[settings.implementation].backward(

@@ -231,9 +231,8 @@ def backward(q, keys, v, q_pos, k_pos, live, window, stats, d_out, *, bq, bk, so
     """(dq parts, dk parts, dv) float32 from the per-query ``stats`` (lse, delta, theta,
     keep_all), each [BK, G, T], and ``d_out`` [BK, G, T, H] float32."""
     bkv, g, t, _ = q[0].shape
-    s, h = v.shape[1:]
     spark = len(q) == 2
-    grid = _Grid(bq, bk, bkv // q_pos.shape[0], t, s)
+    grid = _Grid(bq, bk, bkv // q_pos.shape[0], t, v.shape[1])
     padded = [_pad_last(x) for x in (*q, *keys, v)]
     operands = (*padded, q_pos, k_pos, _pad_last(d_out), *stats)
     f32 = lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32)  # noqa: E731

@@ -61,22 +61,28 @@ class _Layout:
     def stat(self) -> pl.BlockSpec:
         return self.query(LANES)
 
+    def _row(self, a) -> jax.Array:
+        """The batch row of (batch, kv head) pair h."""
+        return jax.lax.div(a["h"], self.num_kv)
+
     def q_pos(self) -> pl.BlockSpec:
-        return pl.BlockSpec(
-            (None, self.bq, 1),
-            lambda *idx: (lambda a: (jax.lax.div(a["h"], self.num_kv), a["i"], 0))(self._axes(*idx)),
-        )
+        def index(*idx):
+            a = self._axes(*idx)
+            return self._row(a), a["i"], 0
+
+        return pl.BlockSpec((None, self.bq, 1), index)
 
     def k_pos(self) -> pl.BlockSpec:
-        return pl.BlockSpec(
-            (None, 1, self.bk),
-            lambda *idx: (lambda a: (jax.lax.div(a["h"], self.num_kv), 0, a["j"]))(self._axes(*idx)),
-        )
+        def index(*idx):
+            a = self._axes(*idx)
+            return self._row(a), 0, a["j"]
+
+        return pl.BlockSpec((None, 1, self.bk), index)
 
     def live(self, live_ref) -> jax.Array:
         """Whether this grid step's tile holds a valid (query, key) pair."""
         a = self._axes(*(pl.program_id(n) for n in range(len(self.order))))
-        b = jax.lax.div(a["h"], self.num_kv)
+        b = self._row(a)
         return live_ref[(b * self.nq + a["i"]) * self.nk + a["j"]] != 0
 
 
@@ -206,7 +212,17 @@ def forward(q, keys, v, q_pos, k_pos, live, window, theta, keep_all, *, bq, bk, 
         [pltpu.VMEM((bq, LANES), jnp.float32)] * 3 + [pltpu.VMEM((bq, h), jnp.float32)],
         interpret,
         "blockwise_attention_tpu",
-    )(live, window, *q, *keys, v, q_pos[..., None], k_pos[:, None, :], lanes(theta), lanes(keep_all))
+    )(
+        live,
+        window,
+        *q,
+        *keys,
+        v,
+        q_pos[..., None],
+        k_pos[:, None, :],
+        lanes(theta),
+        lanes(keep_all),
+    )
     return out, lse[..., 0], n[..., 0]
 
 

@@ -14,9 +14,7 @@ import jax.numpy as jnp
 
 def scores(q: jax.Array, k: jax.Array) -> jax.Array:
     """``q @ k.T`` in float32: [bq, W] x [bk, W] -> [bq, bk]."""
-    return jax.lax.dot_general(
-        q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32
-    )
+    return jax.lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
 def product(a: jax.Array, b: jax.Array) -> jax.Array:

@@ -28,7 +28,6 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from pallas_kernels.blockwise_attention import blockwise_attention
 from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
 from sparse_jax.model.config import ModelConfig
@@ -232,11 +231,31 @@ def attend_masked(
     return _ungroup(_values(weights, segments)), count
 
 
-def uses_blockwise(cfg: ModelConfig, length: int) -> bool:
-    """Whether a block of ``length`` tokens without a cache attends blockwise."""
+def uses_blockwise(cfg: ModelConfig, length: int, keys: int | None = None) -> bool:
+    """Whether a block of ``length`` queries attends blockwise to ``keys`` keys (its own
+    ``length`` keys when None; a prefill chunk: the cache's slots and its own).
+
+    Under ``attn_impl="auto"`` that is when the score tensors would hold at least
+    ``policy.blockwise_min_len ** 2`` entries per head: a training sequence of that length,
+    or a prefill chunk of 256 tokens over 16384 keys at the default 2048.
+    """
+    keys = length if keys is None else keys
     if cfg.attn_impl == "auto":
-        return cfg.topk_method == "statistical" and length >= policy_for().blockwise_min_len
+        least = policy_for().blockwise_min_len
+        return cfg.topk_method == "statistical" and length * keys >= least * least
     return cfg.attn_impl == "blockwise"
+
+
+def _slots(cache: Segment | None) -> int:
+    return 0 if cache is None else cache["pos"].shape[1]
+
+
+def joined(cache: Segment, new: Segment) -> Segment:
+    """The cache's entries followed by the block's own: one segment over both."""
+    return {
+        name: jnp.concatenate([cache[name], new[name]], axis=1 if name == "pos" else 2)
+        for name in new
+    }
 
 
 def attend_blockwise(
@@ -246,9 +265,12 @@ def attend_blockwise(
     q_pos: jax.Array,
     window: jax.Array | int,
     enabled: jax.Array | bool = True,
+    kernels: Kernels = DEFAULT_KERNELS,
 ) -> tuple[jax.Array, jax.Array]:
-    """:func:`attend_masked` over one segment (a block's own keys), computed blockwise in
-    O(T x ``cfg.attn_block_size``) memory (:mod:`pallas_kernels.blockwise_attention`).
+    """:func:`attend_masked` over one segment (a block's own keys, or a cache's joined with
+    them), computed blockwise in O(T x ``cfg.attn_block_size``) memory
+    (:mod:`pallas_kernels.blockwise_attention`, in the implementation ``kernels`` resolves
+    to: the XLA scan on CPU, Pallas on TPU and GPU).
 
     Returns:
       out [B, T, N, H] float32 and the attended keys per query head [B, N, T] float32.
@@ -265,7 +287,7 @@ def attend_blockwise(
     else:
         parts = (qg * jnp.asarray(cfg.resolved_query_scale, qg.dtype),)
         keys = (segment["k"],)
-    out, count = blockwise_attention(
+    out, count = kernels.blockwise_attention(
         parts,
         keys,
         segment["v"],
@@ -406,8 +428,13 @@ class Attention(nn.Module):
             out, kept, overflow = attend_sparse(
                 self.cfg, q, cache, new, positions, window, sparse_capacity, self.kernels
             )
-        elif cache is None and uses_blockwise(self.cfg, x.shape[1]):
-            out, kept = attend_blockwise(self.cfg, q, new, positions, window, enabled)
+        elif uses_blockwise(self.cfg, x.shape[1], x.shape[1] + _slots(cache)) and (
+            cache is None or x.shape[1] > 1
+        ):
+            keys = new if cache is None else joined(cache, new)
+            out, kept = attend_blockwise(
+                self.cfg, q, keys, positions, window, enabled, self.kernels
+            )
         else:
             segments = (new,) if cache is None else (cache, new)
             out, kept = attend_masked(
