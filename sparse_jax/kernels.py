@@ -280,8 +280,9 @@ class Kernels:
         The Pallas GPU kernel holds its tiles in registers, so its blocks are capped at
         ``GPU_BLOCKWISE_MAX_BLOCK`` (the block of Pallas' own GPU flash attention). The XLA
         implementation is partitioned by XLA like the rest of the model. A Pallas one
-        under a mesh runs per shard with the batch split over ``batch_axes`` and the heads
-        whole on each shard.
+        under a mesh runs per shard: the batch split as the sharding ``rules`` split
+        ``batch`` (over ``batch_axes`` without rules) and the kv heads as they split
+        ``kv_heads``; a sequence is always whole on its shard.
 
         Returns:
           out [B, K, G, T, H] float32 and the attended keys per query [B, K, G, T] float32.
@@ -304,10 +305,19 @@ class Kernels:
         def per_shard(q_, keys_, v_, q_pos_, k_pos_, window_, enabled_):
             return call(q_, keys_, v_, q_pos_, k_pos_, window_, enabled=enabled_, **options)
 
-        split = PartitionSpec(kernel_sharding.batch_entry(self.batch_axes))
-        parts = lambda xs: tuple(split for _ in xs)  # noqa: E731
-        in_specs = (parts(q), parts(keys), split, split, split, PartitionSpec(), PartitionSpec())
-        return kernel_sharding.maybe_shard_map(per_shard, self.mesh, in_specs, (split, split))(
+        heads = ("batch", "kv_heads", None, None, None)
+
+        def spec(shape: tuple[int, ...]) -> PartitionSpec:
+            return self._spec(shape, heads[: len(shape)] if len(shape) > 2 else ("batch", None))
+
+        parts = lambda xs: tuple(spec(x.shape) for x in xs)  # noqa: E731
+        scalar = PartitionSpec()
+        in_specs = (
+            parts(q), parts(keys), spec(v.shape), spec(q_pos.shape), spec(k_pos.shape), scalar,
+            scalar,
+        )  # fmt: skip
+        out_specs = (spec(q[0].shape), spec(q[0].shape[:-1]))
+        return kernel_sharding.maybe_shard_map(per_shard, self.mesh, in_specs, out_specs)(
             q, keys, v, q_pos, k_pos, window, enabled
         )
 
