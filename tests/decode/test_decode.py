@@ -187,7 +187,7 @@ def test_native_kernels_decode_like_xla(dtype, batch, path):
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
 
 
-@pytest.mark.parametrize("name", ["spark", "dense"])
+@pytest.mark.parametrize("name", ["spark", pytest.param("dense", marks=pytest.mark.slow)])
 def test_blockwise_prefill_equals_the_materialized_prefill(name):
     """Chunks attending blockwise to the cache and themselves (local rings that wrap, a
     left-padded row) give the materialized prefill's logits, statistics and next step."""

@@ -132,6 +132,7 @@ def test_bfloat16_inputs():
     assert float(jnp.mean(jnp.abs(n - n_ref))) < 0.05
 
 
+@SLOW  # every implementation has its degenerate test in test_kernel_blockwise_attention.py
 def test_degenerate_inputs():
     """Equal scores (all keys tie), zero queries, huge values under the cap."""
     cfg = config("spark", top_k=4)

@@ -97,7 +97,7 @@ def test_dense_global_with_and_without_cap(impl):
     check(impl, case, 1 << 20)
 
 
-@pytest.mark.parametrize("impl", some_slow("xla"))
+@pytest.mark.parametrize("impl", some_slow("xla", "pallas_tpu"))
 def test_spark_rows_with_few_keys_keep_them_all(impl):
     # A window of 4 <= k = 5: every row keeps every valid key; so does enabled=False.
     case = make(True, 24)
