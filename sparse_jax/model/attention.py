@@ -268,7 +268,7 @@ def attend_blockwise(
     kernels: Kernels = DEFAULT_KERNELS,
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`attend_masked` over one segment (a block's own keys, or a cache's joined with
-    them), computed blockwise in O(T x ``cfg.attn_block_size``) memory
+    them), computed blockwise in O(T x ``cfg.attn_key_block_size``) memory
     (:mod:`pallas_kernels.blockwise_attention`, in the implementation ``kernels`` resolves
     to: the XLA scan on CPU, Pallas on TPU and GPU).
 
@@ -298,7 +298,7 @@ def attend_blockwise(
         softcap=cfg.attn_logit_softcap,
         top_k=cfg.attn_top_k if cfg.attn_kind == "spark" else 0,
         block_q=cfg.attn_block_size,
-        block_k=cfg.attn_block_size,
+        block_k=cfg.attn_key_block_size,
     )
     return _ungroup(out), count.reshape(b, kv * g, t)
 

@@ -83,7 +83,7 @@ def tokenizer_from_json(text: str) -> Tokenizer:
 
 
 # Model config fields a run may change on resume: they change how it computes, not what.
-UNCHECKED_FIELDS = ("name", "attn_impl", "attn_block_size")
+UNCHECKED_FIELDS = ("name", "attn_impl", "attn_block_size", "attn_key_block_size")
 
 
 def config_mismatch(saved: dict[str, Any], current: ModelConfig) -> list[str]:

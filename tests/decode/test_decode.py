@@ -196,7 +196,7 @@ def test_blockwise_prefill_equals_the_materialized_prefill(name):
     lengths = np.array([T - 1, T - 6])
     runs = {}
     for impl in ("materialized", "blockwise"):
-        c = dataclasses.replace(cfg, attn_impl=impl, attn_block_size=4)
+        c = dataclasses.replace(cfg, attn_impl=impl, attn_block_size=4, attn_key_block_size=4)
         spy = mock.patch.object(A, "attend_blockwise", wraps=A.attend_blockwise)
         with spy as traced:
             logits, cache, stats = prefill(

@@ -24,7 +24,7 @@ from sparse_jax.policy import policy_for
 def test_blockwise_model_equals_materialized(preset):
     base = override(get_model_config(preset), MICRO_MODEL)
     # 40 tokens: windows of 16 cut blocks of 8; the first tokens keep all keys (k = 8).
-    base = dataclasses.replace(base, max_seq_len=40, attn_block_size=8)
+    base = dataclasses.replace(base, max_seq_len=40, attn_block_size=8, attn_key_block_size=8)
     cfgs = {
         impl: dataclasses.replace(base, attn_impl=impl) for impl in ("materialized", "blockwise")
     }
@@ -63,6 +63,8 @@ def test_auto_chooses_by_length_and_validates():
         ModelConfig(attn_impl="blockwise", topk_method="lax_top_k")
     with pytest.raises(ValueError, match="attn_block_size"):
         ModelConfig(attn_block_size=0)
+    with pytest.raises(ValueError, match="attn_key_block_size"):
+        ModelConfig(attn_key_block_size=1.5)
 
 
 def _logits_and_grads(cfg, params, tokens, plan=None, kernels=DEFAULT_KERNELS):
@@ -78,7 +80,7 @@ def test_pallas_blockwise_model_under_a_mesh_equals_the_materialized_model():
     data x tensor mesh (batch and kv heads split), against the one-device materialized
     model: logits and gradients."""
     base = override(get_model_config("tiny"), MICRO_MODEL_GQA)
-    base = dataclasses.replace(base, max_seq_len=24, attn_block_size=16)
+    base = dataclasses.replace(base, max_seq_len=24, attn_block_size=16, attn_key_block_size=16)
     params = init_params(base, jax.random.key(0))
     tokens = jax.random.randint(jax.random.key(1), (4, 24), 0, base.vocab_size)
     (_, want), want_grads = _logits_and_grads(
