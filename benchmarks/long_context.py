@@ -6,8 +6,11 @@
 * Time: one train step (forward, backward, AdamW) at batch 1 for each context in
   ``--time-lens``, dense and Spark, both forms, measured round-robin in one process (median
   of ``--rounds``), with the Spark/dense ratio per length and form.
+* Prefill: a prompt of each length in ``--prefill-lens`` through ``decode.prefill`` in chunks
+  of 256 tokens (each chunk attends to the cache and to itself), both forms, dense and Spark.
 
     python -m benchmarks.long_context [--memory-lens 1024,8192] [--time-lens 256,1024,2048,4096]
+        [--prefill-lens 2048,8192]
 
 Results: ``benchmarks/results/long_context.{json,md}``.
 """
@@ -28,6 +31,9 @@ import numpy as np
 from benchmarks.train_step import cpu_model
 from configs import get_model_config
 from sparse_jax.data.pipeline import DataConfig
+from sparse_jax.decode import DecodeOptions, init_cache
+from sparse_jax.decode.step import decode_params, prefill
+from sparse_jax.model.transformer import init_params
 from sparse_jax.train.config import TrainConfig
 from sparse_jax.train.optim import make_optimizer
 from sparse_jax.train.step import abstract_train_state, init_train_state, make_train_step
@@ -35,6 +41,7 @@ from sparse_jax.train.step import abstract_train_state, init_train_state, make_t
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
 PRESETS = {"dense": "small_dense", "spark": "small"}
 IMPLS = ("materialized", "blockwise")
+HEADER = "| T | dense materialized | dense blockwise | Spark materialized | Spark blockwise |"
 
 
 def model(kind: str, impl: str, length: int):
@@ -66,10 +73,42 @@ def temp_bytes(kind: str, impl: str, length: int) -> int:
     return int(lowered.compile().memory_analysis().temp_size_in_bytes)
 
 
+def prefill_sweep(lengths: list[int], rounds: int) -> dict[str, list[float]]:
+    """Seconds to prefill one prompt of each length, both forms, dense and Spark, alternated."""
+    times: dict[str, list[float]] = {}
+    options = DecodeOptions(path="masked", prefill_chunk=256)
+    for length in lengths:
+        runs = {}
+        for kind in PRESETS:
+            for impl in IMPLS:
+                cfg = model(kind, impl, length)
+                params = decode_params(cfg, init_params(cfg, jax.random.key(0)))
+                tokens = np.random.default_rng(1).integers(0, cfg.vocab_size, (1, length))
+                runs[kind, impl] = cfg, params, tokens
+
+        def run(cfg, params, tokens):
+            cache = init_cache(cfg, 1, tokens.shape[1])
+            logits, _, _ = prefill(cfg, params, cache, tokens, None, options)
+            jax.block_until_ready(logits)
+
+        for args in runs.values():
+            run(*args)  # compiles
+        for _ in range(rounds):
+            for (kind, impl), args in runs.items():
+                start = time.perf_counter()
+                run(*args)
+                times.setdefault(f"{kind}/{impl}/{length}", []).append(time.perf_counter() - start)
+        for kind, impl in runs:
+            key = f"{kind}/{impl}/{length}"
+            print(f"prefill {key}: {statistics.median(times[key]):.2f} s", flush=True)
+    return times
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--memory-lens", default="1024,2048,4096,8192")
     parser.add_argument("--time-lens", default="256,1024,2048,4096")
+    parser.add_argument("--prefill-lens", default="2048,8192")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -111,6 +150,7 @@ def main(argv: list[str] | None = None) -> None:
             key = f"{kind}/{impl}/{length}"
             print(f"time {key}: {statistics.median(times[key]):.3f} s", flush=True)
         del runs
+    prefill_times = prefill_sweep([int(x) for x in args.prefill_lens.split(",") if x], args.rounds)
     report = {
         "machine": f"{cpu_model()}, {jax.device_count()} {jax.default_backend()} device(s)",
         "presets": PRESETS,
@@ -119,6 +159,8 @@ def main(argv: list[str] | None = None) -> None:
         "step_seconds": {k: statistics.median(v) for k, v in times.items()},
         "step_times": times,
         "out_of_memory": out_of_memory,
+        "prefill_seconds": {k: statistics.median(v) for k, v in prefill_times.items()},
+        "prefill_times": prefill_times,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -129,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
         lines += [
             "Temporary bytes of the compiled train step, MiB:",
             "",
-            "| T | dense materialized | dense blockwise | Spark materialized | Spark blockwise |",
+            HEADER,
             "|---|---|---|---|---|",
         ]
         for t in lens:
@@ -141,7 +183,7 @@ def main(argv: list[str] | None = None) -> None:
         lines += [
             "Train step, median seconds (Spark/dense in parentheses):",
             "",
-            "| T | dense materialized | dense blockwise | Spark materialized | Spark blockwise |",
+            HEADER,
             "|---|---|---|---|---|",
         ]
         med = report["step_seconds"]
@@ -156,6 +198,26 @@ def main(argv: list[str] | None = None) -> None:
                     dense = med.get(f"dense/{i}/{t}")
                     ratio = "" if k == "dense" or dense is None else f" ({s / dense:.2f}x)"
                     cells.append(f"{s:.3f}{ratio}")
+            lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    plens = sorted({int(k.rsplit("/", 1)[1]) for k in prefill_times})
+    if plens:
+        med = report["prefill_seconds"]
+        lines += [
+            "",
+            "Prefill in chunks of 256 tokens, median seconds (blockwise / materialized):",
+            "",
+            HEADER.replace("| T |", "| prompt |"),
+            "|---|---|---|---|---|",
+        ]
+        for t in plens:
+            cells = []
+            for k in PRESETS:
+                for i in IMPLS:
+                    s = med[f"{k}/{i}/{t}"]
+                    base = med[f"{k}/materialized/{t}"]
+                    cells.append(
+                        f"{s:.2f}" + ("" if i == "materialized" else f" ({s / base:.2f}x)")
+                    )
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
     (out / "long_context.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

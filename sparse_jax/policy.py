@@ -26,13 +26,17 @@ trick measured on one backend never runs on another by default:
   [9216, 2304] weight: float32 at 1.05-1.06x XLA's speed up to 4 rows, 0.80x at 8 and 0.76x
   at 16 (the kernel is compute-bound there, XLA's dot is not); bfloat16 2.9-5.4x faster than
   XLA's elementwise form at 1-16 rows (0.95-4.25 ms against 2.9-23 ms).
-* ``blockwise_min_len``: a sequence of at least this many tokens attends to its own keys
-  blockwise (:mod:`pallas_kernels.blockwise_attention`) when ``ModelConfig.attn_impl`` is
-  ``"auto"``; shorter ones build the score tensors at once, which is faster while they fit.
-  ``python -m benchmarks.long_context`` on the 2-core Xeon, a ``small``-preset train step at
-  batch 1: at 1024 tokens the materialized form took 2.22 / 2.67 s (dense / Spark) against
-  2.25 / 4.21 s blockwise, at 2048 tokens 8.01 / 14.3 s against 5.28 / 10.9 s: 2048. The
-  accelerators' 2048 is the same figure, not yet measured there.
+* ``blockwise_min_len``: attention whose score tensors would hold at least this many squared
+  entries per head (a training sequence of at least this many tokens; a prefill chunk whose
+  length times its key count reaches the square) runs blockwise
+  (:mod:`pallas_kernels.blockwise_attention`) when ``ModelConfig.attn_impl`` is ``"auto"``;
+  smaller ones build the score tensors at once. ``python -m benchmarks.long_context`` on the
+  2-core Xeon, ``small`` presets at batch 1, 256 x 128 blocks: a train step at 256 tokens took
+  0.418 / 0.400 s (dense / Spark) materialized against 0.394 / 0.400 s blockwise, at 512
+  tokens 0.898 / 0.917 s against 0.791 / 0.854 s, at 1024 tokens 2.17 / 2.63 s against
+  1.61 / 1.99 s; prefilling 1024 tokens in chunks of 256 (over a 1024-slot cache) took
+  0.29 / 0.44 s against 0.25 / 0.37 s: 512. The accelerators' 512 is the same figure, not
+  measured there.
 * ``keys_left_max_rows``: attention scores of up to this many query rows per kv head (a
   decode step, or a short chunk) are computed with the keys as the left operand of the dot,
   ``[S, M]``, then transposed: on CPU that ran 6.7 ms against 11 ms for an 8192-key decode
@@ -64,7 +68,8 @@ class BackendPolicy:
         kernel; 0 never.
       native_max_rows_narrow: the same for bfloat16 weights.
       blockwise_min_len: the shortest sequence that attends blockwise under ``attn_impl=
-        "auto"``, >= 1.
+        "auto"`` (its square: the fewest score entries per head of a blockwise prefill
+        chunk), >= 1.
     """
 
     elementwise_max_rows: int
@@ -74,7 +79,7 @@ class BackendPolicy:
     native_gather_cost: float = 1.0
     native_max_rows: int = 0
     native_max_rows_narrow: int = 0
-    blockwise_min_len: int = 2048
+    blockwise_min_len: int = 512
 
     def __post_init__(self) -> None:
         for name in (

@@ -237,7 +237,7 @@ def uses_blockwise(cfg: ModelConfig, length: int, keys: int | None = None) -> bo
 
     Under ``attn_impl="auto"`` that is when the score tensors would hold at least
     ``policy.blockwise_min_len ** 2`` entries per head: a training sequence of that length,
-    or a prefill chunk of 256 tokens over 16384 keys at the default 2048.
+    or a prefill chunk of 256 tokens over 1024 keys at the default 512.
     """
     keys = length if keys is None else keys
     if cfg.attn_impl == "auto":
