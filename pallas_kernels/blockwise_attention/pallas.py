@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.blockwise_attention import pallas_gpu, pallas_tpu, xla
+from pallas_kernels.blockwise_attention.tile import block_bounds, live_tiles
 
 _BACKENDS = {"pallas_tpu": pallas_tpu, "pallas_gpu": pallas_gpu}
 
@@ -31,20 +32,6 @@ class Settings(NamedTuple):
     softcap: float | None
     top_k: int
     interpret: bool
-
-
-def live_tiles(q_pos: jax.Array, k_pos: jax.Array, window, bq: int, bk: int) -> jax.Array:
-    """int32 [B * nq * nk]: 1 where query block i and key block j of a row share a valid pair
-    by the block bounds (some key at or before some query, within the window), else 0."""
-    big = jnp.iinfo(jnp.int32).max
-    qb = q_pos.reshape(q_pos.shape[0], -1, bq)
-    kb = k_pos.reshape(k_pos.shape[0], -1, bk)
-    q_max = jnp.max(qb, axis=-1)[:, :, None]
-    q_min = jnp.min(jnp.where(qb >= 0, qb, big), axis=-1)[:, :, None]
-    k_min = jnp.min(jnp.where(kb >= 0, kb, big), axis=-1)[:, None, :]
-    k_max = jnp.max(jnp.where(kb >= 0, kb, -1), axis=-1)[:, None, :]
-    live = (k_max >= 0) & (q_max >= 0) & (k_min <= q_max) & (q_min - k_max < window)
-    return live.astype(jnp.int32).reshape(-1)
 
 
 def _flat(x: jax.Array, axis: int) -> jax.Array:
@@ -61,7 +48,12 @@ def _run_forward(q, keys, v, q_pos, k_pos, window, enabled, settings: Settings):
         softcap=settings.softcap,
         interpret=settings.interpret,
     )
-    live = live_tiles(q_pos, k_pos, window, settings.block_q, settings.block_k)
+    bq, bk = settings.block_q, settings.block_k
+    if settings.implementation == "pallas_tpu":
+        # SMEM holds O(B x (nq + nk)) block bounds, not the O(B x nq x nk) table.
+        live = block_bounds(q_pos, k_pos, bq, bk)
+    else:
+        live = live_tiles(q_pos, k_pos, window, bq, bk)
     window_arr = window.reshape(1)
     qf = tuple(_flat(x, 0) for x in q)
     kf = tuple(_flat(x, 0) for x in keys)

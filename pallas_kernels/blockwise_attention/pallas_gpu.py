@@ -3,7 +3,7 @@
 As in flash attention on GPU, each program owns one query head's ``bq`` queries (the key-side
 backward kernel: one kv head's ``bk`` keys) and walks the other side's blocks with
 ``fori_loop``, holding its running state in registers; tiles with no valid pair (see
-:func:`pallas_kernels.blockwise_attention.pallas.live_tiles`) are skipped with ``lax.cond``.
+:func:`pallas_kernels.blockwise_attention.tile.live_tiles`) are skipped with ``lax.cond``.
 Triton tensors need power-of-two sizes, so feature widths are zero-padded up to one (exact for
 the dot products) and block sizes are powers of two >= 16.
 

@@ -2,11 +2,12 @@
 
 Every kernel's grid ends in the reduced axes, marked ``"arbitrary"``, and keeps its running
 state in VMEM scratch, as TPU flash attention does: only a [bq, W] query tile, a [bk, W] key
-tile and a [bk, H] value tile are resident, whatever the context. The liveness of each tile
-(:func:`pallas_kernels.blockwise_attention.pallas.live_tiles`) and the window ride in SMEM by
-scalar prefetch; a dead tile (beyond the causal edge, outside the window, all padding) is
-skipped with ``pl.when``. Per-query statistics are stored replicated over 128 lanes
-([.., T, 128]) so that every block keeps Mosaic's (8, 128) tiling.
+tile and a [bk, H] value tile are resident, whatever the context. Each block's position
+bounds (:func:`pallas_kernels.blockwise_attention.tile.block_bounds`, O(B x (nq + nk))
+words) and the window ride in SMEM by scalar prefetch and give each tile's liveness; a dead
+tile (beyond the causal edge, outside the window, all padding) is skipped with ``pl.when``.
+Per-query statistics are stored replicated over 128 lanes ([.., T, 128]) so that every
+block keeps Mosaic's (8, 128) tiling.
 
 Layouts (see ``pallas.py``): query parts [BK, G, T, W], key parts [BK, S, W], values
 [BK, S, H], query positions [B, T, 1], key positions [B, 1, S].
@@ -41,8 +42,9 @@ class _Layout:
     run (h, g, i, j), the key-side one (h, j, g, i); h is the (batch, kv head) pair, g the
     query head in its group, i the query block, j the key block."""
 
-    def __init__(self, order: str, bq: int, bk: int, num_kv: int, nq: int, nk: int):
+    def __init__(self, order: str, bq: int, bk: int, num_kv: int, nq: int, nk: int, batch: int):
         self.order, self.bq, self.bk, self.num_kv, self.nq, self.nk = order, bq, bk, num_kv, nq, nk
+        self.batch = batch
 
     def _axes(self, *idx):
         return dict(zip(self.order, idx[: len(self.order)], strict=True))
@@ -79,11 +81,20 @@ class _Layout:
 
         return pl.BlockSpec((None, 1, self.bk), index)
 
-    def live(self, live_ref) -> jax.Array:
-        """Whether this grid step's tile holds a valid (query, key) pair."""
+    def live(self, bounds_ref, window_ref) -> jax.Array:
+        """Whether this grid step's tile may hold a valid (query, key) pair, from the block
+        bounds (:func:`pallas_kernels.blockwise_attention.tile.block_bounds`)."""
         a = self._axes(*(pl.program_id(n) for n in range(len(self.order))))
         b = self._row(a)
-        return live_ref[(b * self.nq + a["i"]) * self.nk + a["j"]] != 0
+        rows, cols = self.batch * self.nq, self.batch * self.nk
+        qi, kj = b * self.nq + a["i"], b * self.nk + a["j"]
+        return tile.tile_is_live(
+            bounds_ref[qi],
+            bounds_ref[rows + qi],
+            bounds_ref[2 * rows + kj],
+            bounds_ref[2 * rows + cols + kj],
+            window_ref[0],
+        )
 
 
 def _call(kernel, layout: _Layout, grid, in_specs, out_specs, out_shape, scratch, interpret, name):
@@ -119,7 +130,7 @@ def _moments_kernel(live_ref, window_ref, q_ref, k_ref, qpos_ref, kpos_ref, *ref
         for ref, value in zip(scratch, (0.0, 0.0, 0.0, -jnp.inf), strict=True):
             ref[...] = jnp.full(ref.shape, value, jnp.float32)
 
-    @pl.when(layout.live(live_ref))
+    @pl.when(layout.live(live_ref, window_ref))
     def _():
         ok = _tile_valid(window_ref, qpos_ref, kpos_ref)
         s = tile.cap(tile.scores(q_ref[...], k_ref[...]), softcap)
@@ -139,7 +150,7 @@ def moments(q_pred, k_pred, q_pos, k_pos, live, window, *, bq, bk, softcap, inte
     bkv, g, t, r = q_pred.shape
     s = k_pred.shape[1]
     num_kv = bkv // q_pos.shape[0]
-    layout = _Layout("hgij", bq, bk, num_kv, t // bq, s // bk)
+    layout = _Layout("hgij", bq, bk, num_kv, t // bq, s // bk, q_pos.shape[0])
     stat = jax.ShapeDtypeStruct((bkv, g, t, LANES), jnp.float32)
     kernel = functools.partial(_moments_kernel, layout=layout, softcap=softcap)
     out = _call(
@@ -169,7 +180,7 @@ def _forward_kernel(live_ref, window_ref, *refs, layout, softcap, spark):
         for ref in (l_sc, n_sc, acc_sc):
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-    @pl.when(layout.live(live_ref))
+    @pl.when(layout.live(live_ref, window_ref))
     def _():
         ok = _tile_valid(window_ref, qpos_ref, kpos_ref)
         s = tile.cap(tile.scores(q_refs[0][...], k_refs[0][...]), softcap)
@@ -196,7 +207,7 @@ def forward(q, keys, v, q_pos, k_pos, live, window, theta, keep_all, *, bq, bk, 
     bkv, g, t, _ = q[0].shape
     s, h = v.shape[1:]
     spark = len(q) == 2
-    layout = _Layout("hgij", bq, bk, bkv // q_pos.shape[0], t // bq, s // bk)
+    layout = _Layout("hgij", bq, bk, bkv // q_pos.shape[0], t // bq, s // bk, q_pos.shape[0])
     stat = jax.ShapeDtypeStruct((bkv, g, t, LANES), jnp.float32)
     lanes = lambda x: jnp.broadcast_to(x[..., None], (*x.shape, LANES))  # noqa: E731
     kernel = functools.partial(_forward_kernel, layout=layout, softcap=softcap, spark=spark)
@@ -255,7 +266,7 @@ def _dq_kernel(live_ref, window_ref, *refs, layout, softcap, spark):
         for ref in scratch:
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-    @pl.when(layout.live(live_ref))
+    @pl.when(layout.live(live_ref, window_ref))
     def _():
         _, k, d_scores, _, _ = _tile_gradients(
             window_ref, q_refs, k_refs, v_ref, stats, softcap, spark
@@ -280,7 +291,7 @@ def _dkv_kernel(live_ref, window_ref, *refs, layout, softcap, spark, groups):
         for ref in scratch:
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-    @pl.when(layout.live(live_ref))
+    @pl.when(layout.live(live_ref, window_ref))
     def _():
         q, _, d_scores, weight, do = _tile_gradients(
             window_ref, q_refs, k_refs, v_ref, stats, softcap, spark
@@ -315,7 +326,7 @@ def backward(q, keys, v, q_pos, k_pos, live, window, stats, d_out, *, bq, bk, so
             + [layout.stat()] * 4
         )
 
-    rows = _Layout("hgij", bq, bk, num_kv, t // bq, s // bk)
+    rows = _Layout("hgij", bq, bk, num_kv, t // bq, s // bk, q_pos.shape[0])
     dq = _call(
         functools.partial(_dq_kernel, layout=rows, softcap=softcap, spark=spark),
         rows,
@@ -327,7 +338,7 @@ def backward(q, keys, v, q_pos, k_pos, live, window, stats, d_out, *, bq, bk, so
         interpret,
         "blockwise_attention_dq_tpu",
     )(live, window, *operands)
-    cols = _Layout("hjgi", bq, bk, num_kv, t // bq, s // bk)
+    cols = _Layout("hjgi", bq, bk, num_kv, t // bq, s // bk, q_pos.shape[0])
     dkv = _call(
         functools.partial(_dkv_kernel, layout=cols, softcap=softcap, spark=spark, groups=g),
         cols,

@@ -120,3 +120,38 @@ def gradients(q, keys, v, do, lse, delta, theta, keep_all, ok, softcap, spark: b
         weight, d_gate = p, None
         d_s = p * (dv_dot - delta)
     return d_s * cap_grad(s, softcap), d_gate, weight
+
+
+def block_bounds(q_pos: jax.Array, k_pos: jax.Array, bq: int, bk: int) -> jax.Array:
+    """int32 [2 * B * nq + 2 * B * nk]: each query block's smallest real position and largest
+    position (-1: all padding), then each key block's smallest and largest filled position
+    (int32 max and -1 when empty), each part flattened over (row, block)."""
+    big = jnp.iinfo(jnp.int32).max
+    qb = q_pos.reshape(q_pos.shape[0], -1, bq)
+    kb = k_pos.reshape(k_pos.shape[0], -1, bk)
+    parts = (
+        jnp.min(jnp.where(qb >= 0, qb, big), axis=-1),
+        jnp.max(qb, axis=-1),
+        jnp.min(jnp.where(kb >= 0, kb, big), axis=-1),
+        jnp.max(jnp.where(kb >= 0, kb, -1), axis=-1),
+    )
+    return jnp.concatenate([p.reshape(-1) for p in parts])
+
+
+def tile_is_live(q_lo, q_hi, k_lo, k_hi, window):
+    """Whether a query block and a key block share a valid pair by their bounds (some key at
+    or before some query, within the window); conservative, never false for a live tile."""
+    return (k_hi >= 0) & (q_hi >= 0) & (k_lo <= q_hi) & (q_lo - k_hi < window)
+
+
+def live_tiles(q_pos: jax.Array, k_pos: jax.Array, window, bq: int, bk: int) -> jax.Array:
+    """int32 [B * nq * nk]: :func:`tile_is_live` of query block i and key block j of a row."""
+    b, nq, nk = q_pos.shape[0], q_pos.shape[1] // bq, k_pos.shape[1] // bk
+    bounds = block_bounds(q_pos, k_pos, bq, bk)
+    q_lo, q_hi = (bounds[n * b * nq : (n + 1) * b * nq].reshape(b, nq, 1) for n in range(2))
+    k_lo, k_hi = (
+        bounds[2 * b * nq + n * b * nk : 2 * b * nq + (n + 1) * b * nk].reshape(b, 1, nk)
+        for n in range(2)
+    )
+    live = tile_is_live(q_lo, q_hi, k_lo, k_hi, window)
+    return live.astype(jnp.int32).reshape(-1)

@@ -71,11 +71,11 @@ class ModelConfig:
         outputs without batch dims) or ``"names"`` (save q/k/v and FFN pre-activations).
       topk_method: how the threshold is found: ``"statistical"`` (the method) or the
         ``"lax_top_k"`` / ``"approx_max_k"`` baselines, which find the k-th largest value.
-      attn_impl: how a sequence attends to its own keys in training and evaluation (no
-        cache): ``"materialized"`` (every score tensor at once),
-        ``"blockwise"`` (:mod:`pallas_kernels.blockwise_attention`, O(T x block) memory;
-        ``topk_method="statistical"`` only) or ``"auto"`` (blockwise from
-        ``policy.blockwise_min_len`` tokens).
+      attn_impl: how a block attends without the sparse decode path: ``"materialized"``
+        (every score tensor at once), ``"blockwise"`` (:mod:`pallas_kernels.blockwise_attention`,
+        O(T x block) memory; ``topk_method="statistical"`` only; training, evaluation and
+        prefill chunks of more than one token) or ``"auto"`` (blockwise once the length times
+        the keys read reaches ``policy.blockwise_min_len ** 2``).
       attn_block_size: query block of the blockwise form, >= 1.
       attn_key_block_size: key block of the blockwise form, >= 1. The defaults, 256 queries
         by 128 keys, ran a ``small``-preset attention gradient on CPU at 2048 tokens in 0.160 s

@@ -197,14 +197,14 @@ def test_blockwise_prefill_equals_the_materialized_prefill(name):
     runs = {}
     for impl in ("materialized", "blockwise"):
         c = dataclasses.replace(cfg, attn_impl=impl, attn_block_size=4, attn_key_block_size=4)
-        spy = mock.patch.object(A, "attend_blockwise", wraps=A.attend_blockwise)
-        with spy as traced:
+        with mock.patch.object(A, "attend_blockwise", wraps=A.attend_blockwise) as traced:
             logits, cache, stats = prefill(
                 c, dparams, init_cache(c, 2, T), tokens[:, : T - 1], lengths, MASKED
             )
+        assert traced.called == (impl == "blockwise")  # traced per layer and chunk shape
+        with mock.patch.object(A, "attend_blockwise", wraps=A.attend_blockwise) as traced:
             after, _, _ = decode_step(c, dparams, cache, tokens[:, T - 1], MASKED)
-        # Traced once per layer and chunk shape when forced; never for the one-token step.
-        assert traced.called == (impl == "blockwise")
+        assert not traced.called  # a one-token step never attends blockwise
         runs[impl] = logits, stats, after
     (want, want_stats, want_after), (got, got_stats, got_after) = runs.values()
     np.testing.assert_allclose(got, want, **CACHED)

@@ -90,6 +90,43 @@ def test_spark_local_window_with_padding(impl):
     assert float(n[0].max()) < 40  # the threshold dropped keys
 
 
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+def test_spark_chunk_over_a_ring_cache(impl):
+    """A prefill chunk's geometry: 20 queries at positions 150-169 over 170 keys, a ring of
+    150 cached slots (positions out of order, 12 empty) then the chunk's own, window 37."""
+    rng = np.random.default_rng(5)
+    t, s = 20, 170
+    arr = lambda *shape: jnp.asarray(rng.standard_normal(shape) * 2, jnp.float32)  # noqa: E731
+    q = (arr(B, K, G, t, R), arr(B, K, G, t, H - R))
+    keys, v = (arr(B, K, s, R), arr(B, K, s, H - R)), arr(B, K, s, H)
+    ring = np.roll(np.arange(150, dtype=np.int32), 61)
+    ring[rng.choice(150, 12, replace=False)] = -1
+    q_pos = np.broadcast_to(np.arange(150, 170, dtype=np.int32), (B, t)).copy()
+    q_pos[1, :4] = -1  # a left-padded row
+    k_pos = np.concatenate([np.broadcast_to(ring, (B, 150)), q_pos], axis=1)
+    cotangent = jax.random.normal(jax.random.key(3), (B, K, G, t, H))
+    kw = dict(softcap=5.0, top_k=5)
+    fns = {
+        "ref": functools.partial(reference.blockwise_attention, **kw),
+        "impl": functools.partial(api.blockwise_attention, **options(impl, **kw)),
+    }
+    results = {}
+    for name, fn in fns.items():
+
+        def loss(q, keys, v, fn=fn):
+            out, n = fn(q, keys, v, jnp.asarray(q_pos), jnp.asarray(k_pos), 37)
+            return jnp.sum(out * cotangent), (out, n)
+
+        step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+        results[name] = step(q, keys, v)
+    (_, (out_r, n_r)), grads_r = results["ref"]
+    (_, (out, n)), grads = results["impl"]
+    np.testing.assert_allclose(out, out_r, rtol=1e-5, atol=1e-5 * float(jnp.abs(out_r).max()))
+    np.testing.assert_array_equal(n, n_r)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_r), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * float(jnp.abs(b).max()) + 1e-7)
+
+
 @pytest.mark.parametrize("impl", some_slow("xla", "pallas_tpu"))
 def test_dense_global_with_and_without_cap(impl):
     case = make(False, 40)

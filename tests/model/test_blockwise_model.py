@@ -57,6 +57,9 @@ def test_auto_chooses_by_length_and_validates():
     cfg = ModelConfig()
     threshold = policy_for().blockwise_min_len
     assert not uses_blockwise(cfg, threshold - 1) and uses_blockwise(cfg, threshold)
+    # A prefill chunk: its length times the keys it reads (cache slots and its own).
+    assert uses_blockwise(cfg, threshold // 4, threshold * 4)
+    assert not uses_blockwise(cfg, threshold // 4, threshold * 4 - 1)
     assert uses_blockwise(dataclasses.replace(cfg, attn_impl="blockwise"), 8)
     assert not uses_blockwise(dataclasses.replace(cfg, attn_impl="materialized"), 1 << 20)
     assert not uses_blockwise(dataclasses.replace(cfg, topk_method="lax_top_k"), 1 << 20)
