@@ -16,9 +16,23 @@ from pallas_kernels._common import dispatch
 from pallas_kernels.blockwise_attention import pallas, xla
 
 # Block size rules per Pallas backend: (query multiple, key multiple, powers of two only).
-# TPU: a query tile [bq, W] needs bq % 8 == 0 and a key-position tile [1, bk] bk % 128 == 0
-# (Mosaic's (8, 128) tiling); GPU: Triton tensors have power-of-two sizes, >= 16 for dots.
+# TPU: a query tile [bq, W] needs bq % 8 == 0 (16 for 16-bit inputs, which Mosaic packs two
+# rows to a sublane) and a key-position tile [1, bk] bk % 128 == 0 (Mosaic's (8, 128)
+# tiling); GPU: Triton tensors have power-of-two sizes, >= 16 for dots.
 _RULES = {"pallas_tpu": (8, 128, False), "pallas_gpu": (16, 16, True)}
+# Default (block_q, block_k): 256 x 128 measured fastest for the XLA scan on CPU (see
+# ``ModelConfig.attn_key_block_size``); on GPU 128 x 128, the blocks of Pallas' own GPU flash
+# attention, since the Triton kernel holds its tiles in registers.
+_DEFAULT_BLOCKS = {"pallas_gpu": (128, 128)}
+_DEFAULT = (256, 128)
+
+
+def _rules(implementation: str, narrow: bool) -> tuple[int, int, bool] | None:
+    """The block rules of ``implementation`` (None: any size), ``narrow`` for 16-bit inputs."""
+    rules = _RULES.get(implementation)
+    if rules is not None and implementation == "pallas_tpu" and narrow:
+        rules = (16, *rules[1:])
+    return rules
 
 
 def _pad(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
@@ -36,12 +50,13 @@ def _round_up(n: int, unit: int, power_of_two: bool) -> int:
     return -(-n // unit) * unit
 
 
-def _check_block(name: str, value, implementation: str) -> None:
+def _check_block(name: str, value, implementation: str, narrow: bool) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    if implementation not in _RULES:
+    rules = _rules(implementation, narrow)
+    if rules is None:
         return
-    q_unit, k_unit, power_of_two = _RULES[implementation]
+    q_unit, k_unit, power_of_two = rules
     unit = q_unit if name == "block_q" else k_unit
     if value % unit or (power_of_two and value & (value - 1)):
         kind = "a power of two >= " if power_of_two else "a multiple of "
@@ -50,11 +65,12 @@ def _check_block(name: str, value, implementation: str) -> None:
         )
 
 
-def _block(requested: int, length: int, implementation: str, axis: str) -> int:
+def _block(requested: int, length: int, implementation: str, axis: str, narrow: bool) -> int:
     """The block used for ``length`` rows: the requested one, or less for a short input."""
-    if implementation not in _RULES:
+    rules = _rules(implementation, narrow)
+    if rules is None:
         return min(requested, length)
-    q_unit, k_unit, power_of_two = _RULES[implementation]
+    q_unit, k_unit, power_of_two = rules
     return min(requested, _round_up(length, q_unit if axis == "q" else k_unit, power_of_two))
 
 
@@ -69,8 +85,8 @@ def blockwise_attention(
     enabled: jax.Array | bool = True,
     softcap: float | None = None,
     top_k: int = 0,
-    block_q: int = 256,
-    block_k: int = 256,
+    block_q: int | None = None,
+    block_k: int | None = None,
     implementation: str = "auto",
     interpret: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
@@ -93,9 +109,10 @@ def blockwise_attention(
       softcap: the logit soft-cap (None: none).
       top_k: Spark's k; 0 means dense attention.
       block_q: query rows per block (T is padded up to a multiple). Pallas TPU: a multiple
-        of 8; Pallas GPU: a power of two >= 16.
+        of 8 (16 when an input is 16-bit); Pallas GPU: a power of two >= 16. None: 256
+        (128 on GPU).
       block_k: keys per block (S is padded up to a multiple). Pallas TPU: a multiple of 128;
-        Pallas GPU: a power of two >= 16.
+        Pallas GPU: a power of two >= 16. None: 128.
       implementation: ``"auto"``, ``"xla"``, ``"native"`` (runs ``"xla"``), ``"pallas_tpu"``
         or ``"pallas_gpu"``.
       interpret: run the requested Pallas implementation in Pallas interpret mode.
@@ -108,8 +125,12 @@ def blockwise_attention(
       dispatch.ImplementationUnavailableError: a Pallas implementation that cannot run here.
     """
     name = dispatch.resolve_implementation(implementation, interpret)
+    default_q, default_k = _DEFAULT_BLOCKS.get(name, _DEFAULT)
+    block_q = default_q if block_q is None else block_q
+    block_k = default_k if block_k is None else block_k
+    narrow = min(jnp.dtype(x.dtype).itemsize for x in (*q, *keys, v)) < 4
     for arg, value in (("block_q", block_q), ("block_k", block_k)):
-        _check_block(arg, value, name)
+        _check_block(arg, value, name, narrow)
     if len(q) != (2 if top_k else 1) or len(keys) != len(q):
         raise ValueError("dense attention takes one query and key part, Spark two")
     if q[0].ndim != 5 or v.ndim != 4 or q[0].shape[:2] != v.shape[:2]:
@@ -118,7 +139,7 @@ def blockwise_attention(
             f"{q[0].shape} and {v.shape}"
         )
     t, s = q[0].shape[3], v.shape[2]
-    bq, bk = _block(block_q, t, name, "q"), _block(block_k, s, name, "k")
+    bq, bk = _block(block_q, t, name, "q", narrow), _block(block_k, s, name, "k", narrow)
     tp, sp = -(-t // bq) * bq, -(-s // bk) * bk
     q = tuple(_pad(x, 3, tp) for x in q)
     keys = tuple(_pad(x, 2, sp) for x in keys)

@@ -29,7 +29,7 @@ def some_slow(*slow: str) -> list:
 
 
 # Small blocks so that every kernel takes several grid steps; TPU key blocks are 128-wide.
-BLOCKS = {"xla": (8, 16), "pallas_tpu": (16, 128), "pallas_gpu": (16, 16)}
+BLOCKS = {"xla": (8, 16), "pallas_tpu": (32, 128), "pallas_gpu": (16, 16)}
 
 
 def make(spark: bool, t: int, dtype=jnp.float32, seed: int = 0, scale: float = 2.0):
@@ -208,11 +208,18 @@ def test_block_sizes_are_validated_per_backend():
         ("pallas_gpu", dict(block_q=16, block_k=8), "block_k=8 must be a power of two >= 16"),
         ("xla", dict(block_q=0, block_k=8), "block_q=0 must be an integer >= 1"),
     ]
+    bf16 = tuple(x.astype(jnp.bfloat16) for x in q)
     for impl, blocks, message in bad:
         with pytest.raises(ValueError, match=message):
             api.blockwise_attention(
                 q, keys, v, pos, pos, 8, implementation=impl, interpret=impl != "xla", **blocks
             )
+    # 16-bit inputs on TPU: query blocks of 16 rows (Mosaic packs two rows per sublane).
+    with pytest.raises(ValueError, match="block_q=8 must be a multiple of 16"):
+        api.blockwise_attention(
+            bf16, keys, v, pos, pos, 8, implementation="pallas_tpu", interpret=True, block_q=8,
+            block_k=128,
+        )  # fmt: skip
 
 
 @pytest.mark.parametrize(("impl", "platform"), [("pallas_tpu", "tpu"), ("pallas_gpu", "cuda")])
