@@ -154,8 +154,6 @@ def forward(q, keys, v, q_pos, k_pos, live, window, theta, keep_all, *, bq, bk, 
 
 
 def _tile_gradients(q, keys, v, do, stats, ok, softcap, spark):
-    f32 = lambda xs: tuple(x.astype(jnp.float32) for x in xs)  # noqa: E731
-    q, keys = f32(q), f32(keys)
     d_raw, d_gate, weight = tile.gradients(q, keys, v, do, *stats, ok, softcap, spark)
     return q, keys, (d_raw, d_gate)[: len(q)], weight
 
@@ -217,7 +215,7 @@ def _dkv_kernel(live_ref, window_ref, *refs, grid, softcap, spark, groups):
             stats = [r[h, g, rows][:, None] for r in stat_refs]
             q, _, d_scores, weight = _tile_gradients(q, keys, v, do, stats, ok, softcap, spark)
             new = [a + tile.product_t(d, x) for a, d, x in zip(acc[:-1], d_scores, q, strict=True)]
-            return (*new, acc[-1] + tile.product_t(weight, do))
+            return (*new, acc[-1] + tile.product_t(weight, do.astype(v.dtype)))
 
         return lax.cond(grid.live(live_ref, b, i, j), add, lambda x: x, acc)
 

@@ -247,13 +247,12 @@ def _backward_refs(refs, spark):
 def _tile_gradients(window_ref, q_refs, k_refs, v_ref, stats, softcap, spark):
     qpos_ref, kpos_ref, do_ref, lse_ref, delta_ref, theta_ref, keep_ref = stats
     ok = _tile_valid(window_ref, qpos_ref, kpos_ref)
-    f32 = lambda refs: tuple(r[...].astype(jnp.float32) for r in refs)  # noqa: E731
-    q, k = f32(q_refs), f32(k_refs)
+    q, k = tuple(r[...] for r in q_refs), tuple(r[...] for r in k_refs)
     d_raw, d_gate, weight = tile.gradients(
         q, k, v_ref[...], do_ref[...], _read(lse_ref), _read(delta_ref),
         _read(theta_ref), _read(keep_ref), ok, softcap, spark,
     )  # fmt: skip
-    return q, k, (d_raw, d_gate)[: len(q)], weight, do_ref[...]
+    return q, k, (d_raw, d_gate)[: len(q)], weight, do_ref[...].astype(v_ref.dtype)
 
 
 def _dq_kernel(live_ref, window_ref, *refs, layout, softcap, spark):

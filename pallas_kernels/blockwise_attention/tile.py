@@ -18,13 +18,19 @@ def scores(q: jax.Array, k: jax.Array) -> jax.Array:
 
 
 def product(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a @ b`` in float32: [m, n] x [n, w] -> [m, w]."""
-    return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """``a @ b`` accumulated in float32: [m, n] x [n, w] -> [m, w]. The float32 tile ``a``
+    is rounded to ``b``'s dtype first, so bfloat16 operands keep the fast matmul path."""
+    return jax.lax.dot_general(
+        a.astype(b.dtype), b, (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
 
 
 def product_t(a: jax.Array, b: jax.Array) -> jax.Array:
-    """``a.T @ b`` in float32: [m, n] x [m, w] -> [n, w]."""
-    return jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    """``a.T @ b`` accumulated in float32: [m, n] x [m, w] -> [n, w] (``a`` rounded to
+    ``b``'s dtype, as in :func:`product`)."""
+    return jax.lax.dot_general(
+        a.astype(b.dtype), b, (((0,), (0,)), ((), ())), preferred_element_type=jnp.float32
+    )
 
 
 def cap(raw: jax.Array, softcap: float | None) -> jax.Array:
@@ -96,7 +102,8 @@ def gradients(q, keys, v, do, lse, delta, theta, keep_all, ok, softcap, spark: b
     Args:
       q: query parts, each [bq, W] (dense: one, Spark: predictor and gate).
       keys: key parts, each [bk, W].
-      v: [bk, H]; do: the output cotangent [bq, H] float32.
+      v: [bk, H]; do: the output cotangent [bq, H] float32 (rounded to v's dtype for its
+        products, as flash attention's backward does).
       lse, delta, theta, keep_all: per-query [bq, 1] (delta = do . out).
       ok: bool [bq, bk] valid pairs.
 
@@ -109,7 +116,7 @@ def gradients(q, keys, v, do, lse, delta, theta, keep_all, ok, softcap, spark: b
     keep = kept(s, ok, theta, keep_all, spark)
     safe = jnp.where(lse < jnp.inf, lse, 0.0)
     p = jnp.where(keep, jnp.exp(s - safe), 0.0)
-    dv_dot = scores(do, v.astype(jnp.float32))
+    dv_dot = scores(do.astype(v.dtype), v)
     if spark:
         gate_pre = scores(q[1], keys[1])
         gate = jax.nn.softplus(gate_pre)
