@@ -6,7 +6,8 @@ scores over its valid keys), then theta in XLA (the ``[B, K, G, T]`` per-query f
 attention kernel alone. Backward: ``delta = do . out`` in XLA, then a query-side kernel
 (dq) and a key-side kernel (dk, dv), both recomputing their tiles from the saved per-query
 log-sum-exp and theta. No ``[T, S]`` tensor exists at any point. The kernels themselves live
-in ``pallas_tpu`` and ``pallas_gpu``; both take the head-flattened layouts below.
+in ``pallas_tpu`` and ``pallas_gpu``; both take the (batch, kv head)-flattened layouts
+their docstrings list.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ class Settings(NamedTuple):
     interpret: bool
 
 
-def _flat(x: jax.Array, axis: int) -> jax.Array:
+def _flat(x: jax.Array) -> jax.Array:
     """Merges the batch and kv-head axes: [B, K, ...] -> [B * K, ...]."""
     return x.reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
@@ -55,9 +56,9 @@ def _run_forward(q, keys, v, q_pos, k_pos, window, enabled, settings: Settings):
     else:
         live = live_tiles(q_pos, k_pos, window, bq, bk)
     window_arr = window.reshape(1)
-    qf = tuple(_flat(x, 0) for x in q)
-    kf = tuple(_flat(x, 0) for x in keys)
-    vf = _flat(v, 0)
+    qf = tuple(_flat(x) for x in q)
+    kf = tuple(_flat(x) for x in keys)
+    vf = _flat(v)
     if settings.top_k:
         moments = backend.moments(qf[0], kf[0], q_pos, k_pos, live, window_arr, **sizes)
         theta, keep_all = xla._theta(*moments, settings.top_k, enabled)
@@ -87,12 +88,12 @@ def _fwd(q, keys, v, q_pos, k_pos, window, enabled, settings: Settings):
 def _bwd(settings: Settings, residuals, cotangents):
     q, keys, v, q_pos, k_pos, (live, window_arr, lse, theta, keep_all, out) = residuals
     d_out, _ = cotangents
-    d_out = _flat(d_out.astype(jnp.float32), 0)
+    d_out = _flat(d_out.astype(jnp.float32))
     delta = jnp.sum(d_out * out, axis=-1)
     dq, dk, dv = _BACKENDS[settings.implementation].backward(
-        tuple(_flat(x, 0) for x in q),
-        tuple(_flat(x, 0) for x in keys),
-        _flat(v, 0),
+        tuple(_flat(x) for x in q),
+        tuple(_flat(x) for x in keys),
+        _flat(v),
         q_pos,
         k_pos,
         live,

@@ -90,7 +90,8 @@ def test_spark_local_window_with_padding(impl):
     assert float(n[0].max()) < 40  # the threshold dropped keys
 
 
-@pytest.mark.parametrize("impl", IMPLEMENTATIONS)
+# XLA's ring-cache geometry also runs in tests/decode (the blockwise prefill).
+@pytest.mark.parametrize("impl", some_slow("xla"))
 def test_spark_chunk_over_a_ring_cache(impl):
     """A prefill chunk's geometry: 20 queries at positions 150-169 over 170 keys, a ring of
     150 cached slots (positions out of order, 12 empty) then the chunk's own, window 37."""
@@ -134,7 +135,7 @@ def test_dense_global_with_and_without_cap(impl):
     check(impl, case, 1 << 20)
 
 
-@pytest.mark.parametrize("impl", some_slow("xla", "pallas_tpu"))
+@pytest.mark.parametrize("impl", some_slow(*IMPLEMENTATIONS))  # spark_local has such rows
 def test_spark_rows_with_few_keys_keep_them_all(impl):
     # A window of 4 <= k = 5: every row keeps every valid key; so does enabled=False.
     case = make(True, 24)
