@@ -121,7 +121,9 @@ def _tile_valid(window_ref, qpos_ref, kpos_ref) -> jax.Array:
     return tile.valid(qpos_ref[...], kpos_ref[...], window_ref[0])
 
 
-def _moments_kernel(live_ref, window_ref, q_ref, k_ref, qpos_ref, kpos_ref, *refs, layout, softcap):
+def _moments_kernel(
+    bounds_ref, window_ref, q_ref, k_ref, qpos_ref, kpos_ref, *refs, layout, softcap
+):
     outs, scratch = refs[:4], refs[4:]
     j = pl.program_id(3)
 
@@ -130,7 +132,7 @@ def _moments_kernel(live_ref, window_ref, q_ref, k_ref, qpos_ref, kpos_ref, *ref
         for ref, value in zip(scratch, (0.0, 0.0, 0.0, -jnp.inf), strict=True):
             ref[...] = jnp.full(ref.shape, value, jnp.float32)
 
-    @pl.when(layout.live(live_ref, window_ref))
+    @pl.when(layout.live(bounds_ref, window_ref))
     def _():
         ok = _tile_valid(window_ref, qpos_ref, kpos_ref)
         s = tile.cap(tile.scores(q_ref[...], k_ref[...]), softcap)
@@ -167,7 +169,7 @@ def moments(q_pred, k_pred, q_pos, k_pos, live, window, *, bq, bk, softcap, inte
     return tuple(x[..., 0] for x in out)
 
 
-def _forward_kernel(live_ref, window_ref, *refs, layout, softcap, spark):
+def _forward_kernel(bounds_ref, window_ref, *refs, layout, softcap, spark):
     parts = 2 if spark else 1
     q_refs, k_refs = refs[:parts], refs[parts : 2 * parts]
     v_ref, qpos_ref, kpos_ref, theta_ref, keep_ref = refs[2 * parts : 2 * parts + 5]
@@ -180,7 +182,7 @@ def _forward_kernel(live_ref, window_ref, *refs, layout, softcap, spark):
         for ref in (l_sc, n_sc, acc_sc):
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-    @pl.when(layout.live(live_ref, window_ref))
+    @pl.when(layout.live(bounds_ref, window_ref))
     def _():
         ok = _tile_valid(window_ref, qpos_ref, kpos_ref)
         s = tile.cap(tile.scores(q_refs[0][...], k_refs[0][...]), softcap)
@@ -255,54 +257,56 @@ def _tile_gradients(window_ref, q_refs, k_refs, v_ref, stats, softcap, spark):
     return q, k, (d_raw, d_gate)[: len(q)], weight, do_ref[...].astype(v_ref.dtype)
 
 
-def _dq_kernel(live_ref, window_ref, *refs, layout, softcap, spark):
-    q_refs, k_refs, v_ref, stats, rest = _backward_refs(refs, spark)
-    outs, scratch = rest[: len(q_refs)], rest[len(q_refs) :]
-    j = pl.program_id(3)
+def _accumulate(first, last, scratch, outs, live, increments) -> None:
+    """Zeroes the float32 ``scratch`` at the ``first`` step of the reduced axes, adds
+    ``increments()`` (one per scratch ref) on ``live`` steps, writes ``outs`` at the ``last``."""
 
-    @pl.when(j == 0)
+    @pl.when(first)
     def _():
         for ref in scratch:
             ref[...] = jnp.zeros(ref.shape, jnp.float32)
 
-    @pl.when(layout.live(live_ref, window_ref))
+    @pl.when(live)
     def _():
+        for ref, d in zip(scratch, increments(), strict=True):
+            ref[...] += d
+
+    @pl.when(last)
+    def _():
+        for out, ref in zip(outs, scratch, strict=True):
+            out[...] = ref[...].astype(out.dtype)
+
+
+def _dq_kernel(bounds_ref, window_ref, *refs, layout, softcap, spark):
+    q_refs, k_refs, v_ref, stats, rest = _backward_refs(refs, spark)
+    j = pl.program_id(3)
+
+    def increments():
         _, k, d_scores, _, _ = _tile_gradients(
             window_ref, q_refs, k_refs, v_ref, stats, softcap, spark
         )
-        for ref, d, key in zip(scratch, d_scores, k, strict=True):
-            ref[...] += tile.product(d, key)
+        return [tile.product(d, key) for d, key in zip(d_scores, k, strict=True)]
 
-    @pl.when(j == layout.nk - 1)
-    def _():
-        for out, ref in zip(outs, scratch, strict=True):
-            out[...] = ref[...].astype(out.dtype)
+    n = len(q_refs)
+    live = layout.live(bounds_ref, window_ref)
+    _accumulate(j == 0, j == layout.nk - 1, rest[n:], rest[:n], live, increments)
 
 
-def _dkv_kernel(live_ref, window_ref, *refs, layout, softcap, spark, groups):
+def _dkv_kernel(bounds_ref, window_ref, *refs, layout, softcap, spark, groups):
     q_refs, k_refs, v_ref, stats, rest = _backward_refs(refs, spark)
-    n_out = len(k_refs) + 1
-    outs, scratch = rest[:n_out], rest[n_out:]
     g, i = pl.program_id(2), pl.program_id(3)
 
-    @pl.when((g == 0) & (i == 0))
-    def _():
-        for ref in scratch:
-            ref[...] = jnp.zeros(ref.shape, jnp.float32)
-
-    @pl.when(layout.live(live_ref, window_ref))
-    def _():
+    def increments():
         q, _, d_scores, weight, do = _tile_gradients(
             window_ref, q_refs, k_refs, v_ref, stats, softcap, spark
         )
-        for ref, d, query in zip(scratch[:-1], d_scores, q, strict=True):
-            ref[...] += tile.product_t(d, query)
-        scratch[-1][...] += tile.product_t(weight, do)
+        dk = [tile.product_t(d, query) for d, query in zip(d_scores, q, strict=True)]
+        return [*dk, tile.product_t(weight, do)]
 
-    @pl.when((g == groups - 1) & (i == layout.nq - 1))
-    def _():
-        for out, ref in zip(outs, scratch, strict=True):
-            out[...] = ref[...].astype(out.dtype)
+    n = len(k_refs) + 1
+    first, last = (g == 0) & (i == 0), (g == groups - 1) & (i == layout.nq - 1)
+    live = layout.live(bounds_ref, window_ref)
+    _accumulate(first, last, rest[n:], rest[:n], live, increments)
 
 
 def backward(q, keys, v, q_pos, k_pos, live, window, stats, d_out, *, bq, bk, softcap, interpret):

@@ -133,16 +133,19 @@ def block_bounds(q_pos: jax.Array, k_pos: jax.Array, bq: int, bk: int) -> jax.Ar
     """int32 [2 * B * nq + 2 * B * nk]: each query block's smallest real position and largest
     position (-1: all padding), then each key block's smallest and largest filled position
     (int32 max and -1 when empty), each part flattened over (row, block)."""
-    big = jnp.iinfo(jnp.int32).max
-    qb = q_pos.reshape(q_pos.shape[0], -1, bq)
-    kb = k_pos.reshape(k_pos.shape[0], -1, bk)
     parts = (
-        jnp.min(jnp.where(qb >= 0, qb, big), axis=-1),
-        jnp.max(qb, axis=-1),
-        jnp.min(jnp.where(kb >= 0, kb, big), axis=-1),
-        jnp.max(jnp.where(kb >= 0, kb, -1), axis=-1),
+        *position_bounds(q_pos.reshape(q_pos.shape[0], -1, bq), -1),
+        *position_bounds(k_pos.reshape(k_pos.shape[0], -1, bk), -1),
     )
     return jnp.concatenate([p.reshape(-1) for p in parts])
+
+
+def position_bounds(pos: jax.Array, axis) -> tuple[jax.Array, jax.Array]:
+    """The smallest and largest real position (>= 0) along ``axis`` (None: all), int32 max
+    and -1 where there is none."""
+    real = pos >= 0
+    lo = jnp.min(jnp.where(real, pos, jnp.iinfo(jnp.int32).max), axis=axis)
+    return lo, jnp.max(jnp.where(real, pos, -1), axis=axis)
 
 
 def tile_is_live(q_lo, q_hi, k_lo, k_hi, window):

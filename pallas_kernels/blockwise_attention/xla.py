@@ -28,6 +28,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.blockwise_attention import tile
+
 
 class Blocks(NamedTuple):
     """Static settings: block sizes, soft-cap, Spark's k (0 for dense)."""
@@ -58,13 +60,11 @@ def _valid(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array) -> jax.Array:
 
 
 def _any_valid(q_pos: jax.Array, k_pos: jax.Array, window: jax.Array) -> jax.Array:
-    """Whether some (query, key) pair of the two blocks is valid: a scalar for lax.cond."""
-    qmax = jnp.max(q_pos)
-    kvalid = k_pos >= 0
-    kmin = jnp.min(jnp.where(kvalid, k_pos, jnp.iinfo(k_pos.dtype).max))
-    kmax = jnp.max(jnp.where(kvalid, k_pos, -1))
-    qmin = jnp.min(jnp.where(q_pos >= 0, q_pos, jnp.iinfo(q_pos.dtype).max))
-    return (kmin <= qmax) & (qmin - kmax < window) & jnp.any(kvalid) & (qmax >= 0)
+    """Whether some (query, key) pair of the two blocks may be valid, by their bounds over the
+    whole batch: a scalar for lax.cond."""
+    return tile.tile_is_live(
+        *tile.position_bounds(q_pos, None), *tile.position_bounds(k_pos, None), window
+    )
 
 
 def _blocks(x: jax.Array, size: int, axis: int) -> jax.Array:
@@ -181,7 +181,7 @@ def _run_forward(q, keys, v, q_pos, k_pos, window, enabled, blocks: Blocks):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(7,))
-def _attention(q, keys, v, q_pos, k_pos, window, enabled, blocks: Blocks):
+def attention(q, keys, v, q_pos, k_pos, window, enabled, blocks: Blocks):
     """Padded inputs (T a multiple of ``block_q``, S of ``block_k``); (out f32, count)."""
     out, _, _, _, n = _run_forward(q, keys, v, q_pos, k_pos, window, enabled, blocks)
     return out, n
@@ -264,7 +264,4 @@ def _attention_bwd(blocks: Blocks, residuals, cotangents):
     return dq, d_keys, dv, None, None, None, None
 
 
-_attention.defvjp(_attention_fwd, _attention_bwd)
-
-
-attention = _attention
+attention.defvjp(_attention_fwd, _attention_bwd)
