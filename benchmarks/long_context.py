@@ -11,6 +11,12 @@
 
     python -m benchmarks.long_context [--memory-lens 1024,8192] [--time-lens 256,1024,2048,4096]
         [--prefill-lens 2048,8192]
+* Blocks: with ``--block-len T``, the gradient of one ``small``-preset attention op alone
+  (6 query heads over 3 kv heads, head 64, causal) at T tokens for each block shape in
+  ``--blocks``, dense and Spark, alternated.
+
+    python -m benchmarks.long_context --memory-lens "" --time-lens "" --prefill-lens "" \
+        --block-len 2048 --blocks 512x512,256x256,256x128,128x128
 
 Results: ``benchmarks/results/long_context.{json,md}``.
 """
@@ -30,6 +36,7 @@ import numpy as np
 
 from benchmarks.train_step import cpu_model
 from configs import get_model_config
+from pallas_kernels.blockwise_attention import blockwise_attention
 from sparse_jax.data.pipeline import DataConfig
 from sparse_jax.decode import DecodeOptions, init_cache
 from sparse_jax.decode.step import decode_params, prefill
@@ -73,6 +80,51 @@ def temp_bytes(kind: str, impl: str, length: int) -> int:
     return int(lowered.compile().memory_analysis().temp_size_in_bytes)
 
 
+def block_sweep(length: int, shapes: list[tuple[int, int]], rounds: int) -> dict[str, list]:
+    """Seconds of one attention op's gradient (XLA blockwise) per block shape and kind."""
+    cfg = get_model_config("small")
+    b, kv, h, r = 1, cfg.num_kv_heads, cfg.head_dim, cfg.attn_predictor_dim
+    g = cfg.num_heads // kv
+    rng = np.random.default_rng(0)
+
+    def arr(*shape, scale=1.0):
+        return jnp.asarray(rng.standard_normal(shape) * scale, jnp.float32)
+
+    pos = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    v = arr(b, kv, length, h)
+    parts = {
+        "dense": ((arr(b, kv, g, length, h, scale=0.3),), (arr(b, kv, length, h),), 0),
+        "spark": (
+            (arr(b, kv, g, length, r, scale=0.3), arr(b, kv, g, length, h - r, scale=0.3)),
+            (arr(b, kv, length, r), arr(b, kv, length, h - r)),
+            cfg.attn_top_k,
+        ),
+    }
+    runs = {}
+    for bq, bk in shapes:
+        for kind, (q, keys, top_k) in parts.items():
+
+            def loss(q, keys, v, bq=bq, bk=bk, top_k=top_k):
+                out, _ = blockwise_attention(
+                    q, keys, v, pos, pos, 1 << 20, softcap=cfg.attn_logit_softcap,
+                    top_k=top_k, block_q=bq, block_k=bk, implementation="xla",
+                )  # fmt: skip
+                return jnp.sum(out)
+
+            grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+            jax.block_until_ready(grad(q, keys, v))  # compiles
+            runs[f"{kind}/{bq}x{bk}/{length}"] = grad, (q, keys, v)
+    times: dict[str, list] = {}
+    for _ in range(rounds):
+        for key, (grad, args) in runs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(grad(*args))
+            times.setdefault(key, []).append(time.perf_counter() - start)
+    for key in runs:
+        print(f"attention gradient {key}: {statistics.median(times[key]):.3f} s", flush=True)
+    return times
+
+
 def prefill_sweep(lengths: list[int], rounds: int) -> dict[str, list[float]]:
     """Seconds to prefill one prompt of each length, both forms, dense and Spark, alternated."""
     times: dict[str, list[float]] = {}
@@ -109,6 +161,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--memory-lens", default="1024,2048,4096,8192")
     parser.add_argument("--time-lens", default="256,1024,2048,4096")
     parser.add_argument("--prefill-lens", default="2048,8192")
+    parser.add_argument("--block-len", type=int, default=0)
+    parser.add_argument("--blocks", default="512x512,256x256,256x128,128x128")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS))
     args = parser.parse_args(argv)
@@ -151,6 +205,8 @@ def main(argv: list[str] | None = None) -> None:
             print(f"time {key}: {statistics.median(times[key]):.3f} s", flush=True)
         del runs
     prefill_times = prefill_sweep([int(x) for x in args.prefill_lens.split(",") if x], args.rounds)
+    shapes = [tuple(int(n) for n in s.split("x")) for s in args.blocks.split(",") if s]
+    block_times = block_sweep(args.block_len, shapes, args.rounds) if args.block_len else {}
     report = {
         "machine": f"{cpu_model()}, {jax.device_count()} {jax.default_backend()} device(s)",
         "presets": PRESETS,
@@ -161,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
         "out_of_memory": out_of_memory,
         "prefill_seconds": {k: statistics.median(v) for k, v in prefill_times.items()},
         "prefill_times": prefill_times,
+        "attention_gradient_seconds": {k: statistics.median(v) for k, v in block_times.items()},
+        "attention_gradient_times": block_times,
     }
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -219,6 +277,18 @@ def main(argv: list[str] | None = None) -> None:
                         f"{s:.2f}" + ("" if i == "materialized" else f" ({s / base:.2f}x)")
                     )
             lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    if block_times:
+        med = report["attention_gradient_seconds"]
+        lines += [
+            "",
+            f"One attention op's gradient at {args.block_len} tokens (XLA), median seconds:",
+            "",
+            "| blocks (queries x keys) | dense | Spark | Spark / dense |",
+            "|---|---|---|---|",
+        ]
+        for bq, bk in shapes:
+            d, s = (med[f"{k}/{bq}x{bk}/{args.block_len}"] for k in PRESETS)
+            lines.append(f"| {bq} x {bk} | {d:.3f} | {s:.3f} | {s / d:.2f}x |")
     (out / "long_context.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

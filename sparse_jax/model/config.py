@@ -78,8 +78,9 @@ class ModelConfig:
         the keys read reaches ``policy.blockwise_min_len ** 2``).
       attn_block_size: query block of the blockwise form, >= 1.
       attn_key_block_size: key block of the blockwise form, >= 1. The defaults, 256 queries
-        by 128 keys, ran a ``small``-preset attention gradient on CPU at 2048 tokens in 0.160 s
-        (dense) and 0.319 s (Spark), against 0.336 s and 1.069 s at 512 by 512.
+        by 128 keys, ran a ``small``-preset attention gradient on CPU at 2048 tokens in 0.176 s
+        (dense) and 0.349 s (Spark), against 0.372 s and 1.249 s at 512 by 512
+        (``benchmarks.long_context --block-len 2048``).
     """
 
     name: str = "custom"
