@@ -8,6 +8,9 @@ Every sparse op that has a kernel reaches it through a :class:`Kernels` value:
   own keys in O(T x block) memory (training, evaluation, prefill above a length threshold);
 * :meth:`Kernels.sparse_ffn` and :meth:`Kernels.topk_attention`: the decode path's gathered
   FFN over the active neurons and attention over the selected keys;
+* :meth:`Kernels.spark_decode_attention` and :meth:`Kernels.dense_decode_attention`: a decode
+  step's whole attention in one native CPU kernel (scores, threshold, kept keys), used
+  where :meth:`Kernels.native` holds;
 * :meth:`Kernels.linear`, :meth:`Kernels.linear_many`, :meth:`Kernels.linear_rows`: every
   weight product of the model (:mod:`sparse_jax.model.products`), dense layers included.
 
@@ -46,6 +49,7 @@ from jax.sharding import Mesh, PartitionSpec
 from pallas_kernels._common import dispatch
 from pallas_kernels._common import sharding as kernel_sharding
 from pallas_kernels.blockwise_attention import api as blockwise_attention_api
+from pallas_kernels.decode_attention import api as decode_attention_api
 from pallas_kernels.sparse_ffn import api as sparse_ffn_api
 from pallas_kernels.sparse_ffn import xla as sparse_ffn_xla
 from pallas_kernels.stat_topk import api as stat_topk_api
@@ -263,6 +267,31 @@ class Kernels:
             q_rest, p, idx, k_rest, v, head_axis=None, **self._kernel_args()
         )
         return out.astype(jnp.float32)
+
+    def spark_decode_attention(self, *arrays: jax.Array, top_k: int, softcap: float | None):
+        """One decode step's Spark attention as the native kernel; see
+        :func:`pallas_kernels.decode_attention.spark_decode_attention` (same arrays).
+
+        Returns out [B, N, H] and kept keys [B, N], float32.
+        """
+        return decode_attention_api.spark_decode_attention(
+            *arrays, top_k=top_k, softcap=softcap, implementation=self._decode_implementation()
+        )
+
+    def dense_decode_attention(self, *arrays: jax.Array, softcap: float | None):
+        """One decode step's dense attention as the native kernel; see
+        :func:`pallas_kernels.decode_attention.dense_decode_attention` (same arrays)."""
+        return decode_attention_api.dense_decode_attention(
+            *arrays, softcap=softcap, implementation=self._decode_implementation()
+        )
+
+    def _decode_implementation(self) -> str:
+        if not self.native():
+            raise ValueError(
+                "the fused decode attention is a native CPU kernel; this Kernels resolves to "
+                f"{self.resolved()!r}" + (" under a mesh" if self.mesh is not None else "")
+            )
+        return "native"
 
     def blockwise_attention(
         self,

@@ -14,5 +14,7 @@ T = 20
 # Cached decoding reorders float32 sums (chunked keys, fused projections) against the forward.
 CACHED = F32_VS_F64
 # One options object (a static jit argument) and few shapes keep compilations shared.
-MASKED = DecodeOptions(path="masked", prefill_chunk=4)
+# The oracle of the decode tests: the masked path in XLA (``auto`` would run the native fused
+# attention kernel on CPU).
+MASKED = DecodeOptions(path="masked", prefill_chunk=4, implementation="xla")
 full_forward = jax.jit(forward, static_argnums=0)

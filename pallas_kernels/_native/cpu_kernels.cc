@@ -5,14 +5,20 @@
 //                          k2 [F, D-R] and v [F, D] float32 or bfloat16.
 //   sparse_jax_topk_attention: out [B, N, H] = sum_a p * softplus(q_rest . k_rest[idx]) * v[idx]
 //                          over the selected slots of each query head's kv head.
+//   sparse_jax_spark_decode_attention, sparse_jax_dense_decode_attention: one decode step's
+//                          whole attention of one query per row over a cache and the token's
+//                          own key (Spark: predictor scores, statistical threshold, then only
+//                          the kept keys' other half and values).
 //
 // Float32 accumulation throughout. Work is split over XLA's intra-op thread pool; each output
 // element is computed by one thread in a fixed order, so results are the same run to run.
 // The kernel bodies (kernels_impl.h) are compiled for AVX-512, AVX2 and plain x86-64 and the
 // best one this CPU supports is chosen when the library loads (sparse_jax_set_isa overrides).
 
+#include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <initializer_list>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -26,21 +32,27 @@ namespace ffi = xla::ffi;
 
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
+#define SPARSE_JAX_VECTOR_BYTES 64
 namespace isa_avx512 {
 #include "kernels_impl.h"
 }
+#undef SPARSE_JAX_VECTOR_BYTES
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
+#define SPARSE_JAX_VECTOR_BYTES 32
 namespace isa_avx2 {
 #include "kernels_impl.h"
 }
+#undef SPARSE_JAX_VECTOR_BYTES
 #pragma GCC pop_options
 
+#define SPARSE_JAX_VECTOR_BYTES 16
 namespace isa_generic {
 #include "kernels_impl.h"
 }
+#undef SPARSE_JAX_VECTOR_BYTES
 
 namespace {
 
@@ -333,9 +345,281 @@ ffi::Error TopkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_rest,
   return ffi::Error::Success();
 }
 
+// Decode attention of one query per row over a cache of S slots plus the current token's own
+// key (slot S, at the query's position), dense or Spark. Keys are scored in chunks of this
+// many slots: a fixed size, so the result does not depend on the thread count.
+constexpr int64_t kKeyChunk = 512;
+
+struct DecodeShape {
+  int64_t batch, heads, kv_heads, slots, groups;
+  int64_t chunks() const { return std::max<int64_t>(1, (slots + kKeyChunk - 1) / kKeyChunk); }
+  int64_t chunk_begin(int64_t c) const { return slots * c / chunks(); }
+  int64_t chunk_end(int64_t c) const { return slots * (c + 1) / chunks(); }
+};
+
+// Checks one operand's shape against the expected dimensions (a -1 entry is free).
+ffi::Error CheckDims(ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> want,
+                     int64_t batch, const char* name) {
+  // Leading axes (from vmap) multiply into the batch.
+  const size_t tail = want.size();
+  if (dims.size() < tail) {
+    return ffi::Error::InvalidArgument(std::string(name) + " has too few axes");
+  }
+  if (Product(dims, 0, dims.size() - tail) != batch) {
+    return ffi::Error::InvalidArgument(std::string(name) + ": its batch axes disagree with q_pos");
+  }
+  size_t i = dims.size() - tail;
+  for (int64_t w : want) {
+    if (w >= 0 && dims[i] != w) {
+      return ffi::Error::InvalidArgument(std::string(name) + " has an inconsistent shape");
+    }
+    ++i;
+  }
+  return ffi::Error::Success();
+}
+
+bool CacheType(const ffi::AnyBuffer& a) {
+  return a.element_type() == ffi::DataType::F32 || a.element_type() == ffi::DataType::BF16;
+}
+
+// Scores every query head's valid cached keys (chunks of slots of one kv head per task).
+template <typename W>
+void ScoreKeys(ffi::ThreadPool& pool, const DecodeShape& d, const float* q, const W* keys,
+               int64_t width, const int32_t* pos, const int32_t* q_pos, const int32_t* window,
+               float cap, float* scores) {
+  const int64_t keys_per_head = d.slots + 1, chunks = d.chunks();
+  ParallelFor(pool, d.batch * d.kv_heads * chunks, [&](int64_t task) {
+    const int64_t b = task / (d.kv_heads * chunks), kv = task / chunks % d.kv_heads;
+    const int64_t c = task % chunks;
+    const int64_t head = b * d.heads + kv * d.groups;
+    WithIsa([&](auto k) {
+      k.KeyScores(q + head * width, d.groups, keys + (b * d.kv_heads + kv) * d.slots * width,
+                  width, pos + b * d.slots, q_pos[b], window[b], cap,
+                  scores + head * keys_per_head, keys_per_head, d.chunk_begin(c),
+                  d.chunk_end(c));
+    });
+  });
+}
+
+// The current token's own key: slot S of each head's scores.
+void ScoreNewKey(const DecodeShape& d, int64_t task, const float* q, const float* new_k,
+                 int64_t width, const int32_t* q_pos, const int32_t* window, float cap,
+                 float* scores) {
+  const int64_t b = task / d.heads, kv = task % d.heads / d.groups;
+  const int32_t qp = q_pos[b];
+  float* s = scores + task * (d.slots + 1) + d.slots;
+  if (!(qp >= 0 && window[b] > 0)) {
+    *s = -__builtin_inff();
+    return;
+  }
+  WithIsa([&](auto k) {
+    *s = k.NewScore(new_k + (b * d.kv_heads + kv) * width, q + task * width, width, cap);
+  });
+}
+
+template <typename W>
+void SparkDecodeRun(ffi::ThreadPool& pool, const DecodeShape& d, const float* q_pred,
+                    const float* q_rest, const W* k_pred, const W* k_rest, const W* v,
+                    const int32_t* pos, const float* new_k_pred, const float* new_k_rest,
+                    const float* new_v, const int32_t* q_pos, const int32_t* window,
+                    int64_t pred, int64_t rest, int64_t width, int64_t top_k, float cap,
+                    float* out, float* kept) {
+  const int64_t keys = d.slots + 1;
+  std::unique_ptr<float[]> scores(new float[d.batch * d.heads * keys]);
+  ScoreKeys(pool, d, q_pred, k_pred, pred, pos, q_pos, window, cap, scores.get());
+  ParallelFor(pool, d.batch * d.heads, [&](int64_t task) {
+    ScoreNewKey(d, task, q_pred, new_k_pred, pred, q_pos, window, cap, scores.get());
+    const int64_t b = task / d.heads, kv = task % d.heads / d.groups;
+    const int64_t cache = (b * d.kv_heads + kv) * d.slots;
+    std::vector<int32_t> picked(keys);
+    std::vector<float> weights(keys);
+    WithIsa([&](auto k) {
+      kept[task] = static_cast<float>(k.SparkHead(
+          scores.get() + task * keys, d.slots, top_k, q_rest + task * rest,
+          k_rest + cache * rest, v + cache * width, new_k_rest + (b * d.kv_heads + kv) * rest,
+          new_v + (b * d.kv_heads + kv) * width, rest, width, out + task * width,
+          picked.data(), weights.data()));
+    });
+  });
+}
+
+template <typename W>
+void DenseDecodeRun(ffi::ThreadPool& pool, const DecodeShape& d, const float* q, const W* k,
+                    const W* v, const int32_t* pos, const float* new_k, const float* new_v,
+                    const int32_t* q_pos, const int32_t* window, int64_t width, float cap,
+                    float* out, float* count) {
+  const int64_t keys = d.slots + 1, chunks = d.chunks();
+  std::unique_ptr<float[]> scores(new float[d.batch * d.heads * keys]);
+  ScoreKeys(pool, d, q, k, width, pos, q_pos, window, cap, scores.get());
+  ParallelFor(pool, d.batch * d.heads, [&](int64_t task) {
+    ScoreNewKey(d, task, q, new_k, width, q_pos, window, cap, scores.get());
+    WithIsa([&](auto kk) {
+      count[task] = static_cast<float>(kk.DenseWeights(scores.get() + task * keys, keys));
+    });
+  });
+  // Partial weighted sums of the values per chunk of slots, then their sum in chunk order.
+  std::unique_ptr<float[]> partial(new float[d.batch * d.kv_heads * chunks * d.groups * width]);
+  ParallelFor(pool, d.batch * d.kv_heads * chunks, [&](int64_t task) {
+    const int64_t b = task / (d.kv_heads * chunks), kv = task / chunks % d.kv_heads;
+    const int64_t c = task % chunks;
+    const int64_t head = b * d.heads + kv * d.groups;
+    WithIsa([&](auto kk) {
+      kk.WeightedValues(scores.get() + head * keys, d.groups, keys,
+                        v + (b * d.kv_heads + kv) * d.slots * width, width,
+                        partial.get() + task * d.groups * width, d.chunk_begin(c),
+                        d.chunk_end(c));
+    });
+  });
+  ParallelFor(pool, d.batch * d.heads, [&](int64_t task) {
+    const int64_t b = task / d.heads, n = task % d.heads, kv = n / d.groups, g = n % d.groups;
+    float* o = out + task * width;
+    for (int64_t i = 0; i < width; ++i) o[i] = 0.0f;
+    const float* part = partial.get() + ((b * d.kv_heads + kv) * chunks) * d.groups * width;
+    for (int64_t c = 0; c < chunks; ++c) {
+      const float* pc = part + (c * d.groups + g) * width;
+      for (int64_t i = 0; i < width; ++i) o[i] += pc[i];
+    }
+    const float w_new = scores[task * keys + d.slots];
+    if (w_new != 0.0f) {
+      WithIsa([&](auto kk) {
+        kk.AddScaled(o, w_new, new_v + (b * d.kv_heads + kv) * width, width);
+      });
+    }
+  });
+}
+
+// q_pos [...] and window [...] give the batch; every other operand carries those axes first.
+ffi::Error DecodeBatch(const ffi::Buffer<ffi::S32>& q_pos, const ffi::Buffer<ffi::S32>& window,
+                       int64_t* batch) {
+  *batch = static_cast<int64_t>(q_pos.element_count());
+  if (static_cast<int64_t>(window.element_count()) != *batch) {
+    return ffi::Error::InvalidArgument("window must have q_pos's shape");
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error SparkDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_pred,
+                           ffi::Buffer<ffi::F32> q_rest, ffi::AnyBuffer k_pred,
+                           ffi::AnyBuffer k_rest, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> pos,
+                           ffi::Buffer<ffi::F32> new_k_pred, ffi::Buffer<ffi::F32> new_k_rest,
+                           ffi::Buffer<ffi::F32> new_v, ffi::Buffer<ffi::S32> q_pos,
+                           ffi::Buffer<ffi::S32> window, int64_t top_k, float softcap,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> kept) {
+  int64_t batch = 0;
+  if (ffi::Error err = DecodeBatch(q_pos, window, &batch); err.failure()) return err;
+  if (!CacheType(k_pred) || k_pred.element_type() != k_rest.element_type() ||
+      k_pred.element_type() != v.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "k_pred, k_rest and v must share one dtype, float32 or bfloat16");
+  }
+  auto qd = q_pred.dimensions();
+  auto kd = k_pred.dimensions();
+  auto vd = v.dimensions();
+  if (qd.size() < 2 || kd.size() < 3 || vd.size() < 1 || top_k < 1) {
+    return ffi::Error::InvalidArgument("expected q_pred [..., N, R], caches [..., K, S, *]");
+  }
+  const int64_t heads = qd[qd.size() - 2], pred = qd[qd.size() - 1];
+  const int64_t kv_heads = kd[kd.size() - 3], slots = kd[kd.size() - 2];
+  const int64_t rest = q_rest.dimensions()[q_rest.dimensions().size() - 1];
+  const int64_t width = vd[vd.size() - 1];
+  if (kv_heads == 0 || heads % kv_heads != 0) {
+    return ffi::Error::InvalidArgument("the query heads must be a multiple of the kv heads");
+  }
+  ffi::Error err;
+  auto check = [&](ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> want,
+                   const char* name) {
+    if (err.success()) err = CheckDims(dims, want, batch, name);
+  };
+  check(qd, {heads, pred}, "q_pred");
+  check(q_rest.dimensions(), {heads, rest}, "q_rest");
+  check(kd, {kv_heads, slots, pred}, "k_pred");
+  check(k_rest.dimensions(), {kv_heads, slots, rest}, "k_rest");
+  check(vd, {kv_heads, slots, width}, "v");
+  check(pos.dimensions(), {slots}, "pos");
+  check(new_k_pred.dimensions(), {kv_heads, pred}, "new_k_pred");
+  check(new_k_rest.dimensions(), {kv_heads, rest}, "new_k_rest");
+  check(new_v.dimensions(), {kv_heads, width}, "new_v");
+  check(out->dimensions(), {heads, width}, "out");
+  check(kept->dimensions(), {heads}, "kept");
+  if (err.failure()) return err;
+  if (batch * heads == 0) return ffi::Error::Success();
+  const DecodeShape d{batch, heads, kv_heads, slots, heads / kv_heads};
+  const auto* qp = q_pos.typed_data();
+  const auto* win = window.typed_data();
+  if (k_pred.element_type() == ffi::DataType::F32) {
+    SparkDecodeRun(pool, d, q_pred.typed_data(), q_rest.typed_data(),
+                   static_cast<const float*>(k_pred.untyped_data()),
+                   static_cast<const float*>(k_rest.untyped_data()),
+                   static_cast<const float*>(v.untyped_data()), pos.typed_data(),
+                   new_k_pred.typed_data(), new_k_rest.typed_data(), new_v.typed_data(), qp,
+                   win, pred, rest, width, top_k, softcap, out->typed_data(),
+                   kept->typed_data());
+  } else {
+    SparkDecodeRun(pool, d, q_pred.typed_data(), q_rest.typed_data(),
+                   static_cast<const uint16_t*>(k_pred.untyped_data()),
+                   static_cast<const uint16_t*>(k_rest.untyped_data()),
+                   static_cast<const uint16_t*>(v.untyped_data()), pos.typed_data(),
+                   new_k_pred.typed_data(), new_k_rest.typed_data(), new_v.typed_data(), qp,
+                   win, pred, rest, width, top_k, softcap, out->typed_data(),
+                   kept->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error DenseDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
+                           ffi::AnyBuffer v, ffi::Buffer<ffi::S32> pos,
+                           ffi::Buffer<ffi::F32> new_k, ffi::Buffer<ffi::F32> new_v,
+                           ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> window,
+                           float softcap, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> count) {
+  int64_t batch = 0;
+  if (ffi::Error err = DecodeBatch(q_pos, window, &batch); err.failure()) return err;
+  if (!CacheType(k) || k.element_type() != v.element_type()) {
+    return ffi::Error::InvalidArgument("k and v must share one dtype, float32 or bfloat16");
+  }
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  if (qd.size() < 2 || kd.size() < 3) {
+    return ffi::Error::InvalidArgument("expected q [..., N, H], k and v [..., K, S, H]");
+  }
+  const int64_t heads = qd[qd.size() - 2], width = qd[qd.size() - 1];
+  const int64_t kv_heads = kd[kd.size() - 3], slots = kd[kd.size() - 2];
+  if (kv_heads == 0 || heads % kv_heads != 0) {
+    return ffi::Error::InvalidArgument("the query heads must be a multiple of the kv heads");
+  }
+  ffi::Error err;
+  auto check = [&](ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> want,
+                   const char* name) {
+    if (err.success()) err = CheckDims(dims, want, batch, name);
+  };
+  check(qd, {heads, width}, "q");
+  check(kd, {kv_heads, slots, width}, "k");
+  check(v.dimensions(), {kv_heads, slots, width}, "v");
+  check(pos.dimensions(), {slots}, "pos");
+  check(new_k.dimensions(), {kv_heads, width}, "new_k");
+  check(new_v.dimensions(), {kv_heads, width}, "new_v");
+  check(out->dimensions(), {heads, width}, "out");
+  check(count->dimensions(), {heads}, "count");
+  if (err.failure()) return err;
+  if (batch * heads == 0) return ffi::Error::Success();
+  const DecodeShape d{batch, heads, kv_heads, slots, heads / kv_heads};
+  if (k.element_type() == ffi::DataType::F32) {
+    DenseDecodeRun(pool, d, q.typed_data(), static_cast<const float*>(k.untyped_data()),
+                   static_cast<const float*>(v.untyped_data()), pos.typed_data(),
+                   new_k.typed_data(), new_v.typed_data(), q_pos.typed_data(),
+                   window.typed_data(), width, softcap, out->typed_data(), count->typed_data());
+  } else {
+    DenseDecodeRun(pool, d, q.typed_data(), static_cast<const uint16_t*>(k.untyped_data()),
+                   static_cast<const uint16_t*>(v.untyped_data()), pos.typed_data(),
+                   new_k.typed_data(), new_v.typed_data(), q_pos.typed_data(),
+                   window.typed_data(), width, softcap, out->typed_data(), count->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
-// The library's interface: the two handlers and the instruction-set controls (everything
+// The library's interface: the handlers and the instruction-set controls (everything
 // else is hidden).
 #pragma GCC visibility push(default)
 
@@ -365,6 +649,40 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxTopkAttention, TopkAttentionImpl,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparkDecodeAttention, SparkDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_pred
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_rest
+                                  .Arg<ffi::AnyBuffer>()         // k_pred
+                                  .Arg<ffi::AnyBuffer>()         // k_rest
+                                  .Arg<ffi::AnyBuffer>()         // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new_k_pred
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new_k_rest
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new_v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // window
+                                  .Attr<int64_t>("top_k")
+                                  .Attr<float>("softcap")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // kept
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxDenseDecodeAttention, DenseDecodeImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q
+                                  .Arg<ffi::AnyBuffer>()         // k
+                                  .Arg<ffi::AnyBuffer>()         // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // pos
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new_k
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // new_v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // window
+                                  .Attr<float>("softcap")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // count
 
 extern "C" {
 

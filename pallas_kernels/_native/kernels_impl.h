@@ -1,15 +1,22 @@
 // Kernel bodies, compiled once per instruction set: cpu_kernels.cc includes this file inside
-// a namespace under a `#pragma GCC target`, so GCC lowers the 16-float vectors below to
-// AVX-512, to pairs of AVX2 registers, or to SSE2 for the generic build.
+// a namespace under a `#pragma GCC target`, with SPARSE_JAX_VECTOR_BYTES set to the width of
+// that instruction set's registers (64 for AVX-512, 32 for AVX2, 16 for SSE2), so every vector
+// below is one register. (GCC lowers a vector wider than the target's registers through the
+// stack: 16-float vectors ran the AVX2 build at half the speed of the SSE2 one.)
 //
 // Weights are float32 (`float`) or bfloat16 (`uint16_t`, the high half of a float32);
 // activations and accumulators are float32.
 
-typedef float vf __attribute__((vector_size(64)));
-typedef uint32_t vu __attribute__((vector_size(64)));
-typedef uint16_t vh __attribute__((vector_size(32)));
+#ifndef SPARSE_JAX_VECTOR_BYTES
+#error "define SPARSE_JAX_VECTOR_BYTES before including kernels_impl.h"
+#endif
 
-constexpr int64_t kLanes = 16;
+typedef float vf __attribute__((vector_size(SPARSE_JAX_VECTOR_BYTES)));
+typedef uint32_t vu __attribute__((vector_size(SPARSE_JAX_VECTOR_BYTES)));
+typedef int32_t vi __attribute__((vector_size(SPARSE_JAX_VECTOR_BYTES)));
+typedef uint16_t vh __attribute__((vector_size(SPARSE_JAX_VECTOR_BYTES / 2)));
+
+constexpr int64_t kLanes = SPARSE_JAX_VECTOR_BYTES / 4;
 
 static inline __attribute__((always_inline)) vf load(const float* p) {
   vf v;
@@ -34,13 +41,22 @@ static inline __attribute__((always_inline)) float scalar(uint16_t w) {
 }
 
 static inline __attribute__((always_inline)) float sum_lanes(vf v) {
-  // Pairwise, so the order of the additions is fixed whatever the instruction set.
-  float s[kLanes];
-  __builtin_memcpy(s, &v, sizeof(s));
-  for (int width = kLanes / 2; width > 0; width /= 2) {
-    for (int i = 0; i < width; ++i) s[i] += s[i + width];
-  }
-  return s[0];
+  // Pairwise (lane i += lane i + width, halving the width), so the order of the additions is
+  // fixed for each instruction set; the halves are narrower vector types.
+  typedef float vf4 __attribute__((vector_size(16)));
+#if SPARSE_JAX_VECTOR_BYTES == 64
+  typedef float vf8 __attribute__((vector_size(32)));
+  const vf8 s8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const vf4 s4 = __builtin_shufflevector(s8, s8, 0, 1, 2, 3) +
+                 __builtin_shufflevector(s8, s8, 4, 5, 6, 7);
+#elif SPARSE_JAX_VECTOR_BYTES == 32
+  const vf4 s4 = __builtin_shufflevector(v, v, 0, 1, 2, 3) +
+                 __builtin_shufflevector(v, v, 4, 5, 6, 7);
+#else
+  const vf4 s4 = v;
+#endif
+  return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
 // y[r, o] = sum_i x[r, i] * w[o, i] for NO outputs starting at o and NR rows starting at r.
@@ -194,6 +210,301 @@ void gated_attention(const float* q, const float* p, const int32_t* idx, const W
   }
 }
 
+static inline __attribute__((always_inline)) vf splat(float x) { return vf{} + x; }
+
+static inline __attribute__((always_inline)) vf as_float(vi bits) {
+  return reinterpret_cast<vf&>(bits);
+}
+
+static inline __attribute__((always_inline)) vi as_bits(vf x) { return reinterpret_cast<vi&>(x); }
+
+// exp(x) lane by lane for x <= 88 (larger x gives 2^127-ish, not inf); 0 below -87, so
+// exp(-inf) = 0. x = n ln2 + r with |r| <= ln2 / 2 (ln2 split in two so n ln2 is exact), then
+// a degree-7 Taylor polynomial of exp(r) (truncation below 6e-9) times 2^n from its bits.
+static inline __attribute__((always_inline)) vf exp_lanes(vf x) {
+  const vi under = x < splat(-87.0f);
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  x = under ? splat(0.0f) : x;
+  const vf t = x * 1.44269504088896341f;
+  const vi n = __builtin_convertvector(t + (t >= splat(0.0f) ? splat(0.5f) : splat(-0.5f)), vi);
+  const vf nf = __builtin_convertvector(n, vf);
+  const vf r = (x - nf * 0.693359375f) - nf * -2.12194440e-4f;
+  vf p = splat(1.0f / 5040.0f);
+  p = p * r + 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const vf y = p * as_float((n + 127) << 23);
+  return under ? splat(0.0f) : y;
+}
+
+// tanh(x) lane by lane within an ulp or two: |x| < 0.625 by an odd polynomial (a
+// least-squares fit of tanh(x)/x in x^2 on that interval, under one ulp), above it by
+// 1 - 2 / (exp(2|x|) + 1), which has no cancellation there; the sign is x's.
+static inline __attribute__((always_inline)) vf tanh_lanes(vf x) {
+  const vi sign = as_bits(x) & static_cast<int32_t>(0x80000000u);
+  const vf a = as_float(as_bits(x) & 0x7fffffff);
+  const vf t = a * a;
+  vf p = splat(-0.005664775360992441f);
+  p = p * t + 0.020595679965422484f;
+  p = p * t + -0.05372267934589393f;
+  p = p * t + 0.13331150161457603f;
+  p = p * t + -0.3333326164181036f;
+  p = p * t + 0.9999999961636127f;
+  const vf small = a * p;
+  const vf e = exp_lanes(2.0f * (a > splat(10.0f) ? splat(10.0f) : a));
+  const vf large = 1.0f - 2.0f / (e + 1.0f);
+  const vf y = a < splat(0.625f) ? small : large;
+  return as_float(as_bits(y) | sign);
+}
+
+template <typename W>
+static inline __attribute__((always_inline)) float dot(const W* row, const float* q,
+                                                       int64_t width) {
+  const int64_t body = width / kLanes * kLanes;
+  vf a0 = vf{}, a1 = vf{};
+  int64_t i = 0;
+  for (; i + 2 * kLanes <= body; i += 2 * kLanes) {
+    a0 += load(row + i) * load(q + i);
+    a1 += load(row + i + kLanes) * load(q + i + kLanes);
+  }
+  for (; i < body; i += kLanes) a0 += load(row + i) * load(q + i);
+  float s = sum_lanes(a0 + a1);
+  for (; i < width; ++i) s += scalar(row[i]) * q[i];
+  return s;
+}
+
+// out[d] += w * row[d] for d in [0, width).
+template <typename W>
+static inline __attribute__((always_inline)) void add_scaled(float* out, float w, const W* row,
+                                                            int64_t width) {
+  const int64_t body = width / kLanes * kLanes;
+  for (int64_t d = 0; d < body; d += kLanes) {
+    vf o;
+    __builtin_memcpy(&o, out + d, sizeof(vf));
+    o += w * load(row + d);
+    __builtin_memcpy(out + d, &o, sizeof(vf));
+  }
+  for (int64_t d = body; d < width; ++d) out[d] += w * scalar(row[d]);
+}
+
+// Whether a cached key at position `pos` is valid for a query at `qpos` (causal, inside the
+// window, slot filled).
+static inline __attribute__((always_inline)) bool key_valid(int32_t pos, int32_t qpos,
+                                                            int32_t window) {
+  return pos >= 0 && pos <= qpos && static_cast<int64_t>(qpos) - pos < window;
+}
+
+// Scores of `groups` queries q [groups, width] against the cached keys [begin, end) of one kv
+// head (keys [rows, width]): scores[g * stride + j] = softcap(q_g . keys[j]), -inf for an
+// invalid key (which is not read). cap <= 0 means no soft-cap.
+template <typename W>
+void key_scores(const float* q, int64_t groups, const W* keys, int64_t width,
+                const int32_t* pos, int32_t qpos, int32_t window, float cap, float* scores,
+                int64_t stride, int64_t begin, int64_t end) {
+  for (int64_t j = begin; j < end; ++j) {
+    const bool valid = key_valid(pos[j], qpos, window);
+    const W* row = keys + j * width;
+    for (int64_t g = 0; g < groups; ++g) {
+      scores[g * stride + j] = valid ? dot(row, q + g * width, width) : 0.0f;
+    }
+  }
+  const float neg_inf = -__builtin_inff();
+  for (int64_t g = 0; g < groups; ++g) {
+    float* s = scores + g * stride;
+    int64_t j = begin;
+    if (cap > 0.0f) {
+      for (; j + kLanes <= end; j += kLanes) {
+        vf x;
+        __builtin_memcpy(&x, s + j, sizeof(vf));
+        x = cap * tanh_lanes(x * (1.0f / cap));
+        __builtin_memcpy(s + j, &x, sizeof(vf));
+      }
+      for (; j < end; ++j) {
+        vf x = splat(s[j] * (1.0f / cap));
+        s[j] = cap * tanh_lanes(x)[0];
+      }
+    }
+    for (j = begin; j < end; ++j) {
+      if (!key_valid(pos[j], qpos, window)) s[j] = neg_inf;
+    }
+  }
+}
+
+// The standard normal quantile for p in (0, 1): the Cephes rational approximation (three
+// ranges), in double.
+static double normal_quantile(double p) {
+  static const double p0[5] = {-5.99633501014107895267e1, 9.80010754185999661536e1,
+                               -5.66762857469070293439e1, 1.39312609387279679503e1,
+                               -1.23916583867381258016e0};
+  static const double q0[8] = {1.95448858338141759834e0,  4.67627912898881538453e0,
+                               8.63602421390890590575e1,  -2.25462687854119370527e2,
+                               2.00260212380060660359e2,  -8.20372256168333339912e1,
+                               1.59056225126211695515e1,  -1.18331621121330003142e0};
+  static const double p1[9] = {4.05544892305962419923e0,   3.15251094599893866154e1,
+                               5.71628192246421288162e1,   4.40805073893200834700e1,
+                               1.46849561928858024014e1,   2.18663306850790267539e0,
+                               -1.40256079171354495875e-1, -3.50424626827848203418e-2,
+                               -8.57456785154685413611e-4};
+  static const double q1[8] = {1.57799883256466749731e1,   4.53907635128879210584e1,
+                               4.13172038254672030440e1,   1.50425385692907503408e1,
+                               2.50464946208309415979e0,   -1.42182922854787788574e-1,
+                               -3.80806407691578277194e-2, -9.33259480895457427372e-4};
+  static const double p2[9] = {3.23774891776946035970e0,  6.91522889068984211695e0,
+                               3.93881025292474443415e0,  1.33303460815807542389e0,
+                               2.01485389549179081538e-1, 1.23716634817820021358e-2,
+                               3.01581553508235416007e-4, 2.65806974686737550832e-6,
+                               6.23974539184983293730e-9};
+  static const double q2[8] = {6.02427039364742014255e0,  3.67983563856160859403e0,
+                               1.37702099489081330271e0,  2.16236993594496635890e-1,
+                               1.34204006088543189037e-2, 3.28014464682127739104e-4,
+                               2.89247864745380683936e-6, 6.79019408009981274425e-9};
+  auto poly = [](const double* c, int n, double x) {
+    double r = 0.0;
+    for (int i = 0; i < n; ++i) r = r * x + c[i];
+    return r;
+  };
+  auto poly1 = [](const double* c, int n, double x) {  // leading coefficient 1
+    double r = 1.0;
+    for (int i = 0; i < n; ++i) r = r * x + c[i];
+    return r;
+  };
+  const double e2 = 0.1353352832366127;  // exp(-2)
+  bool upper = p > 1.0 - e2;
+  double y = upper ? 1.0 - p : p;
+  if (y > e2) {
+    y -= 0.5;
+    const double y2 = y * y;
+    const double x = y + y * (y2 * poly(p0, 5, y2) / poly1(q0, 8, y2));
+    return x * 2.50662827463100050242;  // sqrt(2 pi)
+  }
+  const double x = std::sqrt(-2.0 * std::log(y));
+  const double x0 = x - std::log(x) / x;
+  const double z = 1.0 / x;
+  const double x1 = x < 8.0 ? z * poly(p1, 9, z) / poly1(q1, 8, z) : z * poly(p2, 9, z) / poly1(q2, 8, z);
+  const double out = x0 - x1;
+  return upper ? out : -out;
+}
+
+// Spark attention of one query head at decode, from its predictor scores over the cache's S
+// slots and its own key (scores[S]; -inf marks an invalid key):
+//   theta = min(mean + z * std, max) over the valid scores, z = Phi^-1(1 - k / n_valid)
+//   (every valid key kept when n_valid <= k); kept = valid scores >= theta;
+//   out = sum_kept softmax(scores)[j] * softplus(q_rest . k_rest[j]) * v[j].
+// Only the kept keys' k_rest and v rows are read. Returns the number of kept keys.
+// scratch holds S + 1 ints and S + 1 floats.
+template <typename W>
+int64_t spark_head(const float* scores, int64_t slots, int64_t top_k, const float* q_rest,
+                   const W* k_rest, const W* v, const float* new_k_rest, const float* new_v,
+                   int64_t rest, int64_t width, float* out, int32_t* kept, float* weights) {
+  for (int64_t d = 0; d < width; ++d) out[d] = 0.0f;
+  const int64_t keys = slots + 1;
+  int64_t n = 0;
+  double total = 0.0;
+  float top = -__builtin_inff();
+  for (int64_t j = 0; j < keys; ++j) {
+    const float s = scores[j];
+    if (s == -__builtin_inff()) continue;
+    ++n;
+    total += s;
+    top = s > top ? s : top;
+  }
+  if (n == 0) return 0;
+  const double mean = total / static_cast<double>(n);
+  double squares = 0.0;
+  for (int64_t j = 0; j < keys; ++j) {
+    if (scores[j] == -__builtin_inff()) continue;
+    const double dev = scores[j] - mean;
+    squares += dev * dev;
+  }
+  const double std_dev = std::sqrt(squares / static_cast<double>(n));
+  float theta = -__builtin_inff();
+  if (n > top_k) {
+    double frac = 1.0 - static_cast<double>(top_k) / static_cast<double>(n);
+    frac = frac < 1e-6 ? 1e-6 : (frac > 1.0 - 1e-6 ? 1.0 - 1e-6 : frac);
+    const float t = static_cast<float>(mean + normal_quantile(frac) * std_dev);
+    theta = t < top ? t : top;
+  }
+  int64_t count = 0;
+  double denom = 0.0;
+  for (int64_t j = 0; j < keys; ++j) {
+    const float s = scores[j];
+    if (s == -__builtin_inff() || s < theta) continue;
+    const float e = std::exp(s - top);
+    kept[count] = static_cast<int32_t>(j);
+    weights[count] = e;
+    denom += e;
+    ++count;
+  }
+  const float inv = static_cast<float>(1.0 / denom);
+  for (int64_t a = 0; a < count; ++a) {
+    const int64_t j = kept[a];
+    const bool is_new = j == slots;
+    const float g = is_new ? dot(new_k_rest, q_rest, rest) : dot(k_rest + j * rest, q_rest, rest);
+    // softplus(g) = max(g, 0) + log1p(exp(-|g|)), without overflow.
+    const float gate = (g > 0.0f ? g : 0.0f) + std::log1p(std::exp(-std::fabs(g)));
+    const float w = weights[a] * inv * gate;
+    if (is_new) {
+      add_scaled(out, w, new_v, width);
+    } else {
+      add_scaled(out, w, v + j * width, width);
+    }
+  }
+  return count;
+}
+
+// Dense attention weights of one query head at decode: scores [S + 1] (-inf: invalid) become
+// softmax weights in place (0 on invalid keys). Returns the number of valid keys.
+static int64_t dense_weights(float* scores, int64_t keys) {
+  float top = -__builtin_inff();
+  int64_t n = 0;
+  for (int64_t j = 0; j < keys; ++j) {
+    if (scores[j] == -__builtin_inff()) continue;
+    ++n;
+    top = scores[j] > top ? scores[j] : top;
+  }
+  if (n == 0) {
+    for (int64_t j = 0; j < keys; ++j) scores[j] = 0.0f;
+    return 0;
+  }
+  vf acc = vf{};
+  int64_t j = 0;
+  for (; j + kLanes <= keys; j += kLanes) {
+    vf x;
+    __builtin_memcpy(&x, scores + j, sizeof(vf));
+    x = exp_lanes(x - top);
+    __builtin_memcpy(scores + j, &x, sizeof(vf));
+    acc += x;
+  }
+  float total = sum_lanes(acc);
+  for (; j < keys; ++j) {
+    const float e = exp_lanes(splat(scores[j] - top))[0];
+    scores[j] = e;
+    total += e;
+  }
+  const float inv = 1.0f / total;
+  for (j = 0; j < keys; ++j) scores[j] *= inv;
+  return n;
+}
+
+// partial[g] = sum_{j in [begin, end)} weights[g * stride + j] * v[j] for `groups` query
+// heads of one kv head; a key no head weighs is not read.
+template <typename W>
+void weighted_values(const float* weights, int64_t groups, int64_t stride, const W* v,
+                     int64_t width, float* partial, int64_t begin, int64_t end) {
+  for (int64_t i = 0; i < groups * width; ++i) partial[i] = 0.0f;
+  for (int64_t j = begin; j < end; ++j) {
+    const W* row = v + j * width;
+    for (int64_t g = 0; g < groups; ++g) {
+      const float w = weights[g * stride + j];
+      if (w != 0.0f) add_scaled(partial + g * width, w, row, width);
+    }
+  }
+}
+
 // This instruction set's entry points, as one type the dispatcher can pass around.
 struct Kernels {
   template <typename W>
@@ -218,5 +529,33 @@ struct Kernels {
                              const W* k_rest, const W* v, float* out, int64_t slots,
                              int64_t rows, int64_t rest, int64_t width) {
     gated_attention(q, p, idx, k_rest, v, out, slots, rows, rest, width);
+  }
+  template <typename W>
+  static void KeyScores(const float* q, int64_t groups, const W* keys, int64_t width,
+                        const int32_t* pos, int32_t qpos, int32_t window, float cap,
+                        float* scores, int64_t stride, int64_t begin, int64_t end) {
+    key_scores(q, groups, keys, width, pos, qpos, window, cap, scores, stride, begin, end);
+  }
+  template <typename W>
+  static int64_t SparkHead(const float* scores, int64_t slots, int64_t top_k,
+                           const float* q_rest, const W* k_rest, const W* v,
+                           const float* new_k_rest, const float* new_v, int64_t rest,
+                           int64_t width, float* out, int32_t* kept, float* weights) {
+    return spark_head(scores, slots, top_k, q_rest, k_rest, v, new_k_rest, new_v, rest, width,
+                      out, kept, weights);
+  }
+  static int64_t DenseWeights(float* scores, int64_t keys) { return dense_weights(scores, keys); }
+  template <typename W>
+  static void WeightedValues(const float* weights, int64_t groups, int64_t stride, const W* v,
+                             int64_t width, float* partial, int64_t begin, int64_t end) {
+    weighted_values(weights, groups, stride, v, width, partial, begin, end);
+  }
+  // softcap(q . k) of one float32 key (the current token's own).
+  static float NewScore(const float* k, const float* q, int64_t width, float cap) {
+    const float x = dot(k, q, width);
+    return cap > 0.0f ? cap * tanh_lanes(splat(x * (1.0f / cap)))[0] : x;
+  }
+  static void AddScaled(float* out, float w, const float* row, int64_t width) {
+    add_scaled(out, w, row, width);
   }
 };

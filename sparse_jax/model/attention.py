@@ -303,6 +303,63 @@ def attend_blockwise(
     return _ungroup(out), count.reshape(b, kv * g, t)
 
 
+def attend_decode_native(
+    cfg: ModelConfig,
+    q: jax.Array,
+    cache: Segment,
+    new: Segment,
+    q_pos: jax.Array,
+    window: jax.Array | int,
+    kernels: Kernels,
+) -> tuple[jax.Array, jax.Array]:
+    """One decode step's attention (T = 1) in one native CPU kernel, dense or Spark.
+
+    The same result as :func:`attend_masked` over ``(cache, new)``; Spark reads the kept keys'
+    ``k_rest`` and ``v`` rows only, with no capacity (nothing can overflow).
+
+    Args:
+      cfg: model config (Spark layers need ``topk_method="statistical"``).
+      q: [B, 1, N, H] rotated queries.
+      cache: one layer's cache entries before this token.
+      new: this token's entries (one slot, at ``q_pos``).
+      q_pos: [B, 1] query positions.
+      window: the layer's attention window.
+      kernels: a native :class:`Kernels`.
+
+    Returns:
+      out [B, 1, N, H] float32 and the attended keys per query head [B, N, 1] float32.
+    """
+    q1, q_pos1 = q[:, 0], q_pos[:, 0]
+    own = {name: a[:, :, 0] for name, a in new.items() if name != "pos"}
+    softcap_ = cfg.attn_logit_softcap
+    if cfg.attn_kind == "spark":
+        r = cfg.attn_predictor_dim
+        q_pred = q1[..., :r] * jnp.asarray(cfg.resolved_predictor_query_scale, q1.dtype)
+        q_rest = q1[..., r:] * jnp.asarray(cfg.resolved_gate_query_scale, q1.dtype)
+        out, count = kernels.spark_decode_attention(
+            q_pred, q_rest, cache["k_pred"], cache["k_rest"], cache["v"], cache["pos"],
+            own["k_pred"], own["k_rest"], own["v"], q_pos1, window,
+            top_k=cfg.attn_top_k, softcap=softcap_,
+        )  # fmt: skip
+    else:
+        q_scaled = q1 * jnp.asarray(cfg.resolved_query_scale, q1.dtype)
+        out, count = kernels.dense_decode_attention(
+            q_scaled, cache["k"], cache["v"], cache["pos"], own["k"], own["v"], q_pos1, window,
+            softcap=softcap_,
+        )  # fmt: skip
+    return out[:, None], count[..., None]
+
+
+def native_decode(cfg: ModelConfig, kernels: Kernels, length: int, cache: Segment | None) -> bool:
+    """Whether a block of ``length`` queries attends through :func:`attend_decode_native`."""
+    return (
+        cache is not None
+        and length == 1
+        and kernels.native()
+        and (cfg.attn_kind == "dense" or cfg.topk_method == "statistical")
+    )
+
+
 def attend_sparse(
     cfg: ModelConfig,
     q: jax.Array,
@@ -424,7 +481,13 @@ class Attention(nn.Module):
         q, k, v = self.project(x, positions)
         new = key_entries(self.cfg, k, v, positions)
         overflow = jnp.zeros((), jnp.int32)
-        if sparse_capacity is not None:
+        if native_decode(self.cfg, self.kernels, x.shape[1], cache) and (
+            sparse_capacity is not None or self.cfg.attn_kind == "dense"
+        ):
+            out, kept = attend_decode_native(
+                self.cfg, q, cache, new, positions, window, self.kernels
+            )
+        elif sparse_capacity is not None:
             out, kept, overflow = attend_sparse(
                 self.cfg, q, cache, new, positions, window, sparse_capacity, self.kernels
             )

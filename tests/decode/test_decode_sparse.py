@@ -8,6 +8,7 @@ import pytest
 from decode_cases import BASE, MASKED, VARIANTS, T
 from tolerances import F32_VS_F64
 
+from pallas_kernels import _native
 from pallas_kernels.sparse_ffn.xla import sparse_ffn as sparse_ffn_gathered
 from pallas_kernels.topk_attention.xla import topk_attention as topk_attention_gathered
 from sparse_jax.decode.cache import init_cache
@@ -56,11 +57,27 @@ def test_sparse_logits_equal_masked_logits(name, batch, batch_modes):
 def test_capacity_overflow_falls_back_to_the_masked_result_and_is_counted():
     cfg, params, tokens = _model("spark", 2)
     want, _ = _decode_all(cfg, params, tokens, MASKED)
-    tight = DecodeOptions("sparse", ffn_capacity=1, attn_capacity=1, prefill_chunk=4)
+    tight = DecodeOptions(
+        "sparse", ffn_capacity=1, attn_capacity=1, prefill_chunk=4, implementation="xla"
+    )
     got, overflow = _decode_all(cfg, params, tokens, tight)
     np.testing.assert_allclose(got, want, **F32_VS_F64)
     # Every sparse layer overflows at every step: attention and FFN of each layer.
     assert overflow.tolist() == [2 * (T - PROMPT)] * cfg.num_layers
+
+
+@pytest.mark.skipif(not _native.available(), reason="native kernels not built")
+def test_the_native_attention_has_no_capacity_to_overflow():
+    cfg, params, tokens = _model("spark", 2)
+    want, _ = _decode_all(cfg, params, tokens, MASKED)
+    tight = DecodeOptions(
+        "sparse", ffn_capacity=1, attn_capacity=1, prefill_chunk=4, implementation="native"
+    )
+    got, overflow = _decode_all(cfg, params, tokens, tight)
+    np.testing.assert_allclose(got, want, **F32_VS_F64)
+    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    # Only the FFN overflows its capacity of one neuron; attention gathers every kept key.
+    assert overflow.tolist() == [T - PROMPT] * cfg.num_layers
 
 
 def test_greedy_generations_are_identical_on_both_paths():
