@@ -14,8 +14,9 @@ from pallas_kernels.stat_topk.xla import statistical_threshold
 
 
 def _keys(cache: jax.Array, new: jax.Array) -> jax.Array:
-    """cache [B, K, S, W] and new [B, K, W] -> [B, K, S + 1, W] in the cache's dtype."""
-    return jnp.concatenate([cache, new.astype(cache.dtype)[:, :, None]], axis=2)
+    """cache [B, K, S, W] and new [B, K, W] -> [B, K, S + 1, W] (the token's own entries keep
+    their float32 precision)."""
+    return jnp.concatenate([cache.astype(jnp.float32), new.astype(jnp.float32)[:, :, None]], 2)
 
 
 def _valid(pos: jax.Array, q_pos: jax.Array, window) -> jax.Array:
@@ -27,15 +28,13 @@ def _valid(pos: jax.Array, q_pos: jax.Array, window) -> jax.Array:
 def _scores(q: jax.Array, keys: jax.Array, softcap: float | None) -> jax.Array:
     b, n, w = q.shape
     kv = keys.shape[1]
-    qg = q.reshape(b, kv, n // kv, w).astype(keys.dtype)
+    qg = q.reshape(b, kv, n // kv, w).astype(jnp.float32)  # bfloat16 keys are promoted
     s = jnp.einsum("bkgw,bksw->bkgs", qg, keys, preferred_element_type=jnp.float32)
     return s if softcap is None else softcap * jnp.tanh(s / softcap)
 
 
 def _combine(weights: jax.Array, values: jax.Array) -> jax.Array:
-    out = jnp.einsum(
-        "bkgs,bksh->bkgh", weights.astype(values.dtype), values, preferred_element_type=jnp.float32
-    )
+    out = jnp.einsum("bkgs,bksh->bkgh", weights, values, preferred_element_type=jnp.float32)
     b, kv, g, h = out.shape
     return out.reshape(b, kv * g, h)
 

@@ -1,6 +1,7 @@
 """KV-cached decoding (masked path) against the uncached forward; cache, layout and errors."""
 
 import dataclasses
+import functools
 from unittest import mock
 
 import jax
@@ -11,7 +12,13 @@ from decode_cases import BASE, CACHED, MASKED, VARIANTS, T, full_forward
 
 from pallas_kernels import _native
 from sparse_jax.decode.cache import init_cache
-from sparse_jax.decode.step import DecodeOptions, decode_params, decode_step, prefill
+from sparse_jax.decode.step import (
+    DecodeOptions,
+    decode_params,
+    decode_step,
+    decode_step_jit,
+    prefill,
+)
 from sparse_jax.model import attention as A
 from sparse_jax.model.transformer import abstract_params, init_params, unstack_layers
 from sparse_jax.model.weights import random_params
@@ -163,28 +170,42 @@ def test_bad_input_raises_clear_errors():
 
 @pytest.mark.skipif(not _native.available(), reason="native kernels not built")
 @pytest.mark.parametrize(
-    ("dtype", "batch", "path"),
+    ("name", "dtype", "batch", "path"),
     [
-        pytest.param("float32", 1, "sparse", marks=pytest.mark.slow),
-        ("bfloat16", 8, "sparse"),
-        pytest.param("float32", 1, "masked", marks=pytest.mark.slow),
-        pytest.param("bfloat16", 1, "sparse", marks=pytest.mark.slow),
+        pytest.param("spark", "float32", 1, "sparse", marks=pytest.mark.slow),
+        ("spark", "bfloat16", 8, "sparse"),
+        pytest.param("spark", "float32", 1, "masked", marks=pytest.mark.slow),
+        pytest.param("spark", "bfloat16", 1, "sparse", marks=pytest.mark.slow),
+        ("dense", "float32", 2, "masked"),
+        ("mixed", "float32", 2, "sparse"),
     ],
-    ids=["f32-b1-sparse", "bf16-b8-sparse", "f32-b1-masked", "bf16-b1-sparse"],
-)
-def test_native_kernels_decode_like_xla(dtype, batch, path):
-    # The whole decode with the native products and gathered FFN against XLA's: the same
-    # logits within float32 reordering, and the same greedy token at every step.
-    cfg, params, tokens = _setup("spark", seed=11, b=batch)
+    ids=[
+        "f32-b1-sparse", "bf16-b8-sparse", "f32-b1-masked", "bf16-b1-sparse", "dense-f32-b2",
+        "mixed-f32-b2-sparse",
+    ],
+)  # fmt: skip
+def test_native_kernels_decode_like_xla(name, dtype, batch, path):
+    # The whole decode with the native products, gathered FFN and fused decode attention
+    # against XLA's: the same logits within float32 reordering, and the same greedy token at
+    # every step.
+    cfg, params, tokens = _setup(name, seed=11, b=batch)
     dparams = decode_params(cfg, params, dtype=dtype)
-    got, want = (
-        _cached_logits(
-            cfg, dparams, tokens, 8, DecodeOptions(path, prefill_chunk=4, implementation=impl)
-        )
+    options = {
+        impl: DecodeOptions(path, prefill_chunk=4, implementation=impl)
         for impl in ("native", "xla")
-    )
+    }
+    got, want = (_cached_logits(cfg, dparams, tokens, 8, opts) for opts in options.values())
     np.testing.assert_allclose(got, want, **CACHED)
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+    # A decode step really runs the fused attention kernel where it applies: every dense
+    # layer, and Spark layers on the sparse path.
+    cache = init_cache(cfg, batch, T)
+    _, cache, _ = prefill(cfg, dparams, cache, tokens[:, :8], None, options["native"])
+    native_step = functools.partial(decode_step_jit, cfg, options["native"])
+    step = str(jax.make_jaxpr(native_step)(dparams, cache, jnp.asarray(tokens[:, 8])))
+    fused = cfg.attn_kind == "dense" or (path == "sparse" and any(cfg.attn_sparse_layers))
+    kernel = f"sparse_jax_{cfg.attn_kind}_decode_attention"
+    assert (kernel in step) == fused
 
 
 @pytest.mark.parametrize("name", ["spark", pytest.param("dense", marks=pytest.mark.slow)])
