@@ -38,7 +38,7 @@ from sparse_jax.cost.decode_bytes import attention_op_bytes, ffn_block_bytes, st
 from sparse_jax.decode.cache import KVCache, init_cache
 from sparse_jax.decode.step import DecodeOptions, decode_step_jit, ffn_mode, prefill
 from sparse_jax.kernels import XLA_KERNELS, Kernels
-from sparse_jax.model.attention import attend_masked, attend_sparse
+from sparse_jax.model.attention import attend_decode_native, attend_masked, attend_sparse
 from sparse_jax.model.ffn import make_ffn
 from sparse_jax.model.weights import random_params
 
@@ -168,7 +168,17 @@ def attention_ms(base_cfgs, context: int, repeats: int, implementation: str) -> 
             )
         )
         out[name] = timed(masked, q, layer, new, repeats=repeats)
-        if cfg.attn_kind == "spark":
+        kernels = Kernels(implementation)
+        if kernels.native():
+            # The decode step's own path: the fused native kernel, dense and Spark alike.
+            fused = jax.jit(
+                lambda q, layer, new, window=window, cfg=cfg, kernels=kernels: attend_decode_native(
+                    cfg, q, layer, new, new["pos"], window, kernels
+                )
+            )
+            out[name + "/masked"] = out[name]
+            out[name] = timed(fused, q, layer, new, repeats=repeats)
+        elif cfg.attn_kind == "spark":
             cap = DecodeOptions().attn_cap(cfg, context)
             sparse = jax.jit(
                 lambda q, layer, new, window=window, cfg=cfg, cap=cap: attend_sparse(
@@ -384,8 +394,8 @@ def main() -> None:
     kernels = resolved
     if resolved == "native":
         kernels = (
-            f"native ({_native.isa()}) products, gathered FFN and gathered attention; XLA "
-            "predictor scores and thresholds"
+            f"native ({_native.isa()}) products, gathered FFN and fused decode attention "
+            "(dense and Spark); XLA FFN predictor and threshold"
         )
     args.contexts = [int(c) for c in args.contexts.split(",")]
     wall = time.perf_counter()

@@ -18,6 +18,8 @@
 #include <algorithm>
 #include <atomic>
 #include <cmath>
+#include <immintrin.h>
+
 #include <initializer_list>
 #include <cstdint>
 #include <cstring>
