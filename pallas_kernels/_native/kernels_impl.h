@@ -317,17 +317,48 @@ template <typename W>
 void key_scores(const float* q, int64_t groups, const W* keys, int64_t width,
                 const int32_t* pos, int32_t qpos, int32_t window, float cap, float* scores,
                 int64_t stride, int64_t begin, int64_t end) {
-  for (int64_t j = begin; j < end; ++j) {
-    const bool valid = key_valid(pos[j], qpos, window);
-    const W* row = keys + j * width;
+  constexpr int kRows = 4;  // rows scored together: four independent accumulator chains
+  const int64_t body = width / kLanes * kLanes;
+  int64_t j = begin;
+  for (; j + kRows <= end; j += kRows) {
+    bool all_valid = true;
+    for (int r = 0; r < kRows; ++r) all_valid &= key_valid(pos[j + r], qpos, window);
+    if (!all_valid) {
+      for (int r = 0; r < kRows; ++r) {
+        const bool valid = key_valid(pos[j + r], qpos, window);
+        for (int64_t g = 0; g < groups; ++g) {
+          scores[g * stride + j + r] =
+              valid ? dot(keys + (j + r) * width, q + g * width, width) : 0.0f;
+        }
+      }
+      continue;
+    }
+    const W* rows = keys + j * width;
     for (int64_t g = 0; g < groups; ++g) {
-      scores[g * stride + j] = valid ? dot(row, q + g * width, width) : 0.0f;
+      const float* qg = q + g * width;
+      vf acc[kRows];
+      for (int r = 0; r < kRows; ++r) acc[r] = vf{};
+      for (int64_t i = 0; i < body; i += kLanes) {
+        const vf qv = load(qg + i);
+        for (int r = 0; r < kRows; ++r) acc[r] += load(rows + r * width + i) * qv;
+      }
+      for (int r = 0; r < kRows; ++r) {
+        float sum = sum_lanes(acc[r]);
+        for (int64_t i = body; i < width; ++i) sum += scalar(rows[r * width + i]) * qg[i];
+        scores[g * stride + j + r] = sum;
+      }
+    }
+  }
+  for (; j < end; ++j) {
+    const bool valid = key_valid(pos[j], qpos, window);
+    for (int64_t g = 0; g < groups; ++g) {
+      scores[g * stride + j] = valid ? dot(keys + j * width, q + g * width, width) : 0.0f;
     }
   }
   const float neg_inf = -__builtin_inff();
   for (int64_t g = 0; g < groups; ++g) {
     float* s = scores + g * stride;
-    int64_t j = begin;
+    j = begin;
     if (cap > 0.0f) {
       for (; j + kLanes <= end; j += kLanes) {
         vf x;
