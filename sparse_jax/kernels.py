@@ -51,6 +51,7 @@ from pallas_kernels._common import sharding as kernel_sharding
 from pallas_kernels.blockwise_attention import api as blockwise_attention_api
 from pallas_kernels.decode_attention import api as decode_attention_api
 from pallas_kernels.sparse_ffn import api as sparse_ffn_api
+from pallas_kernels.sparse_ffn import native as sparse_ffn_native
 from pallas_kernels.sparse_ffn import xla as sparse_ffn_xla
 from pallas_kernels.stat_topk import api as stat_topk_api
 from pallas_kernels.stat_topk import xla as stat_topk_xla
@@ -249,6 +250,15 @@ class Kernels:
         out = sparse_ffn_api.sparse_ffn(h, idx, x_rest, k2, v, **self._kernel_args())
         return out.astype(jnp.float32)
 
+    def sparse_ffn_block(
+        self, act: jax.Array, x_rest: jax.Array, k2: jax.Array, v: jax.Array
+    ) -> jax.Array:
+        """The Spark FFN of a block of tokens from its activations act [M, F], neuron by
+        neuron (native CPU kernel; see :func:`pallas_kernels.sparse_ffn.native.
+        sparse_ffn_block`). Returns [M, D] float32."""
+        self._native_only()
+        return sparse_ffn_native.sparse_ffn_block(act, x_rest, k2, v)
+
     def topk_attention(
         self,
         q_rest: jax.Array,
@@ -275,20 +285,20 @@ class Kernels:
         Returns out [B, N, H] and kept keys [B, N], float32.
         """
         return decode_attention_api.spark_decode_attention(
-            *arrays, top_k=top_k, softcap=softcap, implementation=self._decode_implementation()
+            *arrays, top_k=top_k, softcap=softcap, implementation=self._native_only()
         )
 
     def dense_decode_attention(self, *arrays: jax.Array, softcap: float | None):
         """One decode step's dense attention as the native kernel; see
         :func:`pallas_kernels.decode_attention.dense_decode_attention` (same arrays)."""
         return decode_attention_api.dense_decode_attention(
-            *arrays, softcap=softcap, implementation=self._decode_implementation()
+            *arrays, softcap=softcap, implementation=self._native_only()
         )
 
-    def _decode_implementation(self) -> str:
+    def _native_only(self) -> str:
         if not self.native():
             raise ValueError(
-                "the fused decode attention is a native CPU kernel; this Kernels resolves to "
+                "this op is a native CPU kernel only; this Kernels resolves to "
                 f"{self.resolved()!r}" + (" under a mesh" if self.mesh is not None else "")
             )
         return "native"

@@ -30,6 +30,7 @@ TARGETS = {
     "sparse_jax_linear": "SparseJaxLinear",
     "sparse_jax_sparse_ffn": "SparseJaxSparseFfn",
     "sparse_jax_topk_attention": "SparseJaxTopkAttention",
+    "sparse_jax_sparse_ffn_block": "SparseJaxSparseFfnBlock",
     "sparse_jax_spark_decode_attention": "SparseJaxSparkDecodeAttention",
     "sparse_jax_dense_decode_attention": "SparseJaxDenseDecodeAttention",
 }

@@ -5,6 +5,8 @@
 //                          k2 [F, D-R] and v [F, D] float32 or bfloat16.
 //   sparse_jax_topk_attention: out [B, N, H] = sum_a p * softplus(q_rest . k_rest[idx]) * v[idx]
 //                          over the selected slots of each query head's kv head.
+//   sparse_jax_sparse_ffn_block: y [M, D] = sum over act[m, i] != 0 of
+//                          act[m, i] * (k2[i] . x_rest[m]) * v[i], neuron by neuron (prefill).
 //   sparse_jax_spark_decode_attention, sparse_jax_dense_decode_attention: one decode step's
 //                          whole attention of one query per row over a cache and the token's
 //                          own key (Spark: predictor scores, statistical threshold, then only
@@ -347,6 +349,148 @@ ffi::Error TopkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_rest,
   return ffi::Error::Success();
 }
 
+// The sparse FFN of a block of tokens (prefill), neuron by neuron: the tokens that activate a
+// neuron share one read of its K2 and V rows. Phase 1 (chunks of neurons): lists of
+// (token, h) per neuron from act [M, F], then coef = h * (x_rest[token] . K2[neuron]).
+// Phase 2 (chunks of output columns): y[token] += coef * V[neuron] over the neurons in order,
+// so each output element sums its terms in neuron order whatever the thread count.
+constexpr int64_t kNeuronChunk = 128;
+constexpr int64_t kSliceWidth = 32;  // columns of y summed in registers per pass
+constexpr int64_t kGroupSlices = 4;  // slices copied out of V in one pass over its rows
+
+struct NeuronPairs {
+  std::vector<int32_t> start;  // per neuron of the chunk, into token/coef (size n + 1)
+  std::vector<int32_t> token;
+  std::vector<float> coef;
+};
+
+template <typename W>
+void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* x, const W* k2,
+                       const W* v, float* y, int64_t tokens, int64_t neurons, int64_t rest,
+                       int64_t width) {
+  const int64_t chunks = (neurons + kNeuronChunk - 1) / kNeuronChunk;
+  std::vector<NeuronPairs> pairs(chunks);
+  ParallelFor(pool, chunks, [&](int64_t c) {
+    const int64_t f0 = c * kNeuronChunk, f1 = std::min(neurons, f0 + kNeuronChunk);
+    NeuronPairs& p = pairs[c];
+    p.start.assign(f1 - f0 + 1, 0);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* a = act + t * neurons;
+      for (int64_t i = f0; i < f1; ++i) p.start[i - f0 + 1] += a[i] != 0.0f;
+    }
+    for (int64_t i = 0; i < f1 - f0; ++i) p.start[i + 1] += p.start[i];
+    p.token.resize(p.start.back());
+    p.coef.resize(p.start.back());
+    std::vector<int32_t> fill(p.start.begin(), p.start.end() - 1);
+    for (int64_t t = 0; t < tokens; ++t) {
+      const float* a = act + t * neurons;
+      for (int64_t i = f0; i < f1; ++i) {
+        if (a[i] == 0.0f) continue;
+        const int32_t k = fill[i - f0]++;
+        p.token[k] = static_cast<int32_t>(t);
+        p.coef[k] = a[i];
+      }
+    }
+    WithIsa([&](auto kk) {
+      for (int64_t i = f0; i < f1; ++i) {
+        kk.Dots(k2 + i * rest, x, rest, p.token.data() + p.start[i - f0],
+                p.coef.data() + p.start[i - f0], p.start[i - f0 + 1] - p.start[i - f0]);
+      }
+    });
+  });
+  // The same pairs by token (neurons ascending within each token).
+  std::vector<int32_t> tstart(tokens + 1, 0);
+  for (const NeuronPairs& p : pairs) {
+    for (int32_t t : p.token) ++tstart[t + 1];
+  }
+  for (int64_t t = 0; t < tokens; ++t) tstart[t + 1] += tstart[t];
+  std::vector<int32_t> tneuron(tstart.back());
+  std::vector<float> tcoef(tstart.back());
+  {
+    std::vector<int32_t> fill(tstart.begin(), tstart.end() - 1);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const NeuronPairs& p = pairs[c];
+      for (int64_t i = 0; i + 1 < static_cast<int64_t>(p.start.size()); ++i) {
+        for (int32_t k = p.start[i]; k < p.start[i + 1]; ++k) {
+          const int32_t at = fill[p.token[k]]++;
+          tneuron[at] = static_cast<int32_t>(c * kNeuronChunk + i);
+          tcoef[at] = p.coef[k];
+        }
+      }
+    }
+  }
+  // Phase 2, by narrow column slices: a slice of V (every neuron's row segment) stays in the
+  // core's cache while each token sums its neurons' segments in registers.
+  const int64_t slices = (width + kSliceWidth - 1) / kSliceWidth;
+  const int64_t groups = (slices + kGroupSlices - 1) / kGroupSlices;
+  ParallelFor(pool, groups, [&](int64_t gr) {
+    // The group's columns are first copied out contiguous, one [F, slice width] block per
+    // slice, in one pass over V's rows: gathering from V in place touches one page per row
+    // and spends the time in the TLB.
+    const int64_t s0 = gr * kGroupSlices, s1 = std::min(slices, s0 + kGroupSlices);
+    const int64_t c0 = s0 * kSliceWidth, c1 = std::min(width, s1 * kSliceWidth);
+    std::unique_ptr<W[]> packed(new W[neurons * (c1 - c0)]);
+    for (int64_t i = 0; i < neurons; ++i) {
+      const W* row = v + i * width;
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        const int64_t d0 = sl * kSliceWidth, w = std::min(width, d0 + kSliceWidth) - d0;
+        std::memcpy(packed.get() + neurons * (d0 - c0) + i * w, row + d0, sizeof(W) * w);
+      }
+    }
+    WithIsa([&](auto kk) {
+      for (int64_t sl = s0; sl < s1; ++sl) {
+        const int64_t d0 = sl * kSliceWidth, w = std::min(width, d0 + kSliceWidth) - d0;
+        const W* block = packed.get() + neurons * (d0 - c0);
+        for (int64_t t = 0; t < tokens; ++t) {
+          kk.GatherSlice(block, w, w, tneuron.data() + tstart[t], tcoef.data() + tstart[t],
+                         tstart[t + 1] - tstart[t], y + t * width + d0);
+        }
+      }
+    });
+  });
+}
+
+ffi::Error SparseFfnBlockImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> act,
+                              ffi::Buffer<ffi::F32> x_rest, ffi::AnyBuffer k2, ffi::AnyBuffer v,
+                              ffi::ResultBuffer<ffi::F32> y) {
+  if (ffi::Error err = CheckTable(k2, "k2"); err.failure()) return err;
+  if (ffi::Error err = CheckTable(v, "v"); err.failure()) return err;
+  if (k2.element_type() != v.element_type()) {
+    return ffi::Error::InvalidArgument("k2 and v must have the same dtype");
+  }
+  auto ad = act.dimensions();
+  auto kd = k2.dimensions();
+  auto vd = v.dimensions();
+  const int64_t neurons = kd[kd.size() - 2], rest = kd[kd.size() - 1];
+  const int64_t width = vd[vd.size() - 1];
+  if (vd[vd.size() - 2] != neurons || ad.size() < 1 || ad[ad.size() - 1] != neurons) {
+    return ffi::Error::InvalidArgument("act [..., F], k2 [F, D-R] and v [F, D] disagree on F");
+  }
+  const int64_t tokens = Product(ad, 0, ad.size() - 1);
+  if (static_cast<int64_t>(x_rest.element_count()) != tokens * rest ||
+      static_cast<int64_t>(y->element_count()) != tokens * width) {
+    return ffi::Error::InvalidArgument("x_rest must be [tokens, D-R] and y [tokens, D]");
+  }
+  if (tokens > INT32_MAX) return ffi::Error::InvalidArgument("too many tokens in one block");
+  if (tokens == 0 || width == 0) return ffi::Error::Success();
+  if (neurons == 0) {
+    std::memset(y->typed_data(), 0, sizeof(float) * tokens * width);
+    return ffi::Error::Success();
+  }
+  if (k2.element_type() == ffi::DataType::F32) {
+    SparseFfnBlockRun(pool, act.typed_data(), x_rest.typed_data(),
+                      static_cast<const float*>(k2.untyped_data()),
+                      static_cast<const float*>(v.untyped_data()), y->typed_data(), tokens,
+                      neurons, rest, width);
+  } else {
+    SparseFfnBlockRun(pool, act.typed_data(), x_rest.typed_data(),
+                      static_cast<const uint16_t*>(k2.untyped_data()),
+                      static_cast<const uint16_t*>(v.untyped_data()), y->typed_data(), tokens,
+                      neurons, rest, width);
+  }
+  return ffi::Error::Success();
+}
+
 // Decode attention of one query per row over a cache of S slots plus the current token's own
 // key (slot S, at the query's position), dense or Spark. Keys are scored in chunks of this
 // many slots: a fixed size, so the result does not depend on the thread count.
@@ -650,6 +794,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxTopkAttention, TopkAttentionImpl,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparseFfnBlock, SparseFfnBlockImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // act
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x_rest
+                                  .Arg<ffi::AnyBuffer>()         // k2
+                                  .Arg<ffi::AnyBuffer>()         // v
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparkDecodeAttention, SparkDecodeImpl,

@@ -277,14 +277,16 @@ template <typename W>
 static inline __attribute__((always_inline)) float dot(const W* row, const float* q,
                                                        int64_t width) {
   const int64_t body = width / kLanes * kLanes;
-  vf a0 = vf{}, a1 = vf{};
+  vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
   int64_t i = 0;
-  for (; i + 2 * kLanes <= body; i += 2 * kLanes) {
+  for (; i + 4 * kLanes <= body; i += 4 * kLanes) {
     a0 += load(row + i) * load(q + i);
     a1 += load(row + i + kLanes) * load(q + i + kLanes);
+    a2 += load(row + i + 2 * kLanes) * load(q + i + 2 * kLanes);
+    a3 += load(row + i + 3 * kLanes) * load(q + i + 3 * kLanes);
   }
   for (; i < body; i += kLanes) a0 += load(row + i) * load(q + i);
-  float s = sum_lanes(a0 + a1);
+  float s = sum_lanes((a0 + a1) + (a2 + a3));
   for (; i < width; ++i) s += scalar(row[i]) * q[i];
   return s;
 }
@@ -548,6 +550,55 @@ void weighted_values(const float* weights, int64_t groups, int64_t stride, const
   }
 }
 
+// coef[k] *= row . x[token[k]] for the n tokens of one neuron (row [width], x [*, width]).
+template <typename W>
+void token_dots(const W* row, const float* x, int64_t width, const int32_t* token, float* coef,
+                int64_t n) {
+  for (int64_t k = 0; k < n; ++k) coef[k] *= dot(row, x + token[k] * width, width);
+}
+
+// y[token[k] * stride + d] += coef[k] * row[d] for d in [0, width) and the n tokens of one
+// neuron; the row segment is read once (then from cache) for all of them.
+template <typename W>
+void scatter_segment(const W* row, int64_t width, const int32_t* token, const float* coef,
+                     int64_t n, float* y, int64_t stride) {
+  for (int64_t k = 0; k < n; ++k) add_scaled(y + token[k] * stride, coef[k], row, width);
+}
+
+// out[d] = sum_k coef[k] * v[neuron[k] * stride + d] for d in [0, width), width <= 32; the
+// sum runs over k in order, in registers.
+template <typename W>
+void gather_slice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
+                  const float* coef, int64_t n, float* out) {
+  constexpr int kVecs = 32 / kLanes;
+  if (width == 32) {
+    // Two sets of accumulators (even and odd k) halve the FMA dependency chains.
+    vf acc[2][kVecs];
+    for (int e = 0; e < 2; ++e)
+      for (int q = 0; q < kVecs; ++q) acc[e][q] = vf{};
+    int64_t k = 0;
+    for (; k + 2 <= n; k += 2) {
+      for (int e = 0; e < 2; ++e) {
+        const W* row = v + neuron[k + e] * stride;
+        const float c = coef[k + e];
+        for (int q = 0; q < kVecs; ++q) acc[e][q] += c * load(row + q * kLanes);
+      }
+    }
+    if (k < n) {
+      const W* row = v + neuron[k] * stride;
+      for (int q = 0; q < kVecs; ++q) acc[0][q] += coef[k] * load(row + q * kLanes);
+    }
+    for (int q = 0; q < kVecs; ++q) acc[0][q] += acc[1][q];
+    __builtin_memcpy(out, acc[0], sizeof(acc[0]));
+    return;
+  }
+  for (int64_t d = 0; d < width; ++d) out[d] = 0.0f;
+  for (int64_t k = 0; k < n; ++k) {
+    const W* row = v + neuron[k] * stride;
+    for (int64_t d = 0; d < width; ++d) out[d] += coef[k] * scalar(row[d]);
+  }
+}
+
 // This instruction set's entry points, as one type the dispatcher can pass around.
 struct Kernels {
   template <typename W>
@@ -597,6 +648,21 @@ struct Kernels {
   static float NewScore(const float* k, const float* q, int64_t width, float cap) {
     const float x = dot(k, q, width);
     return cap > 0.0f ? cap * tanh_lanes(splat(x * (1.0f / cap)))[0] : x;
+  }
+  template <typename W>
+  static void Dots(const W* row, const float* x, int64_t width, const int32_t* token,
+                   float* coef, int64_t n) {
+    token_dots(row, x, width, token, coef, n);
+  }
+  template <typename W>
+  static void ScatterSegment(const W* row, int64_t width, const int32_t* token,
+                             const float* coef, int64_t n, float* y, int64_t stride) {
+    scatter_segment(row, width, token, coef, n, y, stride);
+  }
+  template <typename W>
+  static void GatherSlice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
+                          const float* coef, int64_t n, float* out) {
+    gather_slice(v, stride, width, neuron, coef, n, out);
   }
   static void AddScaled(float* out, float w, const float* row, int64_t width) {
     add_scaled(out, w, row, width);

@@ -28,3 +28,24 @@ def sparse_ffn(
     out = jax.ShapeDtypeStruct((*h.shape[:-1], v.shape[-1]), jnp.float32)
     call = jax.ffi.ffi_call("sparse_jax_sparse_ffn", out, vmap_method="expand_dims")
     return call(h.astype(jnp.float32), idx.astype(jnp.int32), x_rest.astype(jnp.float32), k2, v)
+
+
+def sparse_ffn_block(act: jax.Array, x_rest: jax.Array, k2: jax.Array, v: jax.Array) -> jax.Array:
+    """``y[m] = sum_{i: act[m, i] != 0} act[m, i] * (k2[i] . x_rest[m]) * v[i]`` -> [M, D] f32.
+
+    The prefill form (FFI custom call ``sparse_jax_sparse_ffn_block``): a block's tokens are
+    grouped by neuron, so each active neuron's K2 and V rows are read once for all of its
+    tokens, and only the active (token, neuron) pairs are computed. act is the masked form's
+    [M, F] activations (zeros where a neuron is off); k2 and v share one dtype, float32 or
+    bfloat16. The sum over neurons runs in neuron order: the same bits whatever the thread
+    count.
+    """
+    _native.load()
+    if k2.dtype != v.dtype or k2.dtype not in (jnp.float32, jnp.bfloat16):
+        raise ValueError(
+            f"the native kernel takes k2 and v of one dtype, float32 or bfloat16; got "
+            f"{k2.dtype} and {v.dtype}"
+        )
+    out = jax.ShapeDtypeStruct((*act.shape[:-1], v.shape[-1]), jnp.float32)
+    call = jax.ffi.ffi_call("sparse_jax_sparse_ffn_block", out, vmap_method="sequential")
+    return call(act.astype(jnp.float32), x_rest.astype(jnp.float32), k2, v)

@@ -182,7 +182,7 @@ def ffn_mode(
 def layer_choices(
     cfg: ModelConfig, opts: DecodeOptions, batch_size: int, cache_sizes: tuple[int, ...]
 ) -> tuple[DecodeChoice, ...]:
-    """Per-layer choices of one decode step (static; prefill always runs :data:`MASKED`).
+    """Per-layer choices of one decode step (static; prefill's are :func:`prefill_choices`).
 
     Args:
       cfg: model config.
@@ -259,9 +259,24 @@ def _extend(cfg, kernels, params, lookup, cache, tokens, pos, choices):
     )
 
 
+def prefill_choices(cfg: ModelConfig, opts: DecodeOptions) -> tuple[DecodeChoice, ...]:
+    """Per-layer choices of a prefill chunk: the masked forms, except that with the native
+    kernels (and a path other than "masked") a sparse Spark FFN layer runs its block form
+    (only the active token-neuron pairs; :mod:`sparse_jax.model.ffn`)."""
+    block = (
+        cfg.ffn_kind == "spark"
+        and opts.path != "masked"
+        and cfg.ffn_keep_count < cfg.ffn_dim
+        and opts.kernels.native()
+    )
+    return tuple(
+        DecodeChoice(ffn_mode="block") if block and on else MASKED for on in cfg.ffn_sparse_layers
+    )
+
+
 @functools.partial(jax.jit, static_argnames=("cfg", "opts"), donate_argnames=("cache",))
 def _prefill_chunk(cfg, opts, params, lookup, cache, tokens, pos):
-    choices = (MASKED,) * cfg.num_layers
+    choices = prefill_choices(cfg, opts)
     logits, new, stats = _extend(cfg, opts.kernels, params, lookup, cache, tokens, pos, choices)
     layers = tuple(
         write_many(layer, entries, cache.length)

@@ -9,7 +9,10 @@ where gathering would read more) multiplies by every row of K2 and V, most of th
 exact zeros. The sparse form (decoding, one token per row) takes the same threshold, compacts
 the active neurons into a static capacity and gathers only their rows of K2 and V, either per
 token (``"per_token"``) or once for the union of the batch's active sets (``"union"``). An
-overflowing selection takes the masked product for that step, counted, never truncated.
+overflowing selection takes the masked product for that step, counted, never truncated. The
+block form (prefill chunks, native CPU kernels: ``"block"``) takes the masked form's
+activations and computes only the active (token, neuron) pairs, each active neuron's K2 and V
+rows read once for all its tokens in the block.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ from sparse_jax.model.selection import compact, sparse_ffn_union
 from sparse_jax.model.weights import GATED_FFN, SPARK_FFN, declare_all
 from sparse_jax.parallel.sharding import FFN_HIDDEN
 
-FFN_MODES = ("masked", "per_token", "union")
+FFN_MODES = ("masked", "per_token", "union", "block")
 
 
 def gelu(x: jax.Array) -> jax.Array:
@@ -87,7 +90,8 @@ class SparkFFN(nn.Module):
         Args:
           x: [B, T, D] normed inputs.
           enabled: whether the layer's sparsity is on (static or traced bool).
-          mode: "masked", or for decoding (T = 1, ``enabled`` true) "per_token" or "union".
+          mode: "masked"; for decoding (T = 1, ``enabled`` true) "per_token" or "union"; for
+            prefill with the native kernels (no gradient) "block".
           capacity: static gathered neurons per selection of the sparse modes.
 
         Returns:
@@ -97,7 +101,7 @@ class SparkFFN(nn.Module):
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         r = cfg.ffn_predictor_dim
         pre = checkpoint_name(self.kernels.linear(x[..., :r], self.k1, dtype), "ffn_pre")
-        if mode == "masked":
+        if mode in ("masked", "block"):
             act = gelu(
                 self.kernels.soft_topk(
                     pre,
@@ -107,9 +111,15 @@ class SparkFFN(nn.Module):
                     logical=FFN_HIDDEN,
                 )
             )
+            active = jnp.sum(act != 0, axis=-1, dtype=jnp.float32)
+            if mode == "block":
+                b, t, d = x.shape
+                y = self.kernels.sparse_ffn_block(
+                    act.reshape(b * t, -1), x[..., r:].reshape(b * t, -1), self.k2, self.v
+                )
+                return y.reshape(b, t, d).astype(dtype), active, jnp.zeros((), jnp.int32)
             value = self.kernels.linear(x[..., r:], self.k2, dtype)
             y = self.kernels.linear_rows((act * value).astype(dtype), self.v, dtype)
-            active = jnp.sum(act != 0, axis=-1, dtype=jnp.float32)
             return y.astype(dtype), active, jnp.zeros((), jnp.int32)
         b, t, d = x.shape
         y, active, overflow = self._gathered(

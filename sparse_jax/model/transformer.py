@@ -58,7 +58,7 @@ class DecodeChoice:
     Attributes:
       attn_capacity: gathered keys per query head of Spark attention's sparse path; None
         reads every cached key (the masked path).
-      ffn_mode: "masked", "per_token" or "union" (see :mod:`sparse_jax.model.ffn`).
+      ffn_mode: "masked", "per_token", "union" or "block" (see :mod:`sparse_jax.model.ffn`).
       ffn_capacity: gathered neurons per selection of the sparse FFN modes.
     """
 

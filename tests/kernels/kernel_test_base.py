@@ -86,7 +86,12 @@ def isas(implementation: str) -> tuple[str | None, ...]:
 
 @contextlib.contextmanager
 def using_isa(isa: str | None):
-    """Runs the native kernels with ``isa`` inside the block (None: leave it as it is)."""
+    """Runs the native kernels with ``isa`` inside the block (None: leave it as it is).
+
+    The instruction set is a process-wide switch read when a kernel runs, and JAX dispatches
+    asynchronously: results computed inside the block must be waited for inside it
+    (``jax.block_until_ready``) to have run with ``isa``.
+    """
     if isa is None:
         yield
         return
@@ -190,7 +195,7 @@ class KernelTestBase:
             expected = self.reference(args, kwargs)
             for isa in isas(implementation):
                 with using_isa(isa):
-                    actual = self.run(implementation, args, kwargs)
+                    actual = jax.block_until_ready(self.run(implementation, args, kwargs))
                 self.compare(actual, expected, args, kwargs, dtype)
 
     def test_second_run_is_identical(self, implementation):

@@ -136,11 +136,12 @@ SHAPES = ((1, 8, 4, 1100, 128, 256), (3, 6, 3, 37, 20, 52), (2, 4, 4, 700, 8, 24
 
 def _run_spark(impl, case, top_k=TOP_K, softcap=SOFTCAP):
     fn = jax.jit(lambda *a: impl.spark_decode_attention(*a, top_k=top_k, softcap=softcap))
-    return fn(*case)
+    return jax.block_until_ready(fn(*case))  # inside the caller's ISA block (async dispatch)
 
 
 def _run_dense(impl, case, softcap=SOFTCAP):
-    return jax.jit(lambda *a: impl.dense_decode_attention(*a, softcap=softcap))(*case)
+    fn = jax.jit(lambda *a: impl.dense_decode_attention(*a, softcap=softcap))
+    return jax.block_until_ready(fn(*case))
 
 
 def _check(got, want, scale, count_want):

@@ -59,7 +59,7 @@ def test_linear_matches_the_float64_product_on_every_isa(dtype):
         want, scale = _linear_oracle(x, w64)
         for isa in _native.supported_isas():
             with base.using_isa(isa):
-                got = jax.jit(linear_native.linear)(jnp.asarray(x), w)
+                got = jax.block_until_ready(jax.jit(linear_native.linear)(jnp.asarray(x), w))
             _assert_matches(got, want, scale)
 
 
@@ -159,7 +159,7 @@ def test_sparse_ffn_matches_the_float64_formula_on_every_isa(dtype):
         want, scale = _ffn_oracle(h, idx, x_rest, k2_64, v64)
         for isa in _native.supported_isas():
             with base.using_isa(isa):
-                got = jax.jit(ffn_native.sparse_ffn)(h, idx, x_rest, k2, v)
+                got = jax.block_until_ready(jax.jit(ffn_native.sparse_ffn)(h, idx, x_rest, k2, v))
             _assert_matches(got, want, scale)
 
 
@@ -203,6 +203,71 @@ def test_sparse_ffn_under_vmap_and_mismatched_dtypes():
         ffn_native.sparse_ffn(h, idx, x_rest, k2, v.astype(jnp.bfloat16))
 
 
+def _block_oracle(act, x_rest, k2_64, v64):
+    """float64 y [M, D] of the block form and its rounding scale (sums of |terms|)."""
+    a64, x64 = np.asarray(act, np.float64), np.asarray(x_rest, np.float64)
+    coef = a64 * (x64 @ k2_64.T)
+    coef_scale = np.abs(a64) * (np.abs(x64) @ np.abs(k2_64).T)
+    return coef @ v64, (np.abs(coef) + coef_scale) @ np.abs(v64)
+
+
+def _block_case(gen, tokens, neurons, rest, width, dtype, active=0.1):
+    act = gen.standard_normal((tokens, neurons)).astype(np.float32)
+    act *= gen.random((tokens, neurons)) < active
+    x_rest = gen.standard_normal((tokens, rest)).astype(np.float32)
+    k2, k2_64 = _as_stored(gen.standard_normal((neurons, rest)), dtype)
+    v, v64 = _as_stored(gen.standard_normal((neurons, width)), dtype)
+    return (act, x_rest, k2, v), (k2_64, v64)
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_sparse_ffn_block_matches_the_float64_formula_on_every_isa(dtype):
+    gen = base.rng(12)
+    # Several neuron chunks (128) and column slices (32, with a partial last one), widths off
+    # the vectors; one token; every neuron active; very sparse.
+    for shape, active in (
+        ((37, 300, 19, 70), 0.1),
+        ((1, 129, 33, 32), 0.5),
+        ((9, 40, 16, 100), 1.0),
+        ((64, 500, 64, 257), 0.02),
+    ):
+        (act, x_rest, k2, v), (k2_64, v64) = _block_case(gen, *shape, dtype, active)
+        want, scale = _block_oracle(act, x_rest, k2_64, v64)
+        for isa in _native.supported_isas():
+            with base.using_isa(isa):
+                # Finished inside the block: dispatch is asynchronous, the ISA is global.
+                got, again = jax.block_until_ready(
+                    [jax.jit(ffn_native.sparse_ffn_block)(act, x_rest, k2, v) for _ in range(2)]
+                )
+            _assert_matches(got, want, scale)
+            np.testing.assert_array_equal(got, again)  # the same bits run to run
+
+
+@needs_native
+def test_sparse_ffn_block_degenerate_inputs_and_the_model_product():
+    gen = base.rng(13)
+    (act, x_rest, k2, v), (k2_64, v64) = _block_case(gen, 6, 150, 12, 40, jnp.float32)
+    run = jax.jit(ffn_native.sparse_ffn_block)
+    # No active neuron, a zero input, no tokens, no neurons: zeros of the right shapes.
+    np.testing.assert_array_equal(run(np.zeros_like(act), x_rest, k2, v), np.zeros((6, 40)))
+    np.testing.assert_array_equal(run(act, np.zeros_like(x_rest), k2, v), np.zeros((6, 40)))
+    assert run(act[:0], x_rest[:0], k2, v).shape == (0, 40)
+    np.testing.assert_array_equal(
+        run(act[:, :0], x_rest, k2[:0], v[:0]), np.zeros((6, 40), np.float32)
+    )
+    # Huge and tiny activations: the float64 result where it is in float32 range.
+    for magnitude in (1e15, 1e-15):
+        scaled = act * np.float32(magnitude)
+        want, scale = _block_oracle(scaled, x_rest, k2_64, v64)
+        _assert_matches(run(scaled, x_rest, k2, v), want, scale)
+    # The masked form's product (XLA) over the same activations, within float32 reordering.
+    masked = (act * (x_rest @ np.asarray(k2).T)) @ np.asarray(v)
+    np.testing.assert_allclose(run(act, x_rest, k2, v), masked, rtol=2e-5, atol=2e-5)
+    with pytest.raises(ValueError, match="one dtype"):
+        ffn_native.sparse_ffn_block(act, x_rest, k2, v.astype(jnp.bfloat16))
+
+
 def _attention_case(gen, batch, heads, kv_heads, seq, slots, rest, width, dtype):
     q = gen.standard_normal((batch, heads, rest)).astype(np.float32)
     p = gen.random((batch, heads, slots)).astype(np.float32)
@@ -239,7 +304,9 @@ def test_topk_attention_matches_the_float64_formula_on_every_isa(dtype):
         want, scale = _attention_oracle(q, p, idx, k64, v64)
         for isa in _native.supported_isas():
             with base.using_isa(isa):
-                got = jax.jit(attention_native.topk_attention)(q, p, idx, k, v)
+                got = jax.block_until_ready(
+                    jax.jit(attention_native.topk_attention)(q, p, idx, k, v)
+                )
             _assert_matches(got, want, scale)
 
 
