@@ -45,7 +45,14 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 
-from benchmarks.decode import NAMES, bounds_and_ratios, decode_ms, ffn_ms, read_bandwidth
+from benchmarks.decode import (
+    NAMES,
+    bounds_and_ratios,
+    cpu_model,
+    decode_ms,
+    ffn_ms,
+    read_bandwidth,
+)
 from configs import get_model_config
 from sparse_jax.decode.step import DecodeOptions
 from sparse_jax.hf import config_to_hf
@@ -189,7 +196,7 @@ def measure_jax(cfg: ModelConfig, args: argparse.Namespace) -> dict[str, Any]:
         ms, stats = decode_ms(cfg, params, DecodeOptions(), 1, context, args.steps)
         out[f"decode_b1_p{context}"] = ms
         out[f"stats_b1_p{context}"] = stats
-    out.update(ffn_ms(cfg, params, args.repeats))
+    out.update(ffn_ms(cfg, params, args.repeats, "auto"))
     del params
     gc.collect()
     return out
@@ -324,7 +331,7 @@ def main(argv: list[str] | None = None) -> None:
     report: dict[str, Any] = {
         "layers": args.layers,
         "contexts": args.contexts,
-        "machine": f"{os.cpu_count()} CPU cores ({platform.machine()}), jax on "
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPU cores ({platform.machine()}), jax on "
         f"{jax.devices()[0].platform}",
         "torch_threads": torch.get_num_threads(),
         "versions": {
