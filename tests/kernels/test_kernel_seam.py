@@ -61,6 +61,8 @@ def test_model_logits_with_pallas_kernels_equal_xla(implementation):
         np.testing.assert_allclose(got_stats[name], want_stats[name], **F32_VS_F64)
 
 
+# Long; each Pallas kernel's VJP is checked against the reference in the kernel test base.
+@pytest.mark.slow
 def test_training_gradients_with_the_tpu_kernels_equal_xla():
     cfg = BASE
     params, tokens = _inputs(cfg, seed=3)
