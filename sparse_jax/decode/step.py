@@ -7,8 +7,11 @@ is donated, so it is updated in place. Parameters are the model's, with the laye
 Spark layers run: ``"sparse"`` gathers only the selected FFN neurons and attention keys,
 ``"masked"`` computes densely with the masks (as training does), and ``"auto"`` takes, per
 layer, whichever is expected to read fewer byte-equivalents (:func:`layer_choices`, from the
-backend policy's cost constants, :mod:`sparse_jax.policy`). Prefill always takes the masked
-path, in chunks of ``prefill_chunk`` tokens. Stats are per layer: ``attn_keys`` and
+backend policy's cost constants, :mod:`sparse_jax.policy`); with the native CPU kernels a
+one-token step's attention is one fused kernel (no capacity, so it never overflows). Prefill
+takes the masked forms in chunks of ``prefill_chunk`` tokens, except that with the native
+kernels a sparse Spark FFN layer computes only its active token-neuron pairs
+(:func:`prefill_choices`; not with ``path="masked"``). Stats are per layer: ``attn_keys`` and
 ``ffn_active`` (mean kept keys per query head, mean active neurons per token) and
 ``attn_overflow`` / ``ffn_overflow`` (1 where a sparse selection overflowed its capacity and
 the layer fell back to the masked computation for this step).
@@ -56,8 +59,9 @@ class DecodeOptions:
         (statistical top-k of the masked path, the gathered FFN and attention of the sparse
         path) run through :class:`sparse_jax.kernels.Kernels` with this implementation
         ("auto": Pallas on TPU and GPU, the native kernels on CPU when built, else XLA;
-        "xla"; "native"; "pallas_tpu"; "pallas_gpu"). The sparse path's threshold and the
-        union FFN gather for batches are always XLA.
+        "xla"; "native"; "pallas_tpu"; "pallas_gpu"). The union FFN gather for batches is
+        always XLA, and so is the sparse path's threshold except in the native fused decode
+        attention.
       interpret: run an explicit Pallas implementation in Pallas interpret mode.
     """
 
@@ -345,7 +349,8 @@ def prefill(
       tokens: int [B, T] prompts, left-padded: row b's prompt is ``tokens[b, T - lengths[b]:]``.
       lengths: int [B] prompt lengths in [1, T]; None means all T. Rows may differ only on
         an empty cache (padding must occupy the oldest slots).
-      options: decode options (prefill uses the masked path and ``options.prefill_chunk``).
+      options: decode options (prefill uses the masked forms, the native block FFN where
+        :func:`prefill_choices` says, and ``options.prefill_chunk``).
 
     Returns:
       logits [B, V] float32 at each row's last prompt token, the cache, and per-layer stats of

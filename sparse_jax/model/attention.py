@@ -16,7 +16,9 @@ positions ``pos`` [B, S] (-1 for an empty slot). A query block attends to a sequ
 (which the caller writes to the cache afterwards). Decoding may take the sparse path
 (:func:`attend_sparse`): the kept keys are compacted into a static capacity and only their
 ``k_rest`` and ``v`` rows are read; an overflowing selection takes the masked combination for
-that step (``lax.cond``) and is counted, never truncated.
+that step (``lax.cond``) and is counted, never truncated. With the native CPU kernels a
+one-token step attends in one fused kernel instead (:func:`attend_decode_native`, dense and
+Spark), which gathers any number of kept keys.
 """
 
 from __future__ import annotations
