@@ -20,6 +20,7 @@ import platform
 import threading
 
 import jax
+import jax.numpy as jnp
 
 from pallas_kernels._native import build as _build
 
@@ -97,6 +98,24 @@ def unavailable_reason() -> str | None:
 def warn_unavailable() -> None:
     """Logs, once per process, that ``auto`` runs XLA's kernels on CPU and why."""
     log.warning("%s; running XLA's kernels instead", unavailable_reason())
+
+
+def prepare(**weights: jax.Array) -> None:
+    """Before an FFI call: loads the library and checks the named weight (or cache) arrays.
+
+    Raises:
+      RuntimeError: the library is not built or does not load (the message says why and how
+        to build it).
+      ValueError: the arrays do not share one dtype, float32 or bfloat16.
+    """
+    _lib()
+    dtypes = [a.dtype for a in weights.values()]
+    if len(set(dtypes)) > 1 or dtypes[0] not in (jnp.float32, jnp.bfloat16):
+        names = " and ".join(weights)
+        got = " and ".join(str(d) for d in dtypes)
+        raise ValueError(
+            f"the native kernel takes {names} of one dtype, float32 or bfloat16; got {got}"
+        )
 
 
 def _lib() -> ctypes.CDLL:

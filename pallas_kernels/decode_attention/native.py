@@ -27,22 +27,12 @@ def _rows(q_pos: jax.Array, window, batch: int) -> tuple[jax.Array, jax.Array]:
     return q_pos, jnp.broadcast_to(jnp.asarray(window, jnp.int32), (batch,))
 
 
-def _check_cache(*caches: jax.Array) -> None:
-    dtypes = {c.dtype for c in caches}
-    if len(dtypes) != 1 or caches[0].dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(
-            f"the native kernel takes caches of one dtype, float32 or bfloat16; got "
-            f"{sorted(str(d) for d in dtypes)}"
-        )
-
-
 def spark_decode_attention(
     q_pred, q_rest, k_pred, k_rest, v, pos, new_k_pred, new_k_rest, new_v, q_pos, window,
     *, top_k: int, softcap: float | None = None
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """See :func:`pallas_kernels.decode_attention.reference.spark_decode_attention`."""
-    _native.load()
-    _check_cache(k_pred, k_rest, v)
+    _native.prepare(k_pred=k_pred, k_rest=k_rest, v=v)
     b, n = q_pred.shape[:2]
     q_pos, window = _rows(q_pos, window, b)
     f32 = jnp.float32
@@ -62,8 +52,7 @@ def dense_decode_attention(
     q, k, v, pos, new_k, new_v, q_pos, window, *, softcap: float | None = None
 ) -> tuple[jax.Array, jax.Array]:
     """See :func:`pallas_kernels.decode_attention.reference.dense_decode_attention`."""
-    _native.load()
-    _check_cache(k, v)
+    _native.prepare(k=k, v=v)
     b, n = q.shape[:2]
     q_pos, window = _rows(q_pos, window, b)
     f32 = jnp.float32

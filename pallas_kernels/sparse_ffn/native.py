@@ -19,12 +19,7 @@ def sparse_ffn(
 
     k2 and v share one dtype, float32 or bfloat16.
     """
-    _native.load()
-    if k2.dtype != v.dtype or k2.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(
-            f"the native kernel takes k2 and v of one dtype, float32 or bfloat16; got "
-            f"{k2.dtype} and {v.dtype}"
-        )
+    _native.prepare(k2=k2, v=v)
     out = jax.ShapeDtypeStruct((*h.shape[:-1], v.shape[-1]), jnp.float32)
     call = jax.ffi.ffi_call("sparse_jax_sparse_ffn", out, vmap_method="expand_dims")
     return call(h.astype(jnp.float32), idx.astype(jnp.int32), x_rest.astype(jnp.float32), k2, v)
@@ -40,12 +35,7 @@ def sparse_ffn_block(act: jax.Array, x_rest: jax.Array, k2: jax.Array, v: jax.Ar
     bfloat16. The sum over neurons runs in neuron order: the same bits whatever the thread
     count.
     """
-    _native.load()
-    if k2.dtype != v.dtype or k2.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(
-            f"the native kernel takes k2 and v of one dtype, float32 or bfloat16; got "
-            f"{k2.dtype} and {v.dtype}"
-        )
+    _native.prepare(k2=k2, v=v)
     out = jax.ShapeDtypeStruct((*act.shape[:-1], v.shape[-1]), jnp.float32)
     call = jax.ffi.ffi_call("sparse_jax_sparse_ffn_block", out, vmap_method="sequential")
     return call(act.astype(jnp.float32), x_rest.astype(jnp.float32), k2, v)

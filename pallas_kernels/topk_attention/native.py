@@ -20,12 +20,7 @@ def topk_attention(
     Shapes as :func:`pallas_kernels.topk_attention.xla.topk_attention`; k_rest and v share one
     dtype, float32 or bfloat16. Returns [B, N, H] float32.
     """
-    _native.load()
-    if k_rest.dtype != v.dtype or k_rest.dtype not in (jnp.float32, jnp.bfloat16):
-        raise ValueError(
-            f"the native kernel takes k_rest and v of one dtype, float32 or bfloat16; got "
-            f"{k_rest.dtype} and {v.dtype}"
-        )
+    _native.prepare(k_rest=k_rest, v=v)
     out = jax.ShapeDtypeStruct((*q_rest.shape[:-1], v.shape[-1]), jnp.float32)
     # Under vmap every operand gets the mapped axis, so the cache's rows stay the query rows.
     call = jax.ffi.ffi_call("sparse_jax_topk_attention", out, vmap_method="broadcast_all")
