@@ -399,7 +399,7 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* x, 
     });
   });
   // The same pairs by token (neurons ascending within each token).
-  std::vector<int32_t> tstart(tokens + 1, 0);
+  std::vector<int64_t> tstart(tokens + 1, 0);  // may pass 2^31 pairs in all
   for (const NeuronPairs& p : pairs) {
     for (int32_t t : p.token) ++tstart[t + 1];
   }
@@ -407,12 +407,12 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* x, 
   std::vector<int32_t> tneuron(tstart.back());
   std::vector<float> tcoef(tstart.back());
   {
-    std::vector<int32_t> fill(tstart.begin(), tstart.end() - 1);
+    std::vector<int64_t> fill(tstart.begin(), tstart.end() - 1);
     for (int64_t c = 0; c < chunks; ++c) {
       const NeuronPairs& p = pairs[c];
       for (int64_t i = 0; i + 1 < static_cast<int64_t>(p.start.size()); ++i) {
         for (int32_t k = p.start[i]; k < p.start[i + 1]; ++k) {
-          const int32_t at = fill[p.token[k]]++;
+          const int64_t at = fill[p.token[k]]++;
           tneuron[at] = static_cast<int32_t>(c * kNeuronChunk + i);
           tcoef[at] = p.coef[k];
         }
@@ -471,7 +471,9 @@ ffi::Error SparseFfnBlockImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> act,
       static_cast<int64_t>(y->element_count()) != tokens * width) {
     return ffi::Error::InvalidArgument("x_rest must be [tokens, D-R] and y [tokens, D]");
   }
-  if (tokens > INT32_MAX) return ffi::Error::InvalidArgument("too many tokens in one block");
+  if (tokens > INT32_MAX / kNeuronChunk) {  // a neuron chunk's pairs are counted in int32
+    return ffi::Error::InvalidArgument("a block holds at most 2^24 - 1 tokens");
+  }
   if (tokens == 0 || width == 0) return ffi::Error::Success();
   if (neurons == 0) {
     std::memset(y->typed_data(), 0, sizeof(float) * tokens * width);
