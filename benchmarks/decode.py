@@ -38,7 +38,8 @@ from sparse_jax.cost.decode_bytes import attention_op_bytes, ffn_block_bytes, st
 from sparse_jax.decode.cache import KVCache, init_cache
 from sparse_jax.decode.step import DecodeOptions, decode_step_jit, ffn_mode, prefill
 from sparse_jax.kernels import XLA_KERNELS, Kernels
-from sparse_jax.model.attention import attend_decode_native, attend_masked, attend_sparse
+from sparse_jax.model.attention import attend_masked, attend_sparse
+from sparse_jax.model.attention_native import attend_decode_native
 from sparse_jax.model.ffn import make_ffn
 from sparse_jax.model.weights import random_params
 

@@ -161,6 +161,21 @@ ffi::Error CheckTable(const ffi::AnyBuffer& table, const char* name) {
   return ffi::Error::Success();
 }
 
+// The Spark FFN's K2 and V: each a table (CheckTable), of one dtype, with one row per neuron.
+ffi::Error CheckFfnTables(const ffi::AnyBuffer& k2, const ffi::AnyBuffer& v) {
+  if (ffi::Error err = CheckTable(k2, "k2"); err.failure()) return err;
+  if (ffi::Error err = CheckTable(v, "v"); err.failure()) return err;
+  if (k2.element_type() != v.element_type()) {
+    return ffi::Error::InvalidArgument("k2 and v must have the same dtype");
+  }
+  auto kd = k2.dimensions();
+  auto vd = v.dimensions();
+  if (kd[kd.size() - 2] != vd[vd.size() - 2]) {
+    return ffi::Error::InvalidArgument("k2 and v must have the same number of rows");
+  }
+  return ffi::Error::Success();
+}
+
 template <typename W>
 void LinearRun(ffi::ThreadPool& pool, const float* x, const W* w, float* y, int64_t rows,
                int64_t in, int64_t out) {
@@ -236,19 +251,12 @@ void SparseFfnRun(ffi::ThreadPool& pool, const float* h, const int32_t* idx, con
 ffi::Error SparseFfnImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h,
                          ffi::Buffer<ffi::S32> idx, ffi::Buffer<ffi::F32> x_rest,
                          ffi::AnyBuffer k2, ffi::AnyBuffer v, ffi::ResultBuffer<ffi::F32> y) {
-  if (ffi::Error err = CheckTable(k2, "k2"); err.failure()) return err;
-  if (ffi::Error err = CheckTable(v, "v"); err.failure()) return err;
-  if (k2.element_type() != v.element_type()) {
-    return ffi::Error::InvalidArgument("k2 and v must have the same dtype");
-  }
+  if (ffi::Error err = CheckFfnTables(k2, v); err.failure()) return err;
   auto hd = h.dimensions();
   auto kd = k2.dimensions();
   auto vd = v.dimensions();
   const int64_t table_rows = kd[kd.size() - 2], rest = kd[kd.size() - 1];
   const int64_t width = vd[vd.size() - 1];
-  if (vd[vd.size() - 2] != table_rows) {
-    return ffi::Error::InvalidArgument("k2 and v must have the same number of rows");
-  }
   if (hd.size() < 1 || idx.element_count() != h.element_count()) {
     return ffi::Error::InvalidArgument("h and idx must have the same shape");
   }
@@ -453,18 +461,14 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* x, 
 ffi::Error SparseFfnBlockImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> act,
                               ffi::Buffer<ffi::F32> x_rest, ffi::AnyBuffer k2, ffi::AnyBuffer v,
                               ffi::ResultBuffer<ffi::F32> y) {
-  if (ffi::Error err = CheckTable(k2, "k2"); err.failure()) return err;
-  if (ffi::Error err = CheckTable(v, "v"); err.failure()) return err;
-  if (k2.element_type() != v.element_type()) {
-    return ffi::Error::InvalidArgument("k2 and v must have the same dtype");
-  }
+  if (ffi::Error err = CheckFfnTables(k2, v); err.failure()) return err;
   auto ad = act.dimensions();
   auto kd = k2.dimensions();
   auto vd = v.dimensions();
   const int64_t neurons = kd[kd.size() - 2], rest = kd[kd.size() - 1];
   const int64_t width = vd[vd.size() - 1];
-  if (vd[vd.size() - 2] != neurons || ad.size() < 1 || ad[ad.size() - 1] != neurons) {
-    return ffi::Error::InvalidArgument("act [..., F], k2 [F, D-R] and v [F, D] disagree on F");
+  if (ad.size() < 1 || ad[ad.size() - 1] != neurons) {
+    return ffi::Error::InvalidArgument("act [..., F] and k2 [F, D-R] disagree on F");
   }
   const int64_t tokens = Product(ad, 0, ad.size() - 1);
   if (static_cast<int64_t>(x_rest.element_count()) != tokens * rest ||

