@@ -217,20 +217,30 @@ def measure_model(cfg, args, dtype_is_f32: bool, first_round: bool) -> dict:
         native = opts.kernels.native()
         out["b8_auto_mode"] = ffn_mode(cfg, 8, "auto", caps, "auto", native)
         if first_round:
-            # Prefill is compute-bound and costs the same in every layer: it is timed on the
-            # first ``prefill_layers`` layers and scaled to the whole depth.
-            n = min(args.prefill_layers, cfg.num_layers)
-            part = dataclasses.replace(
-                cfg, num_layers=n, layer_types=None, attn_sparse_layers=None, ffn_sparse_layers=None
-            )
-            sub = {
-                k: v
-                for k, v in params.items()
-                if not k.startswith("layers_") or int(k.split("_")[1]) < n
-            }
+            # Prefill is compute-bound and costs the same in every layer: timed on the first
+            # n and 2n layers, the difference is n layers' cost and the rest (embedding, the
+            # last position's logits) is counted once.
+            n = max(1, min(args.prefill_layers, cfg.num_layers // 2))
+            times = []
+            for layers in (n, 2 * n):
+                part = dataclasses.replace(
+                    cfg,
+                    num_layers=layers,
+                    layer_types=None,
+                    attn_sparse_layers=None,
+                    ffn_sparse_layers=None,
+                )
+                sub = {
+                    k: v
+                    for k, v in params.items()
+                    if not k.startswith("layers_") or int(k.split("_")[1]) < layers
+                }
+                times.append(prefill_ms(part, sub, 2048, args.chunk, impl))
+            per_layer = (times[1] - times[0]) / n
             out["prefill_layers"] = n
-            out["prefill_2048_measured"] = prefill_ms(part, sub, 2048, args.chunk, impl)
-            out["prefill_2048"] = out["prefill_2048_measured"] * cfg.num_layers / n
+            out["prefill_2048_measured"] = times
+            out["prefill_2048_per_layer"] = per_layer
+            out["prefill_2048"] = times[0] + (cfg.num_layers - n) * per_layer
     del params
     gc.collect()
     return out
@@ -309,8 +319,8 @@ def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn) -> list[dict]:
     if "prefill_2048" in dense:
         rows.append(
             {
-                "measurement": f"prefill 2048 tokens (timed on {dense['prefill_layers']} "
-                "layers, scaled to all)",
+                "measurement": f"prefill 2048 tokens (timed on {dense['prefill_layers']} and "
+                f"{2 * dense['prefill_layers']} layers, extrapolated)",
                 "dense_ms": dense["prefill_2048"],
                 "spark_ms": spark["prefill_2048"],
                 "ratio": dense["prefill_2048"] / spark["prefill_2048"],

@@ -10,7 +10,8 @@ Every sparse op that has a kernel reaches it through a :class:`Kernels` value:
   FFN over the active neurons and attention over the selected keys;
 * :meth:`Kernels.spark_decode_attention` and :meth:`Kernels.dense_decode_attention`: a decode
   step's whole attention in one native CPU kernel (scores, threshold, kept keys), used
-  where :meth:`Kernels.native` holds;
+  where :meth:`Kernels.native` holds; :meth:`Kernels.spark_scored_attention`: a Spark prefill
+  chunk's attention from its predictor scores (threshold and kept keys only), likewise;
 * :meth:`Kernels.linear`, :meth:`Kernels.linear_many`, :meth:`Kernels.linear_rows`: every
   weight product of the model (:mod:`sparse_jax.model.products`), dense layers included.
 
@@ -50,6 +51,7 @@ from pallas_kernels._common import dispatch
 from pallas_kernels._common import sharding as kernel_sharding
 from pallas_kernels.blockwise_attention import api as blockwise_attention_api
 from pallas_kernels.decode_attention import api as decode_attention_api
+from pallas_kernels.scored_attention import api as scored_attention_api
 from pallas_kernels.sparse_ffn import api as sparse_ffn_api
 from pallas_kernels.sparse_ffn import native as sparse_ffn_native
 from pallas_kernels.sparse_ffn import xla as sparse_ffn_xla
@@ -293,6 +295,18 @@ class Kernels:
         :func:`pallas_kernels.decode_attention.dense_decode_attention` (same arrays)."""
         return decode_attention_api.dense_decode_attention(
             *arrays, softcap=softcap, implementation=self._native_only()
+        )
+
+    def spark_scored_attention(
+        self, scores: jax.Array, q_rest: jax.Array, k_rest: jax.Array, v: jax.Array, *, top_k: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """A prefill chunk's Spark attention from its predictor scores as the native kernel;
+        see :func:`pallas_kernels.scored_attention.spark_scored_attention`.
+
+        Returns out [B, K, M, H] and kept keys [B, K, M], float32.
+        """
+        return scored_attention_api.spark_scored_attention(
+            scores, q_rest, k_rest, v, top_k=top_k, implementation=self._native_only()
         )
 
     def _native_only(self) -> str:

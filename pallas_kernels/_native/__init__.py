@@ -34,6 +34,7 @@ TARGETS = {
     "sparse_jax_sparse_ffn_block": "SparseJaxSparseFfnBlock",
     "sparse_jax_spark_decode_attention": "SparseJaxSparkDecodeAttention",
     "sparse_jax_dense_decode_attention": "SparseJaxDenseDecodeAttention",
+    "sparse_jax_spark_scored_attention": "SparseJaxSparkScoredAttention",
 }
 
 _lock = threading.Lock()

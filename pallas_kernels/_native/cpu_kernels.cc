@@ -11,6 +11,9 @@
 //                          whole attention of one query per row over a cache and the token's
 //                          own key (Spark: predictor scores, statistical threshold, then only
 //                          the kept keys' other half and values).
+//   sparse_jax_spark_scored_attention: Spark attention of many queries per kv head (a prefill
+//                          chunk) from their predictor scores: the threshold, then only the
+//                          kept keys' other half and values.
 //
 // Float32 accumulation throughout. Work is split over XLA's intra-op thread pool; each output
 // element is computed by one thread in a fixed order, so results are the same run to run.
@@ -584,13 +587,13 @@ void SparkDecodeRun(ffi::ThreadPool& pool, const DecodeShape& d, const float* q_
     const int64_t b = task / d.heads, kv = task % d.heads / d.groups;
     const int64_t cache = (b * d.kv_heads + kv) * d.slots;
     std::vector<int32_t> picked(keys);
-    std::vector<float> weights(keys);
+    std::vector<float> weights(keys), gates(keys);
     WithIsa([&](auto k) {
       kept[task] = static_cast<float>(k.SparkHead(
           scores.get() + task * keys, d.slots, top_k, q_rest + task * rest,
           k_rest + cache * rest, v + cache * width, new_k_rest + (b * d.kv_heads + kv) * rest,
           new_v + (b * d.kv_heads + kv) * width, rest, width, out + task * width,
-          picked.data(), weights.data()));
+          picked.data(), weights.data(), gates.data()));
     });
   });
 }
@@ -714,6 +717,115 @@ ffi::Error SparkDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_pred,
                    new_k_pred.typed_data(), new_k_rest.typed_data(), new_v.typed_data(), qp,
                    win, pred, rest, width, top_k, softcap, out->typed_data(),
                    kept->typed_data());
+  }
+  return ffi::Error::Success();
+}
+
+// Spark attention of many queries per kv head from their predictor scores (a prefill chunk):
+// each row of scores [..., K, M, S] (-inf: invalid key) is one query head's. A task is a group
+// of rows of one kv head (as few groups as keep every thread busy): their kept keys are
+// selected, then the table's rows are visited in blocks small enough to stay in the core's
+// cache while every row of the group adds its kept keys of the block, so a key's rows come
+// from memory about once per group rather than once per query. Each output row is summed in
+// a fixed order (blocks in order, kept keys ascending) whatever the grouping.
+constexpr int64_t kScoredBlockBytes = 768 << 10;  // k_rest and v bytes per block of keys
+
+template <typename W>
+void SparkScoredRun(ffi::ThreadPool& pool, const float* scores, const float* q_rest,
+                    const W* k_rest, const W* v, int64_t tables, int64_t rows, int64_t keys,
+                    int64_t rest, int64_t width, int64_t top_k, float* out, float* kept) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  const int64_t per_table = std::min(rows, (2 * threads + tables - 1) / tables);
+  const int64_t group_rows = (rows + per_table - 1) / per_table;
+  const int64_t row_bytes = static_cast<int64_t>(sizeof(W)) * (rest + width);
+  const int64_t block = std::max<int64_t>(16, kScoredBlockBytes / std::max<int64_t>(1, row_bytes));
+  ParallelFor(pool, tables * per_table, [&](int64_t task) {
+    const int64_t t = task / per_table, m0 = task % per_table * group_rows;
+    const int64_t m1 = std::min(rows, m0 + group_rows);
+    if (m0 >= m1) return;
+    // Kept lists of the group's rows, one after another (kept per thread across calls: fresh
+    // buffers are paged in and zeroed on every call).
+    thread_local std::vector<int32_t> picked;
+    thread_local std::vector<float> weights, gates;
+    thread_local std::vector<int64_t> start, cursor;
+    start.assign(m1 - m0 + 1, 0);
+    cursor.assign(m1 - m0, 0);
+    const W* kt = k_rest + t * keys * rest;
+    const W* vt = v + t * keys * width;
+    WithIsa([&](auto k) {
+      for (int64_t m = m0; m < m1; ++m) {
+        const int64_t row = t * rows + m, at = start[m - m0];
+        if (picked.size() < static_cast<size_t>(at + keys)) {
+          picked.resize(at + keys);
+          weights.resize(at + keys);
+          gates.resize(at + keys);
+        }
+        const int64_t n = k.SparkSelect(scores + row * keys, keys, top_k, picked.data() + at,
+                                        weights.data() + at);
+        start[m - m0 + 1] = at + n;
+        cursor[m - m0] = at;
+        kept[row] = static_cast<float>(n);
+        std::memset(out + row * width, 0, sizeof(float) * width);
+      }
+      for (int64_t j0 = 0; j0 < keys; j0 += block) {
+        const int64_t j1 = std::min(keys, j0 + block);
+        for (int64_t m = m0; m < m1; ++m) {
+          const int64_t row = t * rows + m, begin = cursor[m - m0], stop = start[m - m0 + 1];
+          int64_t end = begin;
+          while (end < stop && picked[end] < j1) ++end;
+          cursor[m - m0] = end;
+          k.SparkScoredBlock(picked.data(), weights.data(), gates.data(), begin, end,
+                             q_rest + row * rest, kt, vt, rest, width, out + row * width);
+        }
+      }
+    });
+    if (picked.capacity() > (size_t{16} << 20) / sizeof(int32_t)) {  // no large buffer kept
+      picked = {};
+      weights = {};
+      gates = {};
+    }
+  });
+}
+
+ffi::Error SparkScoredImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
+                           ffi::Buffer<ffi::F32> q_rest, ffi::AnyBuffer k_rest, ffi::AnyBuffer v,
+                           int64_t top_k, ffi::ResultBuffer<ffi::F32> out,
+                           ffi::ResultBuffer<ffi::F32> kept) {
+  if (!CacheType(k_rest) || k_rest.element_type() != v.element_type()) {
+    return ffi::Error::InvalidArgument("k_rest and v must share one dtype, float32 or bfloat16");
+  }
+  auto sd = scores.dimensions();
+  auto kd = k_rest.dimensions();
+  auto vd = v.dimensions();
+  if (sd.size() < 2 || kd.size() < 2 || vd.size() < 2 || top_k < 1) {
+    return ffi::Error::InvalidArgument("expected scores [..., M, S], k_rest and v [..., S, *]");
+  }
+  const int64_t rows = sd[sd.size() - 2], keys = sd[sd.size() - 1];
+  const int64_t rest = kd[kd.size() - 1], width = vd[vd.size() - 1];
+  const int64_t tables = Product(kd, 0, kd.size() - 2);
+  ffi::Error err;
+  auto check = [&](ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> want,
+                   const char* name) {
+    if (err.success()) err = CheckDims(dims, want, tables, name);
+  };
+  check(sd, {rows, keys}, "scores");
+  check(q_rest.dimensions(), {rows, rest}, "q_rest");
+  check(kd, {keys, rest}, "k_rest");
+  check(vd, {keys, width}, "v");
+  check(out->dimensions(), {rows, width}, "out");
+  check(kept->dimensions(), {rows}, "kept");
+  if (err.failure()) return err;
+  if (tables * rows == 0) return ffi::Error::Success();
+  if (k_rest.element_type() == ffi::DataType::F32) {
+    SparkScoredRun(pool, scores.typed_data(), q_rest.typed_data(),
+                   static_cast<const float*>(k_rest.untyped_data()),
+                   static_cast<const float*>(v.untyped_data()), tables, rows, keys, rest, width,
+                   top_k, out->typed_data(), kept->typed_data());
+  } else {
+    SparkScoredRun(pool, scores.typed_data(), q_rest.typed_data(),
+                   static_cast<const uint16_t*>(k_rest.untyped_data()),
+                   static_cast<const uint16_t*>(v.untyped_data()), tables, rows, keys, rest,
+                   width, top_k, out->typed_data(), kept->typed_data());
   }
   return ffi::Error::Success();
 }
@@ -844,6 +956,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxDenseDecodeAttention, DenseDecodeImpl,
                                   .Attr<float>("softcap")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>());  // count
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparkScoredAttention, SparkScoredImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // scores
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_rest
+                                  .Arg<ffi::AnyBuffer>()         // k_rest
+                                  .Arg<ffi::AnyBuffer>()         // v
+                                  .Attr<int64_t>("top_k")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // kept
 
 extern "C" {
 

@@ -435,71 +435,225 @@ static double normal_quantile(double p) {
   return upper ? out : -out;
 }
 
-// Spark attention of one query head at decode, from its predictor scores over the cache's S
-// slots and its own key (scores[S]; -inf marks an invalid key):
-//   theta = min(mean + z * std, max) over the valid scores, z = Phi^-1(1 - k / n_valid)
-//   (every valid key kept when n_valid <= k); kept = valid scores >= theta;
-//   out = sum_kept softmax(scores)[j] * softplus(q_rest . k_rest[j]) * v[j].
-// Only the kept keys' k_rest and v rows are read. Returns the number of kept keys.
-// scratch holds S + 1 ints and S + 1 floats.
-template <typename W>
-int64_t spark_head(const float* scores, int64_t slots, int64_t top_k, const float* q_rest,
-                   const W* k_rest, const W* v, const float* new_k_rest, const float* new_v,
-                   int64_t rest, int64_t width, float* out, int32_t* kept, float* weights) {
-  for (int64_t d = 0; d < width; ++d) out[d] = 0.0f;
-  const int64_t keys = slots + 1;
+// Bit i set where lane i of a comparison result is true.
+static inline __attribute__((always_inline)) uint32_t mask_bits(vi m) {
+#if SPARSE_JAX_VECTOR_BYTES == 64
+  return _mm512_movepi32_mask(reinterpret_cast<__m512i&>(m));
+#elif SPARSE_JAX_VECTOR_BYTES == 32
+  return static_cast<uint32_t>(_mm256_movemask_ps(reinterpret_cast<__m256&>(m)));
+#else
+  return static_cast<uint32_t>(_mm_movemask_ps(reinterpret_cast<__m128&>(m)));
+#endif
+}
+
+// log1p(y) lane by lane for y in [0, 1]: u = 1 + y (rounded), ln u = e ln2 + 2 atanh(f) with
+// u = 2^e m, m in [sqrt(2)/2, sqrt(2)], f = (m - 1) / (m + 1), |f| <= 0.172 (the atanh series
+// to f^13, truncation below 1e-11), plus u's rounding error c as c / u.
+static inline __attribute__((always_inline)) vf log1p_unit_lanes(vf y) {
+  const vf u = 1.0f + y;
+  const vf c = y - (u - 1.0f);
+  const vi big = u > splat(1.41421356f);
+  const vf m = big ? u * 0.5f : u;
+  const vf f = (m - 1.0f) / (m + 1.0f);
+  const vf f2 = f * f;
+  vf p = splat(2.0f / 13.0f);
+  p = p * f2 + 2.0f / 11.0f;
+  p = p * f2 + 2.0f / 9.0f;
+  p = p * f2 + 2.0f / 7.0f;
+  p = p * f2 + 2.0f / 5.0f;
+  p = p * f2 + 2.0f / 3.0f;
+  p = p * f2 + 2.0f;
+  const vf e = big ? splat(0.693147180559945f) : splat(0.0f);
+  return e + (f * p + c / u);
+}
+
+// softplus(g) = max(g, 0) + log1p(exp(-|g|)) lane by lane, without overflow.
+static inline __attribute__((always_inline)) vf softplus_lanes(vf g) {
+  const vf a = as_float(as_bits(g) & 0x7fffffff);
+  return (g > splat(0.0f) ? g : splat(0.0f)) + log1p_unit_lanes(exp_lanes(-a));
+}
+
+// Moments are summed in float32 lanes over blocks of this many keys, then in float64.
+constexpr int64_t kMomentBlock = 256;
+
+// The statistical top-k of one query head's predictor scores [keys] (-inf marks an invalid
+// key): theta = min(mean + z * std, max) over the valid scores, z = Phi^-1(1 - k / n_valid),
+// every valid key kept when n_valid <= k. The moments are exact up to float32 rounding inside
+// blocks of kMomentBlock keys (block sums are added in float64). Writes the kept keys' indices
+// (ascending) and normalized softmax weights and returns their number.
+static int64_t spark_select(const float* scores, int64_t keys, int64_t top_k, int32_t* kept,
+                            float* weights) {
+  const vf ninf = splat(-__builtin_inff());
+  const int64_t body = keys / kLanes * kLanes;
   int64_t n = 0;
   double total = 0.0;
+  vf vtop = ninf;
+  for (int64_t j0 = 0; j0 < body; j0 += kMomentBlock) {
+    const int64_t j1 = std::min(body, j0 + kMomentBlock);
+    vf sum = vf{};
+    vi count = vi{};
+    for (int64_t j = j0; j < j1; j += kLanes) {
+      const vf x = load(scores + j);
+      const vi ok = x > ninf;
+      sum += as_float(as_bits(x) & ok);
+      count -= ok;
+      vtop = x > vtop ? x : vtop;
+    }
+    total += sum_lanes(sum);
+    for (int l = 0; l < kLanes; ++l) n += count[l];
+  }
   float top = -__builtin_inff();
-  for (int64_t j = 0; j < keys; ++j) {
-    const float s = scores[j];
-    if (s == -__builtin_inff()) continue;
+  for (int l = 0; l < kLanes; ++l) top = vtop[l] > top ? vtop[l] : top;
+  for (int64_t j = body; j < keys; ++j) {
+    const float x = scores[j];
+    if (x == -__builtin_inff()) continue;
     ++n;
-    total += s;
-    top = s > top ? s : top;
+    total += x;
+    top = x > top ? x : top;
   }
   if (n == 0) return 0;
-  const double mean = total / static_cast<double>(n);
-  double squares = 0.0;
-  for (int64_t j = 0; j < keys; ++j) {
-    if (scores[j] == -__builtin_inff()) continue;
-    const double dev = scores[j] - mean;
-    squares += dev * dev;
-  }
-  const double std_dev = std::sqrt(squares / static_cast<double>(n));
   float theta = -__builtin_inff();
   if (n > top_k) {
+    const double mean = total / static_cast<double>(n);
+    const vf vmean = splat(static_cast<float>(mean));
+    double squares = 0.0;
+    for (int64_t j0 = 0; j0 < body; j0 += kMomentBlock) {
+      const int64_t j1 = std::min(body, j0 + kMomentBlock);
+      vf sq = vf{};
+      for (int64_t j = j0; j < j1; j += kLanes) {
+        const vf x = load(scores + j);
+        const vf dev = as_float(as_bits(x - vmean) & (x > ninf));
+        sq += dev * dev;
+      }
+      squares += sum_lanes(sq);
+    }
+    for (int64_t j = body; j < keys; ++j) {
+      if (scores[j] == -__builtin_inff()) continue;
+      const double dev = scores[j] - mean;
+      squares += dev * dev;
+    }
+    const double std_dev = std::sqrt(squares / static_cast<double>(n));
     double frac = 1.0 - static_cast<double>(top_k) / static_cast<double>(n);
     frac = frac < 1e-6 ? 1e-6 : (frac > 1.0 - 1e-6 ? 1.0 - 1e-6 : frac);
     const float t = static_cast<float>(mean + normal_quantile(frac) * std_dev);
     theta = t < top ? t : top;
   }
+  // The kept keys (valid, at or above theta), then exp(s - max) over them in lanes.
+  const vf vtheta = splat(theta);
   int64_t count = 0;
-  double denom = 0.0;
-  for (int64_t j = 0; j < keys; ++j) {
-    const float s = scores[j];
-    if (s == -__builtin_inff() || s < theta) continue;
-    const float e = std::exp(s - top);
+  for (int64_t j = 0; j < body; j += kLanes) {
+    const vf x = load(scores + j);
+    for (uint32_t bits = mask_bits((x > ninf) & (x >= vtheta)); bits != 0; bits &= bits - 1) {
+      const int l = __builtin_ctz(bits);
+      kept[count] = static_cast<int32_t>(j + l);
+      weights[count++] = x[l];
+    }
+  }
+  for (int64_t j = body; j < keys; ++j) {
+    const float x = scores[j];
+    if (x == -__builtin_inff() || x < theta) continue;
     kept[count] = static_cast<int32_t>(j);
-    weights[count] = e;
-    denom += e;
-    ++count;
+    weights[count++] = x;
+  }
+  const int64_t cbody = count / kLanes * kLanes;
+  const vf vmax = splat(top);
+  vf acc = vf{};
+  for (int64_t a = 0; a < cbody; a += kLanes) {
+    const vf e = exp_lanes(load(weights + a) - vmax);
+    __builtin_memcpy(weights + a, &e, sizeof(vf));
+    acc += e;
+  }
+  double denom = sum_lanes(acc);
+  for (int64_t a = cbody; a < count; ++a) {
+    weights[a] = exp_lanes(splat(weights[a] - top))[0];
+    denom += weights[a];
   }
   const float inv = static_cast<float>(1.0 / denom);
+  for (int64_t a = 0; a < count; ++a) weights[a] *= inv;
+  return count;
+}
+
+// out[d] += sum_a weights[a] * v[kept[a] * width + d] for d in [0, width): the rows are read
+// in column tiles of 8 vectors summed in registers (in order of a), then added to out.
+template <typename W>
+static void weighted_rows_add(const float* weights, const int32_t* kept, int64_t n, const W* v,
+                              int64_t width, float* out) {
+  constexpr int64_t kTile = 8 * kLanes;
+  int64_t d0 = 0;
+  for (; d0 + kTile <= width; d0 += kTile) {
+    vf acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = vf{};
+    for (int64_t a = 0; a < n; ++a) {
+      const W* row = v + kept[a] * width + d0;
+      const float w = weights[a];
+      for (int q = 0; q < 8; ++q) acc[q] += w * load(row + q * kLanes);
+    }
+    for (int q = 0; q < 8; ++q) {
+      vf o;
+      __builtin_memcpy(&o, out + d0 + q * kLanes, sizeof(vf));
+      o += acc[q];
+      __builtin_memcpy(out + d0 + q * kLanes, &o, sizeof(vf));
+    }
+  }
+  if (d0 < width) {
+    for (int64_t a = 0; a < n; ++a) {
+      add_scaled(out + d0, weights[a], v + kept[a] * width + d0, width - d0);
+    }
+  }
+}
+
+// weights[a] *= softplus(gates[a]) for a in [0, n).
+static void apply_gates(float* weights, const float* gates, int64_t n) {
+  const int64_t body = n / kLanes * kLanes;
+  for (int64_t a = 0; a < body; a += kLanes) {
+    const vf w = load(weights + a) * softplus_lanes(load(gates + a));
+    __builtin_memcpy(weights + a, &w, sizeof(vf));
+  }
+  for (int64_t a = body; a < n; ++a) weights[a] *= softplus_lanes(splat(gates[a]))[0];
+}
+
+// Spark attention of one query head at decode, from its predictor scores over the cache's S
+// slots and its own key (scores[S + 1]; -inf marks an invalid key): the keys spark_select
+// keeps, out = sum_kept softmax(scores)[j] * softplus(q_rest . k_rest[j]) * v[j]. Only the
+// kept keys' k_rest and v rows are read. Returns the number of kept keys. kept, weights and
+// gates hold S + 1 entries.
+template <typename W>
+int64_t spark_head(const float* scores, int64_t slots, int64_t top_k, const float* q_rest,
+                   const W* k_rest, const W* v, const float* new_k_rest, const float* new_v,
+                   int64_t rest, int64_t width, float* out, int32_t* kept, float* weights,
+                   float* gates) {
+  for (int64_t d = 0; d < width; ++d) out[d] = 0.0f;
+  const int64_t count = spark_select(scores, slots + 1, top_k, kept, weights);
   for (int64_t a = 0; a < count; ++a) {
     const int64_t j = kept[a];
-    const bool is_new = j == slots;
-    const float g = is_new ? dot(new_k_rest, q_rest, rest) : dot(k_rest + j * rest, q_rest, rest);
-    // softplus(g) = max(g, 0) + log1p(exp(-|g|)), without overflow.
-    const float gate = (g > 0.0f ? g : 0.0f) + std::log1p(std::exp(-std::fabs(g)));
-    const float w = weights[a] * inv * gate;
-    if (is_new) {
-      add_scaled(out, w, new_v, width);
+    gates[a] = j == slots ? dot(new_k_rest, q_rest, rest) : dot(k_rest + j * rest, q_rest, rest);
+  }
+  apply_gates(weights, gates, count);
+  for (int64_t a = 0; a < count; ++a) {
+    const int64_t j = kept[a];
+    if (j == slots) {
+      add_scaled(out, weights[a], new_v, width);
     } else {
-      add_scaled(out, w, v + j * width, width);
+      add_scaled(out, weights[a], v + j * width, width);
     }
   }
   return count;
+}
+
+// The same for a query whose keys are all in one table (a prefill chunk's query over the cache
+// joined with the chunk's own keys), in steps so that a run of queries shares the table's
+// rows in the core's cache: spark_select picks the keys, then per block of the table
+// spark_scored_block adds the block's kept keys: weights[a] * softplus(q_rest . k_rest[j]) *
+// v[j] into out (kept[a] in [begin, end) of the ascending kept list).
+template <typename W>
+void spark_scored_block(const int32_t* kept, float* weights, float* gates, int64_t begin,
+                        int64_t end, const float* q_rest, const W* k_rest, const W* v,
+                        int64_t rest, int64_t width, float* out) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  for (int64_t a = begin; a < end; ++a) gates[a] = dot(k_rest + kept[a] * rest, q_rest, rest);
+  apply_gates(weights + begin, gates + begin, n);
+  weighted_rows_add(weights + begin, kept + begin, n, v, width, out);
 }
 
 // Dense attention weights of one query head at decode: scores [S + 1] (-inf: invalid) become
@@ -635,9 +789,20 @@ struct Kernels {
   static int64_t SparkHead(const float* scores, int64_t slots, int64_t top_k,
                            const float* q_rest, const W* k_rest, const W* v,
                            const float* new_k_rest, const float* new_v, int64_t rest,
-                           int64_t width, float* out, int32_t* kept, float* weights) {
+                           int64_t width, float* out, int32_t* kept, float* weights,
+                           float* gates) {
     return spark_head(scores, slots, top_k, q_rest, k_rest, v, new_k_rest, new_v, rest, width,
-                      out, kept, weights);
+                      out, kept, weights, gates);
+  }
+  static int64_t SparkSelect(const float* scores, int64_t keys, int64_t top_k, int32_t* kept,
+                             float* weights) {
+    return spark_select(scores, keys, top_k, kept, weights);
+  }
+  template <typename W>
+  static void SparkScoredBlock(const int32_t* kept, float* weights, float* gates, int64_t begin,
+                               int64_t end, const float* q_rest, const W* k_rest, const W* v,
+                               int64_t rest, int64_t width, float* out) {
+    spark_scored_block(kept, weights, gates, begin, end, q_rest, k_rest, v, rest, width, out);
   }
   static int64_t DenseWeights(float* scores, int64_t keys) { return dense_weights(scores, keys); }
   template <typename W>

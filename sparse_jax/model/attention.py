@@ -19,7 +19,8 @@ positions ``pos`` [B, S] (-1 for an empty slot). A query block attends to a sequ
 that step (``lax.cond``) and is counted, never truncated. With the native CPU kernels a
 one-token step attends in one fused kernel instead
 (:func:`sparse_jax.model.attention_native.attend_decode_native`, dense and Spark), which
-gathers any number of kept keys.
+gathers any number of kept keys; a Spark prefill chunk takes XLA's predictor scores and one
+native kernel for the threshold and the kept keys (:func:`attend_scored_native`).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
-from sparse_jax.model.attention_native import attend_decode_native, native_decode
+from sparse_jax.model.attention_native import attend_decode_native, native_decode, native_prefill
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.model.layers import dtype_of, safe_softmax, softcap, split_rope
 from sparse_jax.model.selection import compact
@@ -307,6 +308,38 @@ def attend_blockwise(
     return _ungroup(out), count.reshape(b, kv * g, t)
 
 
+def attend_scored_native(
+    cfg: ModelConfig,
+    q: jax.Array,
+    segments: Sequence[Segment],
+    q_pos: jax.Array,
+    window: jax.Array | int,
+    enabled: bool,
+    kernels: Kernels,
+) -> tuple[jax.Array, jax.Array]:
+    """:func:`attend_masked` of a Spark prefill chunk with the native kernels: XLA's predictor
+    scores over every key, then one native kernel per query head takes the threshold and reads
+    only the kept keys' ``k_rest`` and ``v`` rows (no capacity; nothing overflows).
+
+    Returns:
+      out [B, T, N, H] float32 and the attended keys per query head [B, N, T] float32.
+    """
+    qg = _grouped(cfg, q)
+    b, kv, g, t, _ = qg.shape
+    # One segment: joining the keys copies less than joining the scores would.
+    keys = segments[0] if len(segments) == 1 else joined(*segments)
+    valid = _valid(q_pos, (keys,), window)[:, None, None]
+    scores = jnp.where(valid, spark_scores(cfg, qg, (keys,)), -jnp.inf)
+    out, count = kernels.spark_scored_attention(
+        scores.reshape(b, kv, g * t, -1),
+        _gate_query(cfg, qg).reshape(b, kv, g * t, -1),
+        keys["k_rest"],
+        keys["v"],
+        top_k=cfg.attn_top_k if enabled else scores.shape[-1],
+    )
+    return _ungroup(out.reshape(b, kv, g, t, -1)), count.reshape(b, kv * g, t)
+
+
 def attend_sparse(
     cfg: ModelConfig,
     q: jax.Array,
@@ -437,6 +470,10 @@ class Attention(nn.Module):
         elif sparse_capacity is not None:
             out, kept, overflow = attend_sparse(
                 self.cfg, q, cache, new, positions, window, sparse_capacity, self.kernels
+            )
+        elif native_prefill(self.cfg, self.kernels, x.shape[1], cache, enabled):
+            out, kept = attend_scored_native(
+                self.cfg, q, (cache, new), positions, window, enabled, self.kernels
             )
         elif uses_blockwise(self.cfg, x.shape[1], x.shape[1] + _slots(cache)) and (
             cache is None or x.shape[1] > 1

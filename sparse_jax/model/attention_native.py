@@ -73,3 +73,20 @@ def native_decode(cfg: ModelConfig, kernels: Kernels, length: int, cache: Segmen
         and kernels.native()
         and (cfg.attn_kind == "dense" or cfg.topk_method == "statistical")
     )
+
+
+def native_prefill(
+    cfg: ModelConfig, kernels: Kernels, length: int, cache: Segment | None, enabled
+) -> bool:
+    """Whether a prefill chunk of ``length`` queries attends through
+    :func:`sparse_jax.model.attention.attend_scored_native`: a Spark layer with the
+    statistical threshold, the native kernels, a cache, more than one query and the layer's
+    sparsity known at trace time."""
+    return (
+        cache is not None
+        and length > 1
+        and cfg.attn_kind == "spark"
+        and cfg.topk_method == "statistical"
+        and isinstance(enabled, bool)
+        and kernels.native()
+    )

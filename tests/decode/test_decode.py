@@ -187,9 +187,9 @@ def test_bad_input_raises_clear_errors():
     ],
 )  # fmt: skip
 def test_native_kernels_decode_like_xla(name, dtype, batch, path):
-    # The whole decode with the native products, gathered FFN and fused decode attention
-    # against XLA's: the same logits within float32 reordering, and the same greedy token at
-    # every step.
+    # The whole decode with the native products, gathered FFN, fused decode attention and
+    # scored prefill attention against XLA's: the same logits within float32 reordering, and
+    # the same greedy token at every step.
     cfg, params, tokens = _setup(name, seed=11, b=batch)
     dparams = decode_params(cfg, params, dtype=dtype)
     options = {
@@ -201,8 +201,12 @@ def test_native_kernels_decode_like_xla(name, dtype, batch, path):
     np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
     # A decode step really runs the fused attention kernel where it applies: every dense
     # layer, and Spark layers on the sparse path.
+    # Spark's prefill chunks attend through the native scored kernel (retraced to see it).
+    jax.clear_caches()
     cache = init_cache(cfg, batch, T)
-    _, cache, _ = prefill(cfg, dparams, cache, tokens[:, :8], None, options["native"])
+    with mock.patch.object(A, "attend_scored_native", wraps=A.attend_scored_native) as scored:
+        _, cache, _ = prefill(cfg, dparams, cache, tokens[:, :8], None, options["native"])
+    assert scored.called == (cfg.attn_kind == "spark")
     native_step = functools.partial(decode_step_jit, cfg, options["native"])
     step = str(jax.make_jaxpr(native_step)(dparams, cache, jnp.asarray(tokens[:, 8])))
     fused = cfg.attn_kind == "dense" or (path == "sparse" and any(cfg.attn_sparse_layers))

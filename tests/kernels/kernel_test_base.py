@@ -84,6 +84,16 @@ def isas(implementation: str) -> tuple[str | None, ...]:
     return _native.supported_isas() if implementation == "native" else (None,)
 
 
+def xla_and_native(xla_module, native_module) -> list[tuple[str, object, str | None]]:
+    """(name, module, instruction set) to run an op's forward-only implementations with: its
+    XLA module, then its native module once per instruction set this CPU supports (when the
+    native kernels are built)."""
+    out = [("xla", xla_module, None)]
+    if NATIVE:
+        out += [("native", native_module, isa) for isa in _native.supported_isas()]
+    return out
+
+
 @contextlib.contextmanager
 def using_isa(isa: str | None):
     """Runs the native kernels with ``isa`` inside the block (None: leave it as it is).

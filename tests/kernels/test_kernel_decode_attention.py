@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 from scipy.special import ndtri
 
-from pallas_kernels import _native
 from pallas_kernels.decode_attention import api, native, reference, xla
 
 needs_native = pytest.mark.skipif(not base.NATIVE, reason="native kernels not built")
@@ -153,10 +152,7 @@ def _check(got, want, scale, count_want):
 
 
 def _impls():
-    out = [("xla", xla, None)]
-    if base.NATIVE:
-        out += [("native", native, isa) for isa in _native.supported_isas()]
-    return out
+    return base.xla_and_native(xla, native)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
