@@ -363,11 +363,11 @@ ffi::Error TopkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_rest,
 // The sparse FFN of a block of tokens (prefill), neuron by neuron: the tokens that activate a
 // neuron share one read of its K2 and V rows. Phase 1 (chunks of neurons): lists of
 // (token, h) per neuron from act [M, F], then coef = h * (x_rest[token] . K2[neuron]).
-// Phase 2 (chunks of output columns): y[token] += coef * V[neuron] over the neurons in order,
-// so each output element sums its terms in neuron order whatever the thread count.
+// Phase 2 (slices of output columns): y[token] += coef * V[neuron], per block of neurons in
+// order and within a block in neuron order, so each output element sums its terms in the same
+// order whatever the thread count and instruction set.
 constexpr int64_t kNeuronChunk = 128;
-constexpr int64_t kSliceWidth = 32;  // columns of y summed in registers per pass
-constexpr int64_t kGroupSlices = 4;  // slices copied out of V in one pass over its rows
+constexpr int64_t kNeuronBlock = 512;  // neurons whose V rows phase 2 keeps in cache at once
 
 struct NeuronPairs {
   std::vector<int32_t> start;  // per neuron of the chunk, into token/coef (size n + 1)
@@ -430,31 +430,32 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* x, 
       }
     }
   }
-  // Phase 2, by narrow column slices: a slice of V (every neuron's row segment) stays in the
-  // core's cache while each token sums its neurons' segments in registers.
-  const int64_t slices = (width + kSliceWidth - 1) / kSliceWidth;
-  const int64_t groups = (slices + kGroupSlices - 1) / kGroupSlices;
-  ParallelFor(pool, groups, [&](int64_t gr) {
-    // The group's columns are first copied out contiguous, one [F, slice width] block per
-    // slice, in one pass over V's rows: gathering from V in place touches one page per row
-    // and spends the time in the TLB.
-    const int64_t s0 = gr * kGroupSlices, s1 = std::min(slices, s0 + kGroupSlices);
-    const int64_t c0 = s0 * kSliceWidth, c1 = std::min(width, s1 * kSliceWidth);
-    std::unique_ptr<W[]> packed(new W[neurons * (c1 - c0)]);
-    for (int64_t i = 0; i < neurons; ++i) {
-      const W* row = v + i * width;
-      for (int64_t sl = s0; sl < s1; ++sl) {
-        const int64_t d0 = sl * kSliceWidth, w = std::min(width, d0 + kSliceWidth) - d0;
-        std::memcpy(packed.get() + neurons * (d0 - c0) + i * w, row + d0, sizeof(W) * w);
-      }
+  // Phase 2, by column slices (as wide as the instruction set sums in registers) and blocks of
+  // neurons: a slice of a block's V rows stays in the core's cache (and its pages in the TLB)
+  // while each token adds its neurons of the block, read in place.
+  const int64_t blocks = (neurons + kNeuronBlock - 1) / kNeuronBlock;
+  std::vector<int64_t> bstart(tokens * (blocks + 1));  // per token, where each block begins
+  for (int64_t t = 0; t < tokens; ++t) {
+    int64_t at = tstart[t];
+    for (int64_t nb = 0; nb < blocks; ++nb) {
+      bstart[t * (blocks + 1) + nb] = at;
+      while (at < tstart[t + 1] && tneuron[at] < (nb + 1) * kNeuronBlock) ++at;
     }
+    bstart[t * (blocks + 1) + blocks] = tstart[t + 1];
+  }
+  for (int64_t t = 0; t < tokens; ++t) std::memset(y + t * width, 0, sizeof(float) * width);
+  int64_t cols = 0;
+  WithIsa([&](auto kk) { cols = kk.SliceCols(); });
+  ParallelFor(pool, (width + cols - 1) / cols, [&](int64_t slice) {
+    const int64_t d0 = slice * cols, w = std::min(width, d0 + cols) - d0;
     WithIsa([&](auto kk) {
-      for (int64_t sl = s0; sl < s1; ++sl) {
-        const int64_t d0 = sl * kSliceWidth, w = std::min(width, d0 + kSliceWidth) - d0;
-        const W* block = packed.get() + neurons * (d0 - c0);
+      for (int64_t nb = 0; nb < blocks; ++nb) {
         for (int64_t t = 0; t < tokens; ++t) {
-          kk.GatherSlice(block, w, w, tneuron.data() + tstart[t], tcoef.data() + tstart[t],
-                         tstart[t + 1] - tstart[t], y + t * width + d0);
+          const int64_t b = bstart[t * (blocks + 1) + nb], e = bstart[t * (blocks + 1) + nb + 1];
+          if (e > b) {
+            kk.GatherAddSlice(v + d0, width, w, tneuron.data() + b, tcoef.data() + b, e - b,
+                              y + t * width + d0);
+          }
         }
       }
     });

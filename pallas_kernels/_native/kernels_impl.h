@@ -712,45 +712,35 @@ void token_dots(const W* row, const float* x, int64_t width, const int32_t* toke
   for (int64_t k = 0; k < n; ++k) coef[k] *= dot(row, x + token[k] * width, width);
 }
 
-// y[token[k] * stride + d] += coef[k] * row[d] for d in [0, width) and the n tokens of one
-// neuron; the row segment is read once (then from cache) for all of them.
-template <typename W>
-void scatter_segment(const W* row, int64_t width, const int32_t* token, const float* coef,
-                     int64_t n, float* y, int64_t stride) {
-  for (int64_t k = 0; k < n; ++k) add_scaled(y + token[k] * stride, coef[k], row, width);
-}
+// Columns of y summed in registers per pass of the block FFN's phase 2: eight vectors.
+constexpr int64_t kSliceCols = 8 * kLanes;
 
-// out[d] = sum_k coef[k] * v[neuron[k] * stride + d] for d in [0, width), width <= 32; the
-// sum runs over k in order, in registers.
+// out[d] += sum_k coef[k] * v[neuron[k] * stride + d] for d in [0, width) (a full slice is
+// kSliceCols wide): the sum over k runs in order in registers (eight independent FMA chains),
+// then is added to out.
 template <typename W>
-void gather_slice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
-                  const float* coef, int64_t n, float* out) {
-  constexpr int kVecs = 32 / kLanes;
-  if (width == 32) {
-    // Two sets of accumulators (even and odd k) halve the FMA dependency chains.
-    vf acc[2][kVecs];
-    for (int e = 0; e < 2; ++e)
-      for (int q = 0; q < kVecs; ++q) acc[e][q] = vf{};
-    int64_t k = 0;
-    for (; k + 2 <= n; k += 2) {
-      for (int e = 0; e < 2; ++e) {
-        const W* row = v + neuron[k + e] * stride;
-        const float c = coef[k + e];
-        for (int q = 0; q < kVecs; ++q) acc[e][q] += c * load(row + q * kLanes);
-      }
-    }
-    if (k < n) {
+void gather_add_slice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
+                      const float* coef, int64_t n, float* out) {
+  if (width == kSliceCols) {
+    vf acc[8];
+    for (int q = 0; q < 8; ++q) acc[q] = vf{};
+    for (int64_t k = 0; k < n; ++k) {
       const W* row = v + neuron[k] * stride;
-      for (int q = 0; q < kVecs; ++q) acc[0][q] += coef[k] * load(row + q * kLanes);
+      const float c = coef[k];
+      for (int q = 0; q < 8; ++q) acc[q] += c * load(row + q * kLanes);
     }
-    for (int q = 0; q < kVecs; ++q) acc[0][q] += acc[1][q];
-    __builtin_memcpy(out, acc[0], sizeof(acc[0]));
+    for (int q = 0; q < 8; ++q) {
+      vf o;
+      __builtin_memcpy(&o, out + q * kLanes, sizeof(vf));
+      o += acc[q];
+      __builtin_memcpy(out + q * kLanes, &o, sizeof(vf));
+    }
     return;
   }
-  for (int64_t d = 0; d < width; ++d) out[d] = 0.0f;
-  for (int64_t k = 0; k < n; ++k) {
-    const W* row = v + neuron[k] * stride;
-    for (int64_t d = 0; d < width; ++d) out[d] += coef[k] * scalar(row[d]);
+  for (int64_t d = 0; d < width; ++d) {  // a narrower last slice
+    float acc = 0.0f;
+    for (int64_t k = 0; k < n; ++k) acc += coef[k] * scalar(v[neuron[k] * stride + d]);
+    out[d] += acc;
   }
 }
 
@@ -821,15 +811,11 @@ struct Kernels {
     token_dots(row, x, width, token, coef, n);
   }
   template <typename W>
-  static void ScatterSegment(const W* row, int64_t width, const int32_t* token,
-                             const float* coef, int64_t n, float* y, int64_t stride) {
-    scatter_segment(row, width, token, coef, n, y, stride);
+  static void GatherAddSlice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
+                             const float* coef, int64_t n, float* out) {
+    gather_add_slice(v, stride, width, neuron, coef, n, out);
   }
-  template <typename W>
-  static void GatherSlice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
-                          const float* coef, int64_t n, float* out) {
-    gather_slice(v, stride, width, neuron, coef, n, out);
-  }
+  static constexpr int64_t SliceCols() { return kSliceCols; }
   static void AddScaled(float* out, float w, const float* row, int64_t width) {
     add_scaled(out, w, row, width);
   }
