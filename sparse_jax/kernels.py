@@ -11,7 +11,7 @@ Every sparse op that has a kernel reaches it through a :class:`Kernels` value:
 * :meth:`Kernels.spark_decode_attention` and :meth:`Kernels.dense_decode_attention`: a decode
   step's whole attention in one native CPU kernel (scores, threshold, kept keys), used
   where :meth:`Kernels.native` holds; :meth:`Kernels.spark_scored_attention`: a Spark prefill
-  chunk's attention from its predictor scores (threshold and kept keys only), likewise;
+  chunk's attention from its raw predictor scores (threshold and kept keys only), likewise;
 * :meth:`Kernels.linear`, :meth:`Kernels.linear_many`, :meth:`Kernels.linear_rows`: every
   weight product of the model (:mod:`sparse_jax.model.products`), dense layers included.
 
@@ -297,16 +297,15 @@ class Kernels:
             *arrays, softcap=softcap, implementation=self._native_only()
         )
 
-    def spark_scored_attention(
-        self, scores: jax.Array, q_rest: jax.Array, k_rest: jax.Array, v: jax.Array, *, top_k: int
-    ) -> tuple[jax.Array, jax.Array]:
-        """A prefill chunk's Spark attention from its predictor scores as the native kernel;
-        see :func:`pallas_kernels.scored_attention.spark_scored_attention`.
+    def spark_scored_attention(self, *arrays: jax.Array, top_k: int, softcap: float | None):
+        """A prefill chunk's Spark attention from its raw predictor scores as the native
+        kernel; see :func:`pallas_kernels.scored_attention.spark_scored_attention` (same
+        arrays).
 
-        Returns out [B, K, M, H] and kept keys [B, K, M], float32.
+        Returns out [B, K, G, T, H] and kept keys [B, K, G, T], float32.
         """
         return scored_attention_api.spark_scored_attention(
-            scores, q_rest, k_rest, v, top_k=top_k, implementation=self._native_only()
+            *arrays, top_k=top_k, softcap=softcap, implementation=self._native_only()
         )
 
     def _native_only(self) -> str:

@@ -11,9 +11,9 @@
 //                          whole attention of one query per row over a cache and the token's
 //                          own key (Spark: predictor scores, statistical threshold, then only
 //                          the kept keys' other half and values).
-//   sparse_jax_spark_scored_attention: Spark attention of many queries per kv head (a prefill
-//                          chunk) from their predictor scores: the threshold, then only the
-//                          kept keys' other half and values.
+//   sparse_jax_spark_scored_attention: Spark attention of a prefill chunk's queries from their
+//                          raw predictor scores: soft-cap, positions' mask and threshold, then
+//                          only the kept keys' other half and values.
 //
 // Float32 accumulation throughout. Work is split over XLA's intra-op thread pool; each output
 // element is computed by one thread in a fixed order, so results are the same run to run.
@@ -722,19 +722,28 @@ ffi::Error SparkDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_pred,
   return ffi::Error::Success();
 }
 
-// Spark attention of many queries per kv head from their predictor scores (a prefill chunk):
-// each row of scores [..., K, M, S] (-inf: invalid key) is one query head's. A task is a group
-// of rows of one kv head (as few groups as keep every thread busy): their kept keys are
-// selected, then the table's rows are visited in blocks small enough to stay in the core's
-// cache while every row of the group adds its kept keys of the block, so a key's rows come
-// from memory about once per group rather than once per query. Each output row is summed in
-// a fixed order (blocks in order, kept keys ascending) whatever the grouping.
+// Spark attention of a prefill chunk's queries from their raw predictor scores [..., K, G, T,
+// S] (q_pred . k_pred per query head and key of the table): each row is soft-capped and masked
+// by the positions, then thresholded. A task is a group of rows of one kv head (as few groups
+// as keep every thread busy): their kept keys are selected, then the table's rows are visited
+// in blocks small enough to stay in the core's cache while every row of the group adds its
+// kept keys of the block, so a key's rows come from memory about once per group rather than
+// once per query. Each output row is summed in a fixed order (blocks in order, kept keys
+// ascending) whatever the grouping.
 constexpr int64_t kScoredBlockBytes = 768 << 10;  // k_rest and v bytes per block of keys
 
+struct ScoredShape {
+  int64_t batch, kv_heads, groups, queries, keys, rest, width;
+  int64_t rows() const { return groups * queries; }  // per kv head
+};
+
 template <typename W>
-void SparkScoredRun(ffi::ThreadPool& pool, const float* scores, const float* q_rest,
-                    const W* k_rest, const W* v, int64_t tables, int64_t rows, int64_t keys,
-                    int64_t rest, int64_t width, int64_t top_k, float* out, float* kept) {
+void SparkScoredRun(ffi::ThreadPool& pool, const ScoredShape& d, const float* scores,
+                    const float* q_rest, const W* k_rest, const W* v, const int32_t* q_pos,
+                    const int32_t* k_pos, const int32_t* window, int64_t top_k, float cap,
+                    float* out, float* kept) {
+  const int64_t tables = d.batch * d.kv_heads, rows = d.rows(), keys = d.keys;
+  const int64_t rest = d.rest, width = d.width;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   const int64_t per_table = std::min(rows, (2 * threads + tables - 1) / tables);
   const int64_t group_rows = (rows + per_table - 1) / per_table;
@@ -742,15 +751,16 @@ void SparkScoredRun(ffi::ThreadPool& pool, const float* scores, const float* q_r
   const int64_t block = std::max<int64_t>(16, kScoredBlockBytes / std::max<int64_t>(1, row_bytes));
   ParallelFor(pool, tables * per_table, [&](int64_t task) {
     const int64_t t = task / per_table, m0 = task % per_table * group_rows;
-    const int64_t m1 = std::min(rows, m0 + group_rows);
+    const int64_t m1 = std::min(rows, m0 + group_rows), b = t / d.kv_heads;
     if (m0 >= m1) return;
     // Kept lists of the group's rows, one after another (kept per thread across calls: fresh
     // buffers are paged in and zeroed on every call).
     thread_local std::vector<int32_t> picked;
-    thread_local std::vector<float> weights, gates;
+    thread_local std::vector<float> weights, gates, capped;
     thread_local std::vector<int64_t> start, cursor;
     start.assign(m1 - m0 + 1, 0);
     cursor.assign(m1 - m0, 0);
+    capped.resize(keys);
     const W* kt = k_rest + t * keys * rest;
     const W* vt = v + t * keys * width;
     WithIsa([&](auto k) {
@@ -761,7 +771,9 @@ void SparkScoredRun(ffi::ThreadPool& pool, const float* scores, const float* q_r
           weights.resize(at + keys);
           gates.resize(at + keys);
         }
-        const int64_t n = k.SparkSelect(scores + row * keys, keys, top_k, picked.data() + at,
+        k.CappedScores(scores + row * keys, k_pos + b * keys, q_pos[b * d.queries + m % d.queries],
+                       window[b], cap, keys, capped.data());
+        const int64_t n = k.SparkSelect(capped.data(), keys, top_k, picked.data() + at,
                                         weights.data() + at);
         start[m - m0 + 1] = at + n;
         cursor[m - m0] = at;
@@ -790,43 +802,50 @@ void SparkScoredRun(ffi::ThreadPool& pool, const float* scores, const float* q_r
 
 ffi::Error SparkScoredImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
                            ffi::Buffer<ffi::F32> q_rest, ffi::AnyBuffer k_rest, ffi::AnyBuffer v,
-                           int64_t top_k, ffi::ResultBuffer<ffi::F32> out,
-                           ffi::ResultBuffer<ffi::F32> kept) {
+                           ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> k_pos,
+                           ffi::Buffer<ffi::S32> window, int64_t top_k, float softcap,
+                           ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> kept) {
   if (!CacheType(k_rest) || k_rest.element_type() != v.element_type()) {
     return ffi::Error::InvalidArgument("k_rest and v must share one dtype, float32 or bfloat16");
   }
   auto sd = scores.dimensions();
   auto kd = k_rest.dimensions();
   auto vd = v.dimensions();
-  if (sd.size() < 2 || kd.size() < 2 || vd.size() < 2 || top_k < 1) {
-    return ffi::Error::InvalidArgument("expected scores [..., M, S], k_rest and v [..., S, *]");
+  const int64_t batch = static_cast<int64_t>(window.element_count());
+  if (sd.size() < 4 || kd.size() < 3 || vd.size() < 3 || top_k < 1) {
+    return ffi::Error::InvalidArgument(
+        "expected scores [..., K, G, T, S], k_rest and v [..., K, S, *]");
   }
-  const int64_t rows = sd[sd.size() - 2], keys = sd[sd.size() - 1];
-  const int64_t rest = kd[kd.size() - 1], width = vd[vd.size() - 1];
-  const int64_t tables = Product(kd, 0, kd.size() - 2);
+  const size_t r = sd.size();
+  const ScoredShape d{batch,     sd[r - 4], sd[r - 3], sd[r - 2], sd[r - 1],
+                      kd[kd.size() - 1], vd[vd.size() - 1]};
   ffi::Error err;
   auto check = [&](ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> want,
                    const char* name) {
-    if (err.success()) err = CheckDims(dims, want, tables, name);
+    if (err.success()) err = CheckDims(dims, want, batch, name);
   };
-  check(sd, {rows, keys}, "scores");
-  check(q_rest.dimensions(), {rows, rest}, "q_rest");
-  check(kd, {keys, rest}, "k_rest");
-  check(vd, {keys, width}, "v");
-  check(out->dimensions(), {rows, width}, "out");
-  check(kept->dimensions(), {rows}, "kept");
+  check(sd, {d.kv_heads, d.groups, d.queries, d.keys}, "scores");
+  check(q_rest.dimensions(), {d.kv_heads, d.groups, d.queries, d.rest}, "q_rest");
+  check(kd, {d.kv_heads, d.keys, d.rest}, "k_rest");
+  check(vd, {d.kv_heads, d.keys, d.width}, "v");
+  check(q_pos.dimensions(), {d.queries}, "q_pos");
+  check(k_pos.dimensions(), {d.keys}, "k_pos");
+  check(out->dimensions(), {d.kv_heads, d.groups, d.queries, d.width}, "out");
+  check(kept->dimensions(), {d.kv_heads, d.groups, d.queries}, "kept");
   if (err.failure()) return err;
-  if (tables * rows == 0) return ffi::Error::Success();
+  if (batch * d.kv_heads * d.rows() == 0) return ffi::Error::Success();
   if (k_rest.element_type() == ffi::DataType::F32) {
-    SparkScoredRun(pool, scores.typed_data(), q_rest.typed_data(),
+    SparkScoredRun(pool, d, scores.typed_data(), q_rest.typed_data(),
                    static_cast<const float*>(k_rest.untyped_data()),
-                   static_cast<const float*>(v.untyped_data()), tables, rows, keys, rest, width,
-                   top_k, out->typed_data(), kept->typed_data());
+                   static_cast<const float*>(v.untyped_data()), q_pos.typed_data(),
+                   k_pos.typed_data(), window.typed_data(), top_k, softcap, out->typed_data(),
+                   kept->typed_data());
   } else {
-    SparkScoredRun(pool, scores.typed_data(), q_rest.typed_data(),
+    SparkScoredRun(pool, d, scores.typed_data(), q_rest.typed_data(),
                    static_cast<const uint16_t*>(k_rest.untyped_data()),
-                   static_cast<const uint16_t*>(v.untyped_data()), tables, rows, keys, rest,
-                   width, top_k, out->typed_data(), kept->typed_data());
+                   static_cast<const uint16_t*>(v.untyped_data()), q_pos.typed_data(),
+                   k_pos.typed_data(), window.typed_data(), top_k, softcap, out->typed_data(),
+                   kept->typed_data());
   }
   return ffi::Error::Success();
 }
@@ -965,7 +984,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparkScoredAttention, SparkScoredImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()  // q_rest
                                   .Arg<ffi::AnyBuffer>()         // k_rest
                                   .Arg<ffi::AnyBuffer>()         // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // k_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // window
                                   .Attr<int64_t>("top_k")
+                                  .Attr<float>("softcap")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>());  // kept
 

@@ -473,13 +473,58 @@ static inline __attribute__((always_inline)) vf softplus_lanes(vf g) {
   return (g > splat(0.0f) ? g : splat(0.0f)) + log1p_unit_lanes(exp_lanes(-a));
 }
 
+// One query's predictor scores over a table of keys as the threshold reads them: the raw dot
+// products [keys] soft-capped (cap > 0) and -inf where the key (position pos[j]) is invalid
+// for a query at qpos (a padding query, qpos < 0, has none).
+static void capped_scores(const float* raw, const int32_t* pos, int32_t qpos, int32_t window,
+                          float cap, int64_t keys, float* out) {
+  const float neg_inf = -__builtin_inff();
+  if (qpos < 0 || window <= 0) {
+    for (int64_t j = 0; j < keys; ++j) out[j] = neg_inf;
+    return;
+  }
+  // qpos - p < window as p > qpos - window: no overflow for qpos >= 0 and window > 0.
+  const vi lo = vi{} + (qpos - window), hi = vi{} + qpos;
+  int64_t j = 0;
+  for (; j + kLanes <= keys; j += kLanes) {
+    vf x = load(raw + j);
+    if (cap > 0.0f) x = cap * tanh_lanes(x * (1.0f / cap));
+    vi p;
+    __builtin_memcpy(&p, pos + j, sizeof(vi));
+    const vi ok = (p >= 0) & (p <= hi) & (p > lo);
+    x = ok ? x : splat(neg_inf);
+    __builtin_memcpy(out + j, &x, sizeof(vf));
+  }
+  for (; j < keys; ++j) {
+    const float x = cap > 0.0f ? cap * tanh_lanes(splat(raw[j] * (1.0f / cap)))[0] : raw[j];
+    out[j] = key_valid(pos[j], qpos, window) ? x : neg_inf;
+  }
+}
+
+// Half a register of floats, and as many doubles in a whole register.
+typedef float vhalf __attribute__((vector_size(SPARSE_JAX_VECTOR_BYTES / 2)));
+typedef double vd __attribute__((vector_size(SPARSE_JAX_VECTOR_BYTES)));
+
+static inline __attribute__((always_inline)) vhalf low_half(vf x) {
+  vhalf h;
+  __builtin_memcpy(&h, &x, sizeof(h));
+  return h;
+}
+
+static inline __attribute__((always_inline)) vhalf high_half(vf x) {
+  vhalf h;
+  __builtin_memcpy(&h, reinterpret_cast<const char*>(&x) + sizeof(h), sizeof(h));
+  return h;
+}
+
 // Moments are summed in float32 lanes over blocks of this many keys, then in float64.
 constexpr int64_t kMomentBlock = 256;
 
 // The statistical top-k of one query head's predictor scores [keys] (-inf marks an invalid
 // key): theta = min(mean + z * std, max) over the valid scores, z = Phi^-1(1 - k / n_valid),
-// every valid key kept when n_valid <= k. The moments are exact up to float32 rounding inside
-// blocks of kMomentBlock keys (block sums are added in float64). Writes the kept keys' indices
+// every valid key kept when n_valid <= k. The sum is exact up to float32 rounding inside blocks
+// of kMomentBlock keys (block sums are added in float64); the squared deviations are summed in
+// float64. Writes the kept keys' indices
 // (ascending) and normalized softmax weights and returns their number.
 static int64_t spark_select(const float* scores, int64_t keys, int64_t top_k, int32_t* kept,
                             float* weights) {
@@ -517,16 +562,16 @@ static int64_t spark_select(const float* scores, int64_t keys, int64_t top_k, in
     const double mean = total / static_cast<double>(n);
     const vf vmean = splat(static_cast<float>(mean));
     double squares = 0.0;
-    for (int64_t j0 = 0; j0 < body; j0 += kMomentBlock) {
-      const int64_t j1 = std::min(body, j0 + kMomentBlock);
-      vf sq = vf{};
-      for (int64_t j = j0; j < j1; j += kLanes) {
-        const vf x = load(scores + j);
-        const vf dev = as_float(as_bits(x - vmean) & (x > ninf));
-        sq += dev * dev;
-      }
-      squares += sum_lanes(sq);
+    // Squares in float64 lanes: deviations of scores near 1e-30 would underflow in float32.
+    vd sq = vd{};
+    for (int64_t j = 0; j < body; j += kLanes) {
+      const vf x = load(scores + j);
+      const vf dev = as_float(as_bits(x - vmean) & (x > ninf));
+      const vd lo = __builtin_convertvector(low_half(dev), vd);
+      const vd hi = __builtin_convertvector(high_half(dev), vd);
+      sq += lo * lo + hi * hi;
     }
+    for (int l = 0; l < kLanes / 2; ++l) squares += sq[l];
     for (int64_t j = body; j < keys; ++j) {
       if (scores[j] == -__builtin_inff()) continue;
       const double dev = scores[j] - mean;
@@ -783,6 +828,10 @@ struct Kernels {
                            float* gates) {
     return spark_head(scores, slots, top_k, q_rest, k_rest, v, new_k_rest, new_v, rest, width,
                       out, kept, weights, gates);
+  }
+  static void CappedScores(const float* raw, const int32_t* pos, int32_t qpos, int32_t window,
+                           float cap, int64_t keys, float* out) {
+    capped_scores(raw, pos, qpos, window, cap, keys, out);
   }
   static int64_t SparkSelect(const float* scores, int64_t keys, int64_t top_k, int32_t* kept,
                              float* weights) {

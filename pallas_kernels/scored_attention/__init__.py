@@ -1,5 +1,5 @@
-"""Spark attention of many queries per kv head from their predictor scores (prefill chunks):
-the statistical threshold, then the kept keys' other half and values only."""
+"""Spark attention of a prefill chunk's queries from their raw predictor scores: soft-cap,
+positions' mask and statistical threshold, then the kept keys' other half and values only."""
 
 from pallas_kernels.scored_attention.api import spark_scored_attention
 

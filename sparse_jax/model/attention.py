@@ -19,8 +19,8 @@ positions ``pos`` [B, S] (-1 for an empty slot). A query block attends to a sequ
 that step (``lax.cond``) and is counted, never truncated. With the native CPU kernels a
 one-token step attends in one fused kernel instead
 (:func:`sparse_jax.model.attention_native.attend_decode_native`, dense and Spark), which
-gathers any number of kept keys; a Spark prefill chunk takes XLA's predictor scores and one
-native kernel for the threshold and the kept keys (:func:`attend_scored_native`).
+gathers any number of kept keys; a Spark prefill chunk takes XLA's raw predictor scores and
+one native kernel for the soft-cap, mask, threshold and kept keys (:func:`attend_scored_native`).
 """
 
 from __future__ import annotations
@@ -317,27 +317,32 @@ def attend_scored_native(
     enabled: bool,
     kernels: Kernels,
 ) -> tuple[jax.Array, jax.Array]:
-    """:func:`attend_masked` of a Spark prefill chunk with the native kernels: XLA's predictor
-    scores over every key, then one native kernel per query head takes the threshold and reads
-    only the kept keys' ``k_rest`` and ``v`` rows (no capacity; nothing overflows).
+    """:func:`attend_masked` of a Spark prefill chunk with the native kernels: XLA's raw
+    predictor scores over every key, then one native kernel soft-caps and masks each query's
+    row, takes the threshold and reads only the kept keys' ``k_rest`` and ``v`` rows (no
+    capacity; nothing overflows).
 
     Returns:
       out [B, T, N, H] float32 and the attended keys per query head [B, N, T] float32.
     """
     qg = _grouped(cfg, q)
     b, kv, g, t, _ = qg.shape
+    r = cfg.attn_predictor_dim
     # One segment: joining the keys copies less than joining the scores would.
     keys = segments[0] if len(segments) == 1 else joined(*segments)
-    valid = _valid(q_pos, (keys,), window)[:, None, None]
-    scores = jnp.where(valid, spark_scores(cfg, qg, (keys,)), -jnp.inf)
+    q_pred = qg[..., :r] * jnp.asarray(cfg.resolved_predictor_query_scale, qg.dtype)
     out, count = kernels.spark_scored_attention(
-        scores.reshape(b, kv, g * t, -1),
-        _gate_query(cfg, qg).reshape(b, kv, g * t, -1),
+        _scores(q_pred, (keys,), "k_pred"),
+        _gate_query(cfg, qg),
         keys["k_rest"],
         keys["v"],
-        top_k=cfg.attn_top_k if enabled else scores.shape[-1],
+        q_pos,
+        keys["pos"],
+        window,
+        top_k=cfg.attn_top_k if enabled else keys["pos"].shape[1],
+        softcap=cfg.attn_logit_softcap,
     )
-    return _ungroup(out.reshape(b, kv, g, t, -1)), count.reshape(b, kv * g, t)
+    return _ungroup(out), count.reshape(b, kv * g, t)
 
 
 def attend_sparse(
