@@ -261,6 +261,16 @@ class Kernels:
         self._native_only()
         return sparse_ffn_native.sparse_ffn_block(act, x_rest, k2, v)
 
+    def spark_ffn_block(
+        self, pre: jax.Array, x_rest: jax.Array, k2: jax.Array, v: jax.Array, *, keep_count: int
+    ) -> tuple[jax.Array, jax.Array]:
+        """The Spark FFN of a block of tokens from its pre-activations pre [M, F], with the
+        statistical threshold and the gelu in the kernel (native CPU; see
+        :func:`pallas_kernels.sparse_ffn.native.spark_ffn_block`). Returns y [M, D] and the
+        active neurons per token [M], float32."""
+        self._native_only()
+        return sparse_ffn_native.spark_ffn_block(pre, x_rest, k2, v, keep_count=keep_count)
+
     def topk_attention(
         self,
         q_rest: jax.Array,

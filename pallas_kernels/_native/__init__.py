@@ -32,6 +32,7 @@ TARGETS = {
     "sparse_jax_sparse_ffn": "SparseJaxSparseFfn",
     "sparse_jax_topk_attention": "SparseJaxTopkAttention",
     "sparse_jax_sparse_ffn_block": "SparseJaxSparseFfnBlock",
+    "sparse_jax_spark_ffn_block": "SparseJaxSparkFfnBlock",
     "sparse_jax_spark_decode_attention": "SparseJaxSparkDecodeAttention",
     "sparse_jax_dense_decode_attention": "SparseJaxDenseDecodeAttention",
     "sparse_jax_spark_scored_attention": "SparseJaxSparkScoredAttention",

@@ -7,6 +7,8 @@
 //                          over the selected slots of each query head's kv head.
 //   sparse_jax_sparse_ffn_block: y [M, D] = sum over act[m, i] != 0 of
 //                          act[m, i] * (k2[i] . x_rest[m]) * v[i], neuron by neuron (prefill).
+//   sparse_jax_spark_ffn_block: the same from the pre-activations, with the statistical top-k's
+//                          soft threshold and the gelu per token in the kernel.
 //   sparse_jax_spark_decode_attention, sparse_jax_dense_decode_attention: one decode step's
 //                          whole attention of one query per row over a cache and the token's
 //                          own key (Spark: predictor scores, statistical threshold, then only
@@ -375,10 +377,12 @@ struct NeuronPairs {
   std::vector<float> coef;
 };
 
+// act [M, F] holds the activations (zero: off), or with theta [M] the pre-activations, a
+// neuron on where above its token's theta with activation gelu(pre - theta).
 template <typename W>
-void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* x, const W* k2,
-                       const W* v, float* y, int64_t tokens, int64_t neurons, int64_t rest,
-                       int64_t width) {
+void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* theta,
+                       const float* x, const W* k2, const W* v, float* y, int64_t tokens,
+                       int64_t neurons, int64_t rest, int64_t width) {
   const int64_t chunks = (neurons + kNeuronChunk - 1) / kNeuronChunk;
   std::vector<NeuronPairs> pairs(chunks);
   ParallelFor(pool, chunks, [&](int64_t c) {
@@ -387,21 +391,29 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* x, 
     p.start.assign(f1 - f0 + 1, 0);
     for (int64_t t = 0; t < tokens; ++t) {
       const float* a = act + t * neurons;
-      for (int64_t i = f0; i < f1; ++i) p.start[i - f0 + 1] += a[i] != 0.0f;
+      if (theta != nullptr) {
+        const float th = theta[t];
+        for (int64_t i = f0; i < f1; ++i) p.start[i - f0 + 1] += a[i] > th;
+      } else {
+        for (int64_t i = f0; i < f1; ++i) p.start[i - f0 + 1] += a[i] != 0.0f;
+      }
     }
     for (int64_t i = 0; i < f1 - f0; ++i) p.start[i + 1] += p.start[i];
     p.token.resize(p.start.back());
     p.coef.resize(p.start.back());
     std::vector<int32_t> fill(p.start.begin(), p.start.end() - 1);
-    for (int64_t t = 0; t < tokens; ++t) {
-      const float* a = act + t * neurons;
-      for (int64_t i = f0; i < f1; ++i) {
-        if (a[i] == 0.0f) continue;
-        const int32_t k = fill[i - f0]++;
-        p.token[k] = static_cast<int32_t>(t);
-        p.coef[k] = a[i];
+    WithIsa([&](auto kk) {
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float* a = act + t * neurons;
+        const float th = theta != nullptr ? theta[t] : 0.0f;
+        for (int64_t i = f0; i < f1; ++i) {
+          if (theta != nullptr ? !(a[i] > th) : a[i] == 0.0f) continue;
+          const int32_t k = fill[i - f0]++;
+          p.token[k] = static_cast<int32_t>(t);
+          p.coef[k] = theta != nullptr ? kk.Gelu(a[i] - th) : a[i];
+        }
       }
-    }
+    });
     WithIsa([&](auto kk) {
       for (int64_t i = f0; i < f1; ++i) {
         kk.Dots(k2 + i * rest, x, rest, p.token.data() + p.start[i - f0],
@@ -488,12 +500,65 @@ ffi::Error SparseFfnBlockImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> act,
     return ffi::Error::Success();
   }
   if (k2.element_type() == ffi::DataType::F32) {
-    SparseFfnBlockRun(pool, act.typed_data(), x_rest.typed_data(),
+    SparseFfnBlockRun(pool, act.typed_data(), nullptr, x_rest.typed_data(),
                       static_cast<const float*>(k2.untyped_data()),
                       static_cast<const float*>(v.untyped_data()), y->typed_data(), tokens,
                       neurons, rest, width);
   } else {
-    SparseFfnBlockRun(pool, act.typed_data(), x_rest.typed_data(),
+    SparseFfnBlockRun(pool, act.typed_data(), nullptr, x_rest.typed_data(),
+                      static_cast<const uint16_t*>(k2.untyped_data()),
+                      static_cast<const uint16_t*>(v.untyped_data()), y->typed_data(), tokens,
+                      neurons, rest, width);
+  }
+  return ffi::Error::Success();
+}
+
+// The Spark FFN of a prefill block from its pre-activations pre [M, F] (K1 . x[:R]): per token
+// the statistical top-k's soft threshold (keep_count of F), then the block FFN over the
+// neurons above it with activations gelu(pre - theta). active [M] counts them.
+ffi::Error SparkFfnBlockImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> pre,
+                             ffi::Buffer<ffi::F32> x_rest, ffi::AnyBuffer k2, ffi::AnyBuffer v,
+                             int64_t keep_count, ffi::ResultBuffer<ffi::F32> y,
+                             ffi::ResultBuffer<ffi::F32> active) {
+  if (ffi::Error err = CheckFfnTables(k2, v); err.failure()) return err;
+  auto pd = pre.dimensions();
+  auto kd = k2.dimensions();
+  const int64_t neurons = kd[kd.size() - 2], rest = kd[kd.size() - 1];
+  const int64_t width = v.dimensions()[v.dimensions().size() - 1];
+  if (pd.size() < 1 || pd[pd.size() - 1] != neurons) {
+    return ffi::Error::InvalidArgument("pre [..., F] and k2 [F, D-R] disagree on F");
+  }
+  if (keep_count < 1 || keep_count >= neurons) {
+    return ffi::Error::InvalidArgument("keep_count must be in [1, F)");
+  }
+  const int64_t tokens = Product(pd, 0, pd.size() - 1);
+  if (static_cast<int64_t>(x_rest.element_count()) != tokens * rest ||
+      static_cast<int64_t>(y->element_count()) != tokens * width ||
+      static_cast<int64_t>(active->element_count()) != tokens) {
+    return ffi::Error::InvalidArgument(
+        "x_rest must be [tokens, D-R], y [tokens, D] and active [tokens]");
+  }
+  if (tokens > INT32_MAX / kNeuronChunk) {  // a neuron chunk's pairs are counted in int32
+    return ffi::Error::InvalidArgument("a block holds at most 2^24 - 1 tokens");
+  }
+  if (tokens == 0) return ffi::Error::Success();
+  const double z = isa_generic::normal_quantile(1.0 - static_cast<double>(keep_count) / neurons);
+  std::vector<float> theta(tokens);
+  float* counts = active->typed_data();
+  const float* x = pre.typed_data();
+  ParallelFor(pool, tokens, [&](int64_t t) {
+    WithIsa([&](auto kk) {
+      counts[t] = static_cast<float>(kk.SoftThreshold(x + t * neurons, neurons, z, &theta[t]));
+    });
+  });
+  if (width == 0) return ffi::Error::Success();
+  if (k2.element_type() == ffi::DataType::F32) {
+    SparseFfnBlockRun(pool, x, theta.data(), x_rest.typed_data(),
+                      static_cast<const float*>(k2.untyped_data()),
+                      static_cast<const float*>(v.untyped_data()), y->typed_data(), tokens,
+                      neurons, rest, width);
+  } else {
+    SparseFfnBlockRun(pool, x, theta.data(), x_rest.typed_data(),
                       static_cast<const uint16_t*>(k2.untyped_data()),
                       static_cast<const uint16_t*>(v.untyped_data()), y->typed_data(), tokens,
                       neurons, rest, width);
@@ -942,6 +1007,17 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparseFfnBlock, SparseFfnBlockImpl,
                                   .Arg<ffi::AnyBuffer>()         // k2
                                   .Arg<ffi::AnyBuffer>()         // v
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparkFfnBlock, SparkFfnBlockImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // pre
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // x_rest
+                                  .Arg<ffi::AnyBuffer>()         // k2
+                                  .Arg<ffi::AnyBuffer>()         // v
+                                  .Attr<int64_t>("keep_count")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // y
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // active
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparkDecodeAttention, SparkDecodeImpl,
                               ffi::Ffi::Bind()

@@ -757,6 +757,59 @@ void token_dots(const W* row, const float* x, int64_t width, const int32_t* toke
   for (int64_t k = 0; k < n; ++k) coef[k] *= dot(row, x + token[k] * width, width);
 }
 
+// The statistical top-k's soft threshold of one row x [n] (the Spark FFN's pre-activations):
+// theta = min(mean + z * std, max), population std; the sum in float32 lanes per block of
+// kMomentBlock entries (added in float64), the squared deviations in float64 lanes. Writes
+// theta and returns the number of entries above it.
+static int64_t soft_threshold(const float* x, int64_t n, double z, float* theta) {
+  const int64_t body = n / kLanes * kLanes;
+  double total = 0.0;
+  vf vtop = splat(-__builtin_inff());
+  for (int64_t j0 = 0; j0 < body; j0 += kMomentBlock) {
+    const int64_t j1 = std::min(body, j0 + kMomentBlock);
+    vf sum = vf{};
+    for (int64_t j = j0; j < j1; j += kLanes) {
+      const vf v = load(x + j);
+      sum += v;
+      vtop = v > vtop ? v : vtop;
+    }
+    total += sum_lanes(sum);
+  }
+  float top = -__builtin_inff();
+  for (int l = 0; l < kLanes; ++l) top = vtop[l] > top ? vtop[l] : top;
+  for (int64_t j = body; j < n; ++j) {
+    total += x[j];
+    top = x[j] > top ? x[j] : top;
+  }
+  const double mean = total / static_cast<double>(n);
+  const vf vmean = splat(static_cast<float>(mean));
+  vd sq = vd{};
+  for (int64_t j = 0; j < body; j += kLanes) {
+    const vf dev = load(x + j) - vmean;
+    const vd lo = __builtin_convertvector(low_half(dev), vd);
+    const vd hi = __builtin_convertvector(high_half(dev), vd);
+    sq += lo * lo + hi * hi;
+  }
+  double squares = 0.0;
+  for (int l = 0; l < kLanes / 2; ++l) squares += sq[l];
+  for (int64_t j = body; j < n; ++j) squares += (x[j] - mean) * (x[j] - mean);
+  const float t = static_cast<float>(mean + z * std::sqrt(squares / static_cast<double>(n)));
+  *theta = t < top ? t : top;
+  const vf vtheta = splat(*theta);
+  int64_t above = 0;
+  for (int64_t j = 0; j < body; j += kLanes) {
+    above += __builtin_popcount(mask_bits(load(x + j) > vtheta));
+  }
+  for (int64_t j = body; j < n; ++j) above += x[j] > *theta;
+  return above;
+}
+
+// Gemma's gelu (tanh approximation) of one value.
+static inline float gelu(float u) {
+  const float inner = 0.7978845608028654f * (u + 0.044715f * u * u * u);
+  return 0.5f * u * (1.0f + tanh_lanes(splat(inner))[0]);
+}
+
 // Columns of y summed in registers per pass of the block FFN's phase 2: eight vectors.
 constexpr int64_t kSliceCols = 8 * kLanes;
 
@@ -865,6 +918,10 @@ struct Kernels {
     gather_add_slice(v, stride, width, neuron, coef, n, out);
   }
   static constexpr int64_t SliceCols() { return kSliceCols; }
+  static int64_t SoftThreshold(const float* x, int64_t n, double z, float* theta) {
+    return soft_threshold(x, n, z, theta);
+  }
+  static float Gelu(float u) { return gelu(u); }
   static void AddScaled(float* out, float w, const float* row, int64_t width) {
     add_scaled(out, w, row, width);
   }

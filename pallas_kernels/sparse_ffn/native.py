@@ -8,6 +8,7 @@ float32 accumulation. Padding slots (``h == 0``) read no row. Indices are clampe
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pallas_kernels import _native
 
@@ -39,3 +40,27 @@ def sparse_ffn_block(act: jax.Array, x_rest: jax.Array, k2: jax.Array, v: jax.Ar
     out = jax.ShapeDtypeStruct((*act.shape[:-1], v.shape[-1]), jnp.float32)
     call = jax.ffi.ffi_call("sparse_jax_sparse_ffn_block", out, vmap_method="sequential")
     return call(act.astype(jnp.float32), x_rest.astype(jnp.float32), k2, v)
+
+
+def spark_ffn_block(
+    pre: jax.Array, x_rest: jax.Array, k2: jax.Array, v: jax.Array, *, keep_count: int
+) -> tuple[jax.Array, jax.Array]:
+    """The Spark FFN of a block of tokens from its pre-activations pre [M, F] (``K1 . x[:R]``):
+    per token the statistical top-k's soft threshold ``theta = min(mean + z * std, max)`` with
+    ``z = Phi^-1(1 - keep_count / F)``, then :func:`sparse_ffn_block` of the activations
+    ``gelu(pre - theta)`` of the neurons above theta, in one FFI custom call
+    (``sparse_jax_spark_ffn_block``: the [M, F] activations are never written out).
+
+    Returns y [M, D] float32 and the active neurons per token [M] float32.
+    """
+    if not 0 < keep_count < pre.shape[-1]:
+        raise ValueError(f"keep_count={keep_count} must be in (0, F={pre.shape[-1]})")
+    _native.prepare(k2=k2, v=v)
+    out = (
+        jax.ShapeDtypeStruct((*pre.shape[:-1], v.shape[-1]), jnp.float32),
+        jax.ShapeDtypeStruct(pre.shape[:-1], jnp.float32),
+    )
+    call = jax.ffi.ffi_call("sparse_jax_spark_ffn_block", out, vmap_method="sequential")
+    return call(
+        pre.astype(jnp.float32), x_rest.astype(jnp.float32), k2, v, keep_count=np.int64(keep_count)
+    )

@@ -386,9 +386,13 @@ def prefill(
     cols = np.arange(t)[None, :] - (t - lengths_np)[:, None]
     pos = np.where(cols >= 0, next_pos[:, None] + cols, -1).astype(np.int32)
     chunk = options.prefill_chunk
-    # Prefill reads no other option: one canonical value shares its compilations.
+    # Prefill reads no other option (of the path, only whether it is "masked"): one canonical
+    # value shares its compilations.
     options = DecodeOptions(
-        prefill_chunk=chunk, implementation=options.implementation, interpret=options.interpret
+        path="masked" if options.path == "masked" else "auto",
+        prefill_chunk=chunk,
+        implementation=options.implementation,
+        interpret=options.interpret,
     )
     # The first chunk takes the remainder so that every later chunk is full: two compiled
     # shapes at most, and no padding after real tokens.

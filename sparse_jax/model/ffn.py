@@ -10,9 +10,10 @@ exact zeros. The sparse form (decoding, one token per row) takes the same thresh
 the active neurons into a static capacity and gathers only their rows of K2 and V, either per
 token (``"per_token"``) or once for the union of the batch's active sets (``"union"``). An
 overflowing selection takes the masked product for that step, counted, never truncated. The
-block form (prefill chunks, native CPU kernels: ``"block"``) takes the masked form's
-activations and computes only the active (token, neuron) pairs, each active neuron's K2 and V
-rows read once for all its tokens in the block.
+block form (prefill chunks, native CPU kernels: ``"block"``) computes only the active (token,
+neuron) pairs, each active neuron's K2 and V rows read once for all its tokens in the block;
+with the statistical threshold on a sparse layer the kernel takes the pre-activations and
+applies the threshold and the gelu itself, else the masked form's activations.
 """
 
 from __future__ import annotations
@@ -101,6 +102,17 @@ class SparkFFN(nn.Module):
         cfg, dtype = self.cfg, dtype_of(self.cfg.dtype)
         r = cfg.ffn_predictor_dim
         pre = checkpoint_name(self.kernels.linear(x[..., :r], self.k1, dtype), "ffn_pre")
+        if mode == "block" and cfg.topk_method == "statistical" and enabled is True:
+            # The threshold and the gelu in the kernel: the [M, F] activations never exist.
+            b, t, d = x.shape
+            y, active = self.kernels.spark_ffn_block(
+                pre.reshape(b * t, -1),
+                x[..., r:].reshape(b * t, -1),
+                self.k2,
+                self.v,
+                keep_count=cfg.ffn_keep_count,
+            )
+            return y.reshape(b, t, d).astype(dtype), active.reshape(b, t), jnp.zeros((), jnp.int32)
         if mode in ("masked", "block"):
             act = gelu(
                 self.kernels.soft_topk(

@@ -11,6 +11,7 @@ import pytest
 from decode_cases import BASE, CACHED, MASKED, VARIANTS, T, full_forward
 
 from pallas_kernels import _native
+from pallas_kernels.sparse_ffn import native as ffn_native
 from sparse_jax.decode.cache import init_cache
 from sparse_jax.decode.step import (
     DecodeOptions,
@@ -204,9 +205,18 @@ def test_native_kernels_decode_like_xla(name, dtype, batch, path):
     # Spark's prefill chunks attend through the native scored kernel (retraced to see it).
     jax.clear_caches()
     cache = init_cache(cfg, batch, T)
-    with mock.patch.object(A, "attend_scored_native", wraps=A.attend_scored_native) as scored:
+    fused = ffn_native.spark_ffn_block
+    with (
+        mock.patch.object(A, "attend_scored_native", wraps=A.attend_scored_native) as scored,
+        mock.patch.object(ffn_native, "spark_ffn_block", wraps=fused) as block,
+    ):
         _, cache, _ = prefill(cfg, dparams, cache, tokens[:, :8], None, options["native"])
     assert scored.called == (cfg.attn_kind == "spark")
+    # Sparse Spark FFN layers take the block kernel with the threshold inside (not on the
+    # masked path).
+    assert block.called == (
+        cfg.ffn_kind == "spark" and path == "sparse" and any(cfg.ffn_sparse_layers)
+    )
     native_step = functools.partial(decode_step_jit, cfg, options["native"])
     step = str(jax.make_jaxpr(native_step)(dparams, cache, jnp.asarray(tokens[:, 8])))
     fused = cfg.attn_kind == "dense" or (path == "sparse" and any(cfg.attn_sparse_layers))

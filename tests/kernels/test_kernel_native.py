@@ -3,6 +3,7 @@ against float64 oracles, on every instruction set this CPU runs; degenerate inpu
 jit, gradients, determinism; the build, the loader and the ``auto`` fallback when the library
 is missing."""
 
+import functools
 import logging
 
 import jax
@@ -10,6 +11,7 @@ import jax.numpy as jnp
 import kernel_test_base as base
 import numpy as np
 import pytest
+from scipy.special import ndtri
 
 from pallas_kernels import ImplementationUnavailableError, _native
 from pallas_kernels._common import dispatch
@@ -266,6 +268,71 @@ def test_sparse_ffn_block_degenerate_inputs_and_the_model_product():
     np.testing.assert_allclose(run(act, x_rest, k2, v), masked, rtol=2e-5, atol=2e-5)
     with pytest.raises(ValueError, match="one dtype"):
         ffn_native.sparse_ffn_block(act, x_rest, k2, v.astype(jnp.bfloat16))
+
+
+def _spark_block_oracle(pre, keep_count):
+    """float64 activations gelu(max(pre - theta, 0)) of the statistical soft threshold, theta
+    = min(mean + z std, max) per token, and the smallest |pre - theta| of a token."""
+    p64 = np.asarray(pre, np.float64)
+    z = ndtri(1.0 - keep_count / p64.shape[-1])
+    theta = np.minimum(p64.mean(-1) + z * p64.std(-1), p64.max(-1))[:, None]
+    u = np.maximum(p64 - theta, 0.0)
+    act = 0.5 * u * (1.0 + np.tanh(np.sqrt(2.0 / np.pi) * (u + 0.044715 * u**3)))
+    return act, np.min(np.abs(p64 - theta))
+
+
+@needs_native
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["float32", "bfloat16"])
+def test_spark_ffn_block_thresholds_in_the_kernel_like_the_float64_method(dtype):
+    # The fused form: the statistical soft threshold and the gelu per token in the kernel, then
+    # the block product; against float64 over every instruction set, and against the act form.
+    gen = base.rng(14)
+    for tokens, neurons, rest, width, keep in ((37, 300, 19, 70, 24), (1, 129, 33, 32, 10)):
+        (_, x_rest, k2, v), (k2_64, v64) = _block_case(gen, tokens, neurons, rest, width, dtype)
+        pre = (gen.standard_normal((tokens, neurons)) * 2 + 1).astype(np.float32)
+        act, margin = _spark_block_oracle(pre, keep)
+        assert margin > 1e-5  # no neuron at theta within float32 rounding
+        want, scale = _block_oracle(act, x_rest, k2_64, v64)
+        run = jax.jit(functools.partial(ffn_native.spark_ffn_block, keep_count=keep))
+        for isa in _native.supported_isas():
+            with base.using_isa(isa):
+                (got, active), (again, _) = jax.block_until_ready(
+                    [run(pre, x_rest, k2, v) for _ in range(2)]
+                )
+            _assert_matches(got, want, scale)
+            np.testing.assert_array_equal(got, again)
+            np.testing.assert_array_equal(active, (act > 0).sum(-1))
+        by_act = jax.jit(ffn_native.sparse_ffn_block)(act.astype(np.float32), x_rest, k2, v)
+        np.testing.assert_allclose(got, by_act, rtol=1e-5, atol=1e-5 * np.abs(by_act).max())
+
+
+@needs_native
+def test_spark_ffn_block_degenerate_inputs():
+    gen = base.rng(15)
+    (_, x_rest, k2, v), (k2_64, v64) = _block_case(gen, 5, 150, 12, 40, jnp.float32)
+    run = jax.jit(functools.partial(ffn_native.spark_ffn_block, keep_count=12))
+    # Equal pre-activations (a zero row, a constant row): theta is the row's value, nothing is
+    # above it, y is 0. No tokens: empty outputs.
+    for value in (0.0, 3.0):
+        y, active = run(np.full((5, 150), value, np.float32), x_rest, k2, v)
+        np.testing.assert_array_equal(y, np.zeros((5, 40)))
+        np.testing.assert_array_equal(active, np.zeros(5))
+    y, active = run(np.zeros((0, 150), np.float32), x_rest[:0], k2, v)
+    assert y.shape == (0, 40) and active.shape == (0,)
+    # Huge and tiny pre-activations (the squared deviations of 1e-30 underflow in float32:
+    # the kernel sums them in float64): the float64 result where it is in float32 range.
+    for magnitude in (1e15, 1e-30):
+        pre = (gen.standard_normal((5, 150)) * magnitude).astype(np.float32)
+        act, _ = _spark_block_oracle(pre, 12)
+        want, scale = _block_oracle(act, x_rest, k2_64, v64)
+        y, active = run(pre, x_rest, k2, v)
+        _assert_matches(y, want, scale)
+        np.testing.assert_array_equal(active, (act > 0).sum(-1))
+    for keep in (0, 150):
+        with pytest.raises(ValueError, match="keep_count"):
+            ffn_native.spark_ffn_block(
+                np.zeros((5, 150), np.float32), x_rest, k2, v, keep_count=keep
+            )
 
 
 def _attention_case(gen, batch, heads, kv_heads, seq, slots, rest, width, dtype):
