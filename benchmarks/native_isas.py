@@ -9,6 +9,9 @@ differs). Cases, float32 and bfloat16 weights:
 * ``linear``: one row through a [9216, 2304] weight (an FFN projection);
 * ``sparse_ffn``: one token's 1312 gathered rows of K2 [13824, 1280] and V [13824, 2304];
 * ``ffn_block``: a 256-token prefill chunk's active pairs (8% of 13824 neurons per token);
+* ``spark_ffn_block``: the same from the pre-activations, the threshold in the kernel;
+* ``scored_attention``: a prefill chunk's Spark attention (256 queries, 8 query and 4 kv
+  heads) from its raw predictor scores over 2304 keys, 256 kept per query;
 * ``decode_attention``: one decode step of a global layer at 32768 cached keys (8 query and 4
   kv heads of 256), Spark (256 kept keys) and dense, float32 cache.
 
@@ -32,6 +35,7 @@ from benchmarks.decode import cpu_model
 from pallas_kernels import _native
 from pallas_kernels.decode_attention import native as attention_native
 from pallas_kernels.linear import native as linear_native
+from pallas_kernels.scored_attention import native as scored_native
 from pallas_kernels.sparse_ffn import native as ffn_native
 from pallas_kernels.stat_topk.xla import statistical_threshold
 
@@ -56,6 +60,22 @@ def _cases(gen: np.random.Generator, dtype) -> dict:
     theta, _ = statistical_threshold(pre, 1106)
     act = jax.nn.gelu(jnp.maximum(pre - theta, 0.0))
     cases["ffn_block"] = (jax.jit(ffn_native.sparse_ffn_block), (act, f32(256, 1280), k2, v))
+    cases["spark_ffn_block"] = (
+        jax.jit(lambda *a: ffn_native.spark_ffn_block(*a, keep_count=1106)),
+        (pre, f32(256, 1280), k2, v),
+    )
+    # A prefill chunk of 256 queries (two heads per kv head) over 2048 cached keys and its own.
+    s = 2304
+    k_pos = jnp.arange(s, dtype=jnp.int32)[None]
+    cases["scored_attention"] = (
+        jax.jit(
+            lambda *a: scored_native.spark_scored_attention(*a, 4096, top_k=256, softcap=50.0)
+        ),
+        (
+            f32(1, 4, 2, 256, s, scale=3.0), f32(1, 4, 2, 256, 128, scale=0.1), w(1, 4, s, 128),
+            w(1, 4, s, 256), k_pos[:, s - 256 :], k_pos,
+        ),
+    )  # fmt: skip
     if dtype == jnp.float32:
         b, n, kv, s, r, h = 1, 8, 4, 32767, 128, 256
         pos = jnp.arange(s, dtype=jnp.int32)[None]

@@ -476,7 +476,7 @@ class Attention(nn.Module):
             out, kept, overflow = attend_sparse(
                 self.cfg, q, cache, new, positions, window, sparse_capacity, self.kernels
             )
-        elif native_prefill(self.cfg, self.kernels, x.shape[1], cache, enabled):
+        elif native_prefill(self.cfg, self.kernels, x.shape[:2], cache, enabled):
             out, kept = attend_scored_native(
                 self.cfg, q, (cache, new), positions, window, enabled, self.kernels
             )

@@ -75,18 +75,29 @@ def native_decode(cfg: ModelConfig, kernels: Kernels, length: int, cache: Segmen
     )
 
 
+# The raw scores a chunk's native Spark attention holds at once ([B, N, T, S] float32): above
+# this, the chunk attends blockwise in O(T x block) memory instead.
+SCORED_MAX_BYTES = 1 << 30
+
+
 def native_prefill(
-    cfg: ModelConfig, kernels: Kernels, length: int, cache: Segment | None, enabled
+    cfg: ModelConfig,
+    kernels: Kernels,
+    shape: tuple[int, int],
+    cache: Segment | None,
+    enabled,
 ) -> bool:
-    """Whether a prefill chunk of ``length`` queries attends through
-    :func:`sparse_jax.model.attention.attend_scored_native`: a Spark layer with the
-    statistical threshold, the native kernels, a cache, more than one query and the layer's
-    sparsity known at trace time."""
+    """Whether a prefill chunk of ``shape`` = (rows, queries) attends through
+    :func:`sparse_jax.model.attention.attend_scored_native`: a Spark layer with the statistical
+    threshold, ``attn_impl="auto"``, the native kernels, a cache, more than one query, the
+    layer's sparsity known at trace time, and raw scores of at most ``SCORED_MAX_BYTES``."""
+    if cache is None or shape[1] < 2 or cfg.attn_kind != "spark" or cfg.attn_impl != "auto":
+        return False
+    keys = cache["pos"].shape[1] + shape[1]
+    scored = 4 * shape[0] * cfg.num_heads * shape[1] * keys
     return (
-        cache is not None
-        and length > 1
-        and cfg.attn_kind == "spark"
-        and cfg.topk_method == "statistical"
+        cfg.topk_method == "statistical"
         and isinstance(enabled, bool)
+        and scored <= SCORED_MAX_BYTES
         and kernels.native()
     )

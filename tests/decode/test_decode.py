@@ -21,6 +21,7 @@ from sparse_jax.decode.step import (
     prefill,
 )
 from sparse_jax.model import attention as A
+from sparse_jax.model import attention_native
 from sparse_jax.model.transformer import abstract_params, init_params, unstack_layers
 from sparse_jax.model.weights import random_params
 
@@ -222,6 +223,29 @@ def test_native_kernels_decode_like_xla(name, dtype, batch, path):
     fused = cfg.attn_kind == "dense" or (path == "sparse" and any(cfg.attn_sparse_layers))
     kernel = f"sparse_jax_{cfg.attn_kind}_decode_attention"
     assert (kernel in step) == fused
+
+
+@pytest.mark.skipif(not _native.available(), reason="native kernels not built")
+def test_native_prefill_attention_respects_attn_impl_and_its_memory_bound():
+    # The scored kernel serves Spark prefill chunks under attn_impl="auto" only, and only while
+    # the chunk's raw scores fit SCORED_MAX_BYTES; otherwise the chunk attends as configured.
+    cfg, params, tokens = _setup("spark", seed=5)
+    dparams = decode_params(cfg, params)
+    opts = DecodeOptions(prefill_chunk=4, implementation="native")
+    for impl, bound, used in (
+        ("auto", attention_native.SCORED_MAX_BYTES, True),
+        ("blockwise", attention_native.SCORED_MAX_BYTES, False),
+        ("materialized", attention_native.SCORED_MAX_BYTES, False),
+        ("auto", 0, False),
+    ):
+        c = dataclasses.replace(cfg, attn_impl=impl)
+        jax.clear_caches()
+        with (
+            mock.patch.object(A, "attend_scored_native", wraps=A.attend_scored_native) as scored,
+            mock.patch.object(attention_native, "SCORED_MAX_BYTES", bound),
+        ):
+            prefill(c, dparams, init_cache(c, 2, T), tokens[:, :8], None, opts)
+        assert scored.called == used, (impl, bound)
 
 
 @pytest.mark.parametrize("name", ["spark", pytest.param("dense", marks=pytest.mark.slow)])
