@@ -125,8 +125,10 @@ def ffn_ms(cfg, params, repeats, implementation) -> dict[str, float]:
     masked = jax.jit(lambda p, x: ffn.apply(p, x, True)[0])
     if cfg.ffn_kind != "spark":
         return {"ffn": timed(masked, p, x, repeats=repeats)}
-    cap = DecodeOptions().ffn_caps(cfg, 1)[0]
-    sparse = jax.jit(lambda p, x: ffn.apply(p, x, True, "per_token", cap)[0])
+    caps = DecodeOptions().ffn_caps(cfg, 1)
+    # The mode a batch-1 decode step picks (the block kernel with the native kernels).
+    mode = ffn_mode(cfg, 1, "auto", caps, "auto", Kernels(implementation).native())
+    sparse = jax.jit(lambda p, x: ffn.apply(p, x, True, mode, caps[0])[0])
     return {
         "ffn": timed(sparse, p, x, repeats=repeats),
         "ffn_masked": timed(masked, p, x, repeats=repeats),
@@ -206,10 +208,12 @@ def measure_model(cfg, args, dtype_is_f32: bool, first_round: bool) -> dict:
         out[f"stats_b1_p{context}"] = stats
     out.update(ffn_ms(cfg, params, args.repeats, impl))
     if dtype_is_f32:
-        modes = ("per_token", "union", "masked") if cfg.ffn_kind == "spark" else ("masked",)
+        modes = ("auto", "per_token", "union", "masked") if cfg.ffn_kind == "spark" else ("masked",)
         for mode in modes:
             mode_opts = DecodeOptions(path="masked", implementation=impl)
-            if mode != "masked":
+            if mode == "auto":
+                mode_opts = DecodeOptions(implementation=impl)
+            elif mode != "masked":
                 mode_opts = DecodeOptions(path="sparse", batch_mode=mode, implementation=impl)
             ms, _ = decode_ms(cfg, params, mode_opts, 8, 128, args.steps)
             out[f"decode_b8_p128/{mode}"] = ms
@@ -282,7 +286,7 @@ def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn) -> list[dict]:
         row(f"batch 1, prompt {p}", dense[key], spark[key], d_bytes, s_bytes)
     if "decode_b8_p128/masked" in dense:
         best = min(v for k, v in spark.items() if k.startswith("decode_b8_p128/"))
-        auto = spark["decode_b8_p128/" + spark["b8_auto_mode"]]
+        auto = spark["decode_b8_p128/auto"]
         d_bytes, s_bytes = step_bytes(dense_cfg, 8, 128)["total"], step_bytes(spark_cfg, 8, 128)
         row(
             f"batch 8, prompt 128 (auto: {spark['b8_auto_mode']})",

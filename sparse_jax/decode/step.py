@@ -150,11 +150,15 @@ def ffn_mode(
     batch_mode: str,
     native: bool = False,
 ) -> str:
-    """How a sparse Spark FFN layer runs at this batch size: masked, per-token or union.
+    """How a sparse Spark FFN layer runs at this batch size: masked, per-token, union or block.
 
     Compares gathered row-equivalents: per token ``B * C * gather_cost`` (with the native
     kernel, ``native_gather_cost``), union ``C_union * union_gather_cost`` (the backend
     policy's constants, :mod:`sparse_jax.policy`), masked ``F`` (every row streamed once).
+    With the native kernels and ``batch_mode="auto"``, a gathered choice becomes "block": the
+    native block kernel computes each token's active pairs with each active neuron's rows read
+    once for the batch, and has no capacity to overflow (2B shapes, float32: 1.73 ms against
+    1.93 ms per token at batch 1, 8.0 ms against 8.7 ms at batch 8).
 
     Args:
       cfg: model config.
@@ -165,7 +169,7 @@ def ffn_mode(
       native: the per-token product runs the native CPU kernel.
 
     Returns:
-      "masked", "per_token" or "union".
+      "masked", "per_token", "union" or "block".
     """
     if path == "masked" or cfg.ffn_keep_count >= cfg.ffn_dim:
         return "masked"
@@ -180,7 +184,8 @@ def ffn_mode(
         costs = {batch_mode: costs.get(batch_mode, 0.0)}
     if path == "auto":
         costs["masked"] = float(cfg.ffn_dim)
-    return min(costs, key=costs.__getitem__)
+    mode = min(costs, key=costs.__getitem__)
+    return "block" if native and batch_mode == "auto" and mode != "masked" else mode
 
 
 def layer_choices(

@@ -70,14 +70,21 @@ def test_capacity_overflow_falls_back_to_the_masked_result_and_is_counted():
 def test_the_native_attention_has_no_capacity_to_overflow():
     cfg, params, tokens = _model("spark", 2)
     want, _ = _decode_all(cfg, params, tokens, MASKED)
-    tight = DecodeOptions(
-        "sparse", ffn_capacity=1, attn_capacity=1, prefill_chunk=4, implementation="native"
-    )
-    got, overflow = _decode_all(cfg, params, tokens, tight)
-    np.testing.assert_allclose(got, want, **F32_VS_F64)
-    np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
-    # Only the FFN overflows its capacity of one neuron; attention gathers every kept key.
-    assert overflow.tolist() == [T - PROMPT] * cfg.num_layers
+    for batch_mode, overflows in (("per_token", T - PROMPT), ("auto", 0)):
+        tight = DecodeOptions(
+            "sparse",
+            batch_mode=batch_mode,
+            ffn_capacity=1,
+            attn_capacity=1,
+            prefill_chunk=4,
+            implementation="native",
+        )
+        got, overflow = _decode_all(cfg, params, tokens, tight)
+        np.testing.assert_allclose(got, want, **F32_VS_F64)
+        np.testing.assert_array_equal(got.argmax(-1), want.argmax(-1))
+        # The per-token FFN overflows its capacity of one neuron at every step; "auto" takes
+        # the block FFN, which has no capacity; attention gathers every kept key either way.
+        assert overflow.tolist() == [overflows] * cfg.num_layers, batch_mode
 
 
 def test_greedy_generations_are_identical_on_both_paths():
@@ -160,5 +167,8 @@ def test_auto_mode_gathers_at_batch_one_and_streams_large_batches():
     # The native kernel gathers rows at streaming cost: 8 tokens x 1312 rows < 13824.
     caps8 = (1312, 7240)
     assert ffn_mode(cfg, 8, "auto", caps8, "auto") == "masked"
-    assert ffn_mode(cfg, 8, "auto", caps8, "auto", native=True) == "per_token"
+    # ... and then runs the block kernel (each active neuron's rows once for the batch).
+    assert ffn_mode(cfg, 8, "auto", caps8, "auto", native=True) == "block"
+    assert ffn_mode(cfg, 1, "auto", caps, "auto", native=True) == "block"
+    assert ffn_mode(cfg, 8, "auto", caps8, "per_token", native=True) == "per_token"
     assert ffn_mode(cfg, 16, "auto", (1312, 10808), "auto", native=True) == "masked"
