@@ -157,8 +157,9 @@ def ffn_mode(
     policy's constants, :mod:`sparse_jax.policy`), masked ``F`` (every row streamed once).
     With the native kernels and ``batch_mode="auto"``, a gathered choice becomes "block": the
     native block kernel computes each token's active pairs with each active neuron's rows read
-    once for the batch, and has no capacity to overflow (2B shapes, float32: 1.73 ms against
-    1.93 ms per token at batch 1, 8.0 ms against 8.7 ms at batch 8).
+    once for the batch, and has no capacity to overflow (2B shapes, float32,
+    ``benchmarks/prefill_parts``: 1.66 ms against 1.96 ms per token at batch 1, 7.86 ms
+    against 8.44 ms at batch 8).
 
     Args:
       cfg: model config.
