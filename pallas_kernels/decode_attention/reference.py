@@ -44,7 +44,21 @@ def _head_kv(num_heads: int, kv_heads: int) -> jax.Array:
     return jnp.arange(num_heads) // (num_heads // kv_heads)
 
 
-def _softmax(scores: jax.Array, keep: jax.Array) -> jax.Array:
+def statistical_keep(s: jax.Array, valid: jax.Array, top_k: int) -> jax.Array:
+    """The kept keys of score rows s (last axis) over their valid entries, as the module
+    docstring says (every valid key when ``n <= top_k``)."""
+    n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
+    safe_n = jnp.maximum(n, 1.0)
+    mean = jnp.sum(jnp.where(valid, s, 0.0), axis=-1, keepdims=True) / safe_n
+    var = jnp.sum(jnp.where(valid, (s - mean) ** 2, 0.0), axis=-1, keepdims=True) / safe_n
+    top = jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1, keepdims=True)
+    z = jax.scipy.special.ndtri(jnp.clip(1.0 - top_k / safe_n, 1e-6, 1.0 - 1e-6))
+    theta = jnp.minimum(mean + z * jnp.sqrt(var), top)
+    return valid & ((n <= top_k) | (s >= theta))
+
+
+def kept_softmax(scores: jax.Array, keep: jax.Array) -> jax.Array:
+    """Softmax over the kept entries of each row (zeros elsewhere; a row with none is 0)."""
     masked = jnp.where(keep, scores, -jnp.inf)
     top = jnp.max(masked, axis=-1, keepdims=True)
     e = jnp.exp(masked - jnp.where(jnp.isfinite(top), top, 0.0))
@@ -63,21 +77,14 @@ def spark_decode_attention(
     kp = _joined(k_pred, new_k_pred, head_kv)
     s = jnp.einsum("bnsr,bnr->bns", kp, q_pred.astype(jnp.float32), precision=_HIGHEST)
     s = _softcap(s, softcap)
-    n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
-    safe_n = jnp.maximum(n, 1.0)
-    mean = jnp.sum(jnp.where(valid, s, 0.0), axis=-1, keepdims=True) / safe_n
-    var = jnp.sum(jnp.where(valid, (s - mean) ** 2, 0.0), axis=-1, keepdims=True) / safe_n
-    top = jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1, keepdims=True)
-    z = jax.scipy.special.ndtri(jnp.clip(1.0 - top_k / safe_n, 1e-6, 1.0 - 1e-6))
-    theta = jnp.minimum(mean + z * jnp.sqrt(var), top)
-    keep = valid & ((n <= top_k) | (s >= theta))
+    keep = statistical_keep(s, valid, top_k)
     gate = jnp.einsum(
         "bnsc,bnc->bns",
         _joined(k_rest, new_k_rest, head_kv),
         q_rest.astype(jnp.float32),
         precision=_HIGHEST,
     )
-    weights = _softmax(s, keep) * jax.nn.softplus(gate)
+    weights = kept_softmax(s, keep) * jax.nn.softplus(gate)
     values = _joined(v, new_v, head_kv)
     out = jnp.einsum("bns,bnsh->bnh", weights, values, precision=_HIGHEST)
     return out, jnp.sum(keep, axis=-1).astype(jnp.float32)
@@ -93,7 +100,7 @@ def dense_decode_attention(
     s = jnp.einsum(
         "bnsh,bnh->bns", _joined(k, new_k, head_kv), q.astype(jnp.float32), precision=_HIGHEST
     )
-    weights = _softmax(_softcap(s, softcap), valid)
+    weights = kept_softmax(_softcap(s, softcap), valid)
     out = jnp.einsum("bns,bnsh->bnh", weights, _joined(v, new_v, head_kv), precision=_HIGHEST)
     count = jnp.broadcast_to(jnp.sum(valid, axis=-1), weights.shape[:2])
     return out, count.astype(jnp.float32)

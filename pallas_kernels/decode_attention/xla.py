@@ -39,7 +39,8 @@ def _combine(weights: jax.Array, values: jax.Array) -> jax.Array:
     return out.reshape(b, kv * g, h)
 
 
-def _softmax(scores: jax.Array, keep: jax.Array) -> jax.Array:
+def kept_softmax(scores: jax.Array, keep: jax.Array) -> jax.Array:
+    """Softmax over the kept entries of each row (zeros elsewhere; a row with none is 0)."""
     masked = jnp.where(keep, scores, -jnp.inf)
     top = jnp.max(masked, axis=-1, keepdims=True)
     e = jnp.exp(masked - jnp.where(jnp.isfinite(top), top, 0.0))
@@ -58,7 +59,7 @@ def spark_decode_attention(
     theta, keep_all = statistical_threshold(s, top_k, valid=valid)
     keep = valid & (keep_all | (s >= theta))
     gate = _scores(q_rest, _keys(k_rest, new_k_rest), None)
-    out = _combine(_softmax(s, keep) * jax.nn.softplus(gate), _keys(v, new_v))
+    out = _combine(kept_softmax(s, keep) * jax.nn.softplus(gate), _keys(v, new_v))
     return out, jnp.sum(keep, axis=-1, dtype=jnp.float32).reshape(b, n)
 
 
@@ -69,6 +70,6 @@ def dense_decode_attention(
     b, n = q.shape[:2]
     valid = _valid(pos, q_pos, window)
     s = _scores(q, _keys(k, new_k), softcap)
-    out = _combine(_softmax(s, valid), _keys(v, new_v))
+    out = _combine(kept_softmax(s, valid), _keys(v, new_v))
     count = jnp.sum(valid, axis=-1, dtype=jnp.float32).reshape(b, 1)
     return out, jnp.broadcast_to(count, (b, n))

@@ -16,6 +16,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.decode_attention.reference import kept_softmax, statistical_keep
+
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -34,23 +36,13 @@ def spark_scored_attention(
     s = scores.astype(jnp.float32)
     s = s if softcap is None else softcap * jnp.tanh(s / softcap)
     valid = valid_keys(q_pos, k_pos, window)
-    n = jnp.sum(valid, axis=-1, keepdims=True).astype(jnp.float32)
-    safe_n = jnp.maximum(n, 1.0)
-    mean = jnp.sum(jnp.where(valid, s, 0.0), axis=-1, keepdims=True) / safe_n
-    var = jnp.sum(jnp.where(valid, (s - mean) ** 2, 0.0), axis=-1, keepdims=True) / safe_n
-    top = jnp.max(jnp.where(valid, s, -jnp.inf), axis=-1, keepdims=True)
-    z = jax.scipy.special.ndtri(jnp.clip(1.0 - top_k / safe_n, 1e-6, 1.0 - 1e-6))
-    theta = jnp.minimum(mean + z * jnp.sqrt(var), top)
-    keep = valid & ((n <= top_k) | (s >= theta))
-    masked = jnp.where(keep, s, -jnp.inf)
-    e = jnp.exp(masked - jnp.where(jnp.isfinite(top), top, 0.0))
-    total = jnp.sum(e, axis=-1, keepdims=True)
+    keep = statistical_keep(s, valid, top_k)
     gate = jnp.einsum(
         "bkgtc,bksc->bkgts",
         q_rest.astype(jnp.float32),
         k_rest.astype(jnp.float32),
         precision=_HIGHEST,
     )
-    weights = e / jnp.where(total > 0, total, 1.0) * jax.nn.softplus(gate)
+    weights = kept_softmax(s, keep) * jax.nn.softplus(gate)
     out = jnp.einsum("bkgts,bksh->bkgth", weights, v.astype(jnp.float32), precision=_HIGHEST)
     return out, jnp.sum(keep, axis=-1).astype(jnp.float32)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.decode_attention.xla import kept_softmax
 from pallas_kernels.scored_attention.reference import valid_keys
 from pallas_kernels.stat_topk.xla import statistical_threshold
 
@@ -23,12 +24,8 @@ def spark_scored_attention(
     valid = valid_keys(q_pos, k_pos, window)
     theta, keep_all = statistical_threshold(s, top_k, valid=valid)
     keep = valid & (keep_all | (s >= theta))
-    masked = jnp.where(keep, s, -jnp.inf)
-    top = jnp.max(masked, axis=-1, keepdims=True)
-    e = jnp.exp(masked - jnp.where(jnp.isfinite(top), top, 0.0))
-    total = jnp.sum(e, axis=-1, keepdims=True)
     f32 = jnp.float32  # bfloat16 keys and values are promoted, as the native kernel reads them
     gate = jnp.einsum("bkgtc,bksc->bkgts", q_rest.astype(f32), k_rest.astype(f32))
-    weights = e / jnp.where(total > 0, total, 1.0) * jax.nn.softplus(gate)
+    weights = kept_softmax(s, keep) * jax.nn.softplus(gate)
     out = jnp.einsum("bkgts,bksh->bkgth", weights, v.astype(f32))
     return out, jnp.sum(keep, axis=-1, dtype=jnp.float32)
