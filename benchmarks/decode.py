@@ -13,8 +13,9 @@ beside its bound: the bytes each variant must read per step (:mod:`sparse_jax.co
 over the read bandwidth measured in the same run. ``--quick`` keeps the widths (and the
 vocabulary) with 2 layers. ``--implementation`` picks the kernels (``auto``: the native CPU
 kernels when built; ``xla`` for XLA's), and the report names the one each figure used.
-Results go to ``benchmarks/results/decode[_quick][_<implementation>].{json,md,png}`` (no
-suffix for ``auto``).
+Results go to ``benchmarks/results/decode[_quick][_<implementation>][_<tag>].{json,md,png}``
+(no implementation suffix for ``auto``; ``--tag`` names the machine when one is not the
+usual one).
 """
 
 from __future__ import annotations
@@ -404,6 +405,10 @@ def main() -> None:
     parser.add_argument("--prefill-layers", type=int, default=2, help="layers timed in prefill")
     parser.add_argument("--attn-context", type=int, default=32768)
     parser.add_argument("--implementation", default="auto", choices=("auto", "xla", "native"))
+    parser.add_argument(
+        "--tag", default="", help="suffix of the result files (e.g. a CPU's name), so runs on "
+        "other machines sit beside each other"
+    )
     args = parser.parse_args()
     resolved = Kernels(args.implementation).resolved()
     kernels = resolved
@@ -461,6 +466,8 @@ def main() -> None:
     stem = "decode_quick" if args.quick else "decode"
     if args.implementation != "auto":
         stem += f"_{args.implementation}"
+    if args.tag:
+        stem += f"_{args.tag}"
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1, default=float))
     (RESULTS / f"{stem}.md").write_text(markdown(report))

@@ -15,7 +15,8 @@ differs). Cases, float32 and bfloat16 weights:
 * ``decode_attention``: one decode step of a global layer at 32768 cached keys (8 query and 4
   kv heads of 256), Spark (256 kept keys) and dense, float32 cache.
 
-Results: ``benchmarks/results/native_isas.{json,md}``.
+Results: ``benchmarks/results/native_isas[_<tag>].{json,md}`` (``--tag`` names another
+machine's run).
 """
 
 from __future__ import annotations
@@ -105,7 +106,9 @@ def _cases(gen: np.random.Generator, dtype) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--tag", default="", help="suffix of the result files (e.g. a CPU's name)")
     args = parser.parse_args()
+    stem = f"native_isas_{args.tag}" if args.tag else "native_isas"
     if not _native.available():
         raise SystemExit(_native.unavailable_reason())
     isas = _native.supported_isas()
@@ -129,18 +132,19 @@ def main() -> None:
     _native.use_isa(isas[-1])
     report = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "isas": isas, "ms": results}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "native_isas.json").write_text(json.dumps(report, indent=1))
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    flag = f" --tag {args.tag}" if args.tag else ""
     lines = [
         "# Native kernels per instruction set (ms, median)",
         "",
-        f"Machine: {report['machine']}. `python -m benchmarks.native_isas`.",
+        f"Machine: {report['machine']}. `python -m benchmarks.native_isas{flag}`.",
         "",
         "| kernel | " + " | ".join(isas) + " |",
         "|---|" + "---|" * len(isas),
     ]
     for key, row in results.items():
         lines.append(f"| {key} | " + " | ".join(f"{row[i]:.3f}" for i in isas) + " |")
-    (RESULTS / "native_isas.md").write_text("\n".join(lines) + "\n")
+    (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

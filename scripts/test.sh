@@ -8,8 +8,18 @@ bash "$root/scripts/setup_env.sh"
 cd "$root"
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+# One XLA compilation cache for the run, shared by both workers and by the train.py and
+# serve.py processes the tests start: many tests compile the same programs (the micro
+# models' steps) in different processes. A fresh folder each run, removed after it; a cache
+# folder the caller set is used as it is.
+if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
+  cache="$(mktemp -d)"
+  trap 'rm -rf "$cache"' EXIT
+  export JAX_COMPILATION_CACHE_DIR="$cache" JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS=0
+fi
 if [ "${1:-}" = "slow" ]; then
   shift
-  exec .venv/bin/python -m pytest -m slow "$@"
+  .venv/bin/python -m pytest -m slow "$@"
+else
+  .venv/bin/python -m pytest -n 2 -m "not slow" "$@"
 fi
-exec .venv/bin/python -m pytest -n 2 -m "not slow" "$@"
