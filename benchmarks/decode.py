@@ -406,8 +406,10 @@ def main() -> None:
     parser.add_argument("--attn-context", type=int, default=32768)
     parser.add_argument("--implementation", default="auto", choices=("auto", "xla", "native"))
     parser.add_argument(
-        "--tag", default="", help="suffix of the result files (e.g. a CPU's name), so runs on "
-        "other machines sit beside each other"
+        "--tag",
+        default="",
+        help="suffix of the result files (e.g. a CPU's name), so runs on "
+        "other machines sit beside each other",
     )
     args = parser.parse_args()
     resolved = Kernels(args.implementation).resolved()
