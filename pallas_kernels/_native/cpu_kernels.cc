@@ -105,6 +105,15 @@ void WithIsa(const F& f) {
   }
 }
 
+// A scratch buffer of at least n elements, kept by its thread between calls: a fresh buffer of
+// a decode step's size (S scores per head) is paged in and zeroed by the kernel on every call,
+// which cost as much as reading the keys. It only grows, so a call never pays to refill it.
+template <typename T>
+T* Scratch(std::vector<T>& buffer, int64_t n) {
+  if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);
+  return buffer.data();
+}
+
 // Runs body(i) for i in [0, n) on the calling thread and up to threads - 1 pool threads.
 // Tasks claim indices from a shared counter, so a pool task that starts late (or never)
 // only means the others did its share; the caller waits for claimed indices to finish.
@@ -646,20 +655,22 @@ void SparkDecodeRun(ffi::ThreadPool& pool, const DecodeShape& d, const float* q_
                     int64_t pred, int64_t rest, int64_t width, int64_t top_k, float cap,
                     float* out, float* kept) {
   const int64_t keys = d.slots + 1;
-  std::unique_ptr<float[]> scores(new float[d.batch * d.heads * keys]);
-  ScoreKeys(pool, d, q_pred, k_pred, pred, pos, q_pos, window, cap, scores.get());
+  // The caller's thread keeps the scores; it waits in ParallelFor while pool threads use them.
+  thread_local std::vector<float> score_buffer;
+  float* scores = Scratch(score_buffer, d.batch * d.heads * keys);
+  ScoreKeys(pool, d, q_pred, k_pred, pred, pos, q_pos, window, cap, scores);
   ParallelFor(pool, d.batch * d.heads, [&](int64_t task) {
-    ScoreNewKey(d, task, q_pred, new_k_pred, pred, q_pos, window, cap, scores.get());
+    ScoreNewKey(d, task, q_pred, new_k_pred, pred, q_pos, window, cap, scores);
     const int64_t b = task / d.heads, kv = task % d.heads / d.groups;
     const int64_t cache = (b * d.kv_heads + kv) * d.slots;
-    std::vector<int32_t> picked(keys);
-    std::vector<float> weights(keys), gates(keys);
+    thread_local std::vector<int32_t> picked;
+    thread_local std::vector<float> weights, gates;
     WithIsa([&](auto k) {
       kept[task] = static_cast<float>(k.SparkHead(
-          scores.get() + task * keys, d.slots, top_k, q_rest + task * rest,
-          k_rest + cache * rest, v + cache * width, new_k_rest + (b * d.kv_heads + kv) * rest,
+          scores + task * keys, d.slots, top_k, q_rest + task * rest, k_rest + cache * rest,
+          v + cache * width, new_k_rest + (b * d.kv_heads + kv) * rest,
           new_v + (b * d.kv_heads + kv) * width, rest, width, out + task * width,
-          picked.data(), weights.data(), gates.data()));
+          Scratch(picked, keys), Scratch(weights, keys), Scratch(gates, keys)));
     });
   });
 }
@@ -670,24 +681,26 @@ void DenseDecodeRun(ffi::ThreadPool& pool, const DecodeShape& d, const float* q,
                     const int32_t* q_pos, const int32_t* window, int64_t width, float cap,
                     float* out, float* count) {
   const int64_t keys = d.slots + 1, chunks = d.chunks();
-  std::unique_ptr<float[]> scores(new float[d.batch * d.heads * keys]);
-  ScoreKeys(pool, d, q, k, width, pos, q_pos, window, cap, scores.get());
+  // The caller's thread keeps both buffers; it waits in ParallelFor while pool threads use them.
+  thread_local std::vector<float> score_buffer, partial_buffer;
+  float* scores = Scratch(score_buffer, d.batch * d.heads * keys);
+  ScoreKeys(pool, d, q, k, width, pos, q_pos, window, cap, scores);
   ParallelFor(pool, d.batch * d.heads, [&](int64_t task) {
-    ScoreNewKey(d, task, q, new_k, width, q_pos, window, cap, scores.get());
+    ScoreNewKey(d, task, q, new_k, width, q_pos, window, cap, scores);
     WithIsa([&](auto kk) {
-      count[task] = static_cast<float>(kk.DenseWeights(scores.get() + task * keys, keys));
+      count[task] = static_cast<float>(kk.DenseWeights(scores + task * keys, keys));
     });
   });
   // Partial weighted sums of the values per chunk of slots, then their sum in chunk order.
-  std::unique_ptr<float[]> partial(new float[d.batch * d.kv_heads * chunks * d.groups * width]);
+  float* partial = Scratch(partial_buffer, d.batch * d.kv_heads * chunks * d.groups * width);
   ParallelFor(pool, d.batch * d.kv_heads * chunks, [&](int64_t task) {
     const int64_t b = task / (d.kv_heads * chunks), kv = task / chunks % d.kv_heads;
     const int64_t c = task % chunks;
     const int64_t head = b * d.heads + kv * d.groups;
     WithIsa([&](auto kk) {
-      kk.WeightedValues(scores.get() + head * keys, d.groups, keys,
+      kk.WeightedValues(scores + head * keys, d.groups, keys,
                         v + (b * d.kv_heads + kv) * d.slots * width, width,
-                        partial.get() + task * d.groups * width, d.chunk_begin(c),
+                        partial + task * d.groups * width, d.chunk_begin(c),
                         d.chunk_end(c));
     });
   });
@@ -695,7 +708,7 @@ void DenseDecodeRun(ffi::ThreadPool& pool, const DecodeShape& d, const float* q,
     const int64_t b = task / d.heads, n = task % d.heads, kv = n / d.groups, g = n % d.groups;
     float* o = out + task * width;
     for (int64_t i = 0; i < width; ++i) o[i] = 0.0f;
-    const float* part = partial.get() + ((b * d.kv_heads + kv) * chunks) * d.groups * width;
+    const float* part = partial + ((b * d.kv_heads + kv) * chunks) * d.groups * width;
     for (int64_t c = 0; c < chunks; ++c) {
       const float* pc = part + (c * d.groups + g) * width;
       for (int64_t i = 0; i < width; ++i) o[i] += pc[i];
