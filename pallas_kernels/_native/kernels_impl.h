@@ -321,6 +321,7 @@ void key_scores(const float* q, int64_t groups, const W* keys, int64_t width,
                 const int32_t* pos, int32_t qpos, int32_t window, float cap, float* scores,
                 int64_t stride, int64_t begin, int64_t end) {
   constexpr int kRows = 4;  // rows scored together: four independent accumulator chains
+  constexpr int64_t kAheadRows = 16;  // how far ahead the rows are prefetched
   const int64_t body = width / kLanes * kLanes;
   int64_t j = begin;
   for (; j + kRows <= end; j += kRows) {
@@ -337,6 +338,13 @@ void key_scores(const float* q, int64_t groups, const W* keys, int64_t width,
       continue;
     }
     const W* rows = keys + j * width;
+    // The rows kAheadRows further on, a cache line at a time: these four rows are short
+    // streams that the hardware prefetcher did not run far enough ahead of (on an AMD EPYC
+    // the scores read the keys at about half the bandwidth a dense product reaches).
+    const char* ahead = reinterpret_cast<const char*>(rows + kAheadRows * width);
+    for (int64_t b = 0; b < static_cast<int64_t>(kRows * width * sizeof(W)); b += 64) {
+      __builtin_prefetch(ahead + b);
+    }
     for (int64_t g = 0; g < groups; ++g) {
       const float* qg = q + g * width;
       vf acc[kRows];
