@@ -105,9 +105,9 @@ void WithIsa(const F& f) {
   }
 }
 
-// A scratch buffer of at least n elements, kept by its thread between calls: a fresh buffer of
-// a decode step's size (S scores per head) is paged in and zeroed by the kernel on every call,
-// which cost as much as reading the keys. It only grows, so a call never pays to refill it.
+// A scratch buffer of at least n elements, kept by its thread between calls, so that a decode
+// step's buffers (S + 1 entries per head) are not allocated, paged in and zeroed on every call.
+// It only grows, so a call never pays to refill it.
 template <typename T>
 T* Scratch(std::vector<T>& buffer, int64_t n) {
   if (static_cast<int64_t>(buffer.size()) < n) buffer.resize(n);

@@ -338,10 +338,12 @@ void key_scores(const float* q, int64_t groups, const W* keys, int64_t width,
       continue;
     }
     const W* rows = keys + j * width;
-    // The rows kAheadRows further on, a cache line at a time: these four rows are short
-    // streams that the hardware prefetcher did not run far enough ahead of (on an AMD EPYC
-    // the scores read the keys at about half the bandwidth a dense product reaches).
-    const char* ahead = reinterpret_cast<const char*>(rows + kAheadRows * width);
+    // The rows kAheadRows further on (the last full block at the end), a cache line at a
+    // time: these four rows are short streams that the hardware prefetcher did not run far
+    // enough ahead of. Without it, on an AMD EPYC, the Spark scores read their keys at 12-15
+    // GB/s where the dense kernel read keys and values at 19-21 GB/s.
+    const W* ahead_row = keys + std::min(j + kAheadRows, end - kRows) * width;
+    const char* ahead = reinterpret_cast<const char*>(ahead_row);
     for (int64_t b = 0; b < static_cast<int64_t>(kRows * width * sizeof(W)); b += 64) {
       __builtin_prefetch(ahead + b);
     }
