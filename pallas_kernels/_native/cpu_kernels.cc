@@ -385,11 +385,15 @@ ffi::Error TopkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_rest,
 // The sparse FFN of a block of tokens (prefill), neuron by neuron: the tokens that activate a
 // neuron share one read of its K2 and V rows. Phase 1 (chunks of neurons): lists of
 // (token, h) per neuron from act [M, F], then coef = h * (x_rest[token] . K2[neuron]).
-// Phase 2 (slices of output columns): y[token] += coef * V[neuron], per block of neurons in
-// order and within a block in neuron order, so each output element sums its terms in the same
-// order whatever the thread count and instruction set.
+// Phase 2: y[token] += coef * V[neuron], per block of neurons in order and within a block in
+// neuron order, so each output element sums its terms in the same order whatever the thread
+// count, the instruction set and the number of tokens: by slices of output columns, or for a
+// few tokens by whole V rows.
 constexpr int64_t kNeuronChunk = 128;
 constexpr int64_t kNeuronBlock = 512;  // neurons whose V rows phase 2 keeps in cache at once
+static_assert(kNeuronBlock % kNeuronChunk == 0);
+// Up to this many tokens, phase 2 reads whole V rows into per-block partial sums.
+constexpr int64_t kRowPathTokens = 16;
 
 struct NeuronPairs {
   std::vector<int32_t> start;  // per neuron of the chunk, into token/coef (size n + 1)
@@ -435,9 +439,16 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
       }
     });
     WithIsa([&](auto kk) {
-      for (int64_t i = f0; i < f1; ++i) {
+      // The active neurons in order, each dot prefetching the next one's K2 row.
+      int64_t i = f0;
+      while (i < f1 && p.start[i - f0 + 1] == p.start[i - f0]) ++i;
+      while (i < f1) {
+        int64_t next = i + 1;
+        while (next < f1 && p.start[next - f0 + 1] == p.start[next - f0]) ++next;
         kk.Dots(k2 + i * rest, x, rest, p.token.data() + p.start[i - f0],
-                p.coef.data() + p.start[i - f0], p.start[i - f0 + 1] - p.start[i - f0]);
+                p.coef.data() + p.start[i - f0], p.start[i - f0 + 1] - p.start[i - f0],
+                next < f1 ? k2 + next * rest : nullptr);
+        i = next;
       }
     });
   });
@@ -476,6 +487,49 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
     bstart[t * (blocks + 1) + blocks] = tstart[t + 1];
   }
   for (int64_t t = 0; t < tokens; ++t) std::memset(y + t * width, 0, sizeof(float) * width);
+  if (tokens <= kRowPathTokens) {
+    // Few tokens (decode): the same sums, each V row read once, whole and in order. Per block
+    // of neurons, each token's sum over its neurons of the block (neurons ascending, from 0)
+    // goes to a partial row; then each token adds its partials in block order. A slice of
+    // those partial rows is exactly what the sliced path below sums in registers, so a token's
+    // output does not depend on which path its block took.
+    std::unique_ptr<float[]> partial(new float[blocks * tokens * width]);
+    ParallelFor(pool, blocks, [&](int64_t nb) {
+      float* part = partial.get() + nb * tokens * width;
+      std::memset(part, 0, sizeof(float) * tokens * width);
+      const int64_t c1 = std::min(chunks, (nb + 1) * (kNeuronBlock / kNeuronChunk));
+      // The block's active neurons in order, each prefetching the next one's V row.
+      std::vector<int64_t> active;
+      for (int64_t c = nb * (kNeuronBlock / kNeuronChunk); c < c1; ++c) {
+        const NeuronPairs& p = pairs[c];
+        for (int64_t i = 0; i + 1 < static_cast<int64_t>(p.start.size()); ++i) {
+          if (p.start[i + 1] > p.start[i]) active.push_back(c * kNeuronChunk + i);
+        }
+      }
+      WithIsa([&](auto kk) {
+        for (size_t a = 0; a < active.size(); ++a) {
+          const int64_t f = active[a];
+          const NeuronPairs& p = pairs[f / kNeuronChunk];
+          const int64_t i = f % kNeuronChunk;
+          const W* row = v + f * width;
+          const W* ahead = a + 1 < active.size() ? v + active[a + 1] * width : nullptr;
+          for (int32_t k = p.start[i]; k < p.start[i + 1]; ++k) {
+            kk.AddRow(part + p.token[k] * width, p.coef[k], row, width,
+                      k == p.start[i] ? ahead : nullptr);
+          }
+        }
+      });
+    });
+    for (int64_t t = 0; t < tokens; ++t) {
+      float* out = y + t * width;
+      for (int64_t nb = 0; nb < blocks; ++nb) {
+        if (bstart[t * (blocks + 1) + nb + 1] == bstart[t * (blocks + 1) + nb]) continue;
+        const float* part = partial.get() + (nb * tokens + t) * width;
+        for (int64_t d = 0; d < width; ++d) out[d] += part[d];
+      }
+    }
+    return;
+  }
   int64_t cols = 0;
   WithIsa([&](auto kk) { cols = kk.SliceCols(); });
   ParallelFor(pool, (width + cols - 1) / cols, [&](int64_t slice) {

@@ -274,13 +274,21 @@ static inline __attribute__((always_inline)) vf tanh_lanes(vf x) {
   return as_float(as_bits(y) | sign);
 }
 
+// row . q; with `ahead`, the row read next (at least `width` long) is prefetched as this one
+// is read, so a gather of scattered rows streams the next row while it sums this one.
 template <typename W>
 static inline __attribute__((always_inline)) float dot(const W* row, const float* q,
-                                                       int64_t width) {
+                                                       int64_t width,
+                                                       const W* ahead = nullptr) {
   const int64_t body = width / kLanes * kLanes;
   vf a0 = vf{}, a1 = vf{}, a2 = vf{}, a3 = vf{};
   int64_t i = 0;
   for (; i + 4 * kLanes <= body; i += 4 * kLanes) {
+    if (ahead != nullptr) {
+      for (size_t b = 0; b < 4 * kLanes * sizeof(W); b += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(ahead + i) + b);
+      }
+    }
     a0 += load(row + i) * load(q + i);
     a1 += load(row + i + kLanes) * load(q + i + kLanes);
     a2 += load(row + i + 2 * kLanes) * load(q + i + 2 * kLanes);
@@ -292,12 +300,14 @@ static inline __attribute__((always_inline)) float dot(const W* row, const float
   return s;
 }
 
-// out[d] += w * row[d] for d in [0, width).
+// out[d] += w * row[d] for d in [0, width); `ahead` as in dot.
 template <typename W>
 static inline __attribute__((always_inline)) void add_scaled(float* out, float w, const W* row,
-                                                            int64_t width) {
+                                                            int64_t width,
+                                                            const W* ahead = nullptr) {
   const int64_t body = width / kLanes * kLanes;
   for (int64_t d = 0; d < body; d += kLanes) {
+    if (ahead != nullptr && (d * sizeof(W)) % 64 == 0) __builtin_prefetch(ahead + d);
     vf o;
     __builtin_memcpy(&o, out + d, sizeof(vf));
     o += w * load(row + d);
@@ -760,11 +770,14 @@ void weighted_values(const float* weights, int64_t groups, int64_t stride, const
   }
 }
 
-// coef[k] *= row . x[token[k]] for the n tokens of one neuron (row [width], x [*, width]).
+// coef[k] *= row . x[token[k]] for the n tokens of one neuron (row [width], x [*, width]);
+// the first dot prefetches the row `ahead` (nullptr: none).
 template <typename W>
 void token_dots(const W* row, const float* x, int64_t width, const int32_t* token, float* coef,
-                int64_t n) {
-  for (int64_t k = 0; k < n; ++k) coef[k] *= dot(row, x + token[k] * width, width);
+                int64_t n, const W* ahead) {
+  for (int64_t k = 0; k < n; ++k) {
+    coef[k] *= dot(row, x + token[k] * width, width, k == 0 ? ahead : nullptr);
+  }
 }
 
 // The statistical top-k's soft threshold of one row x [n] (the Spark FFN's pre-activations):
@@ -919,13 +932,17 @@ struct Kernels {
   }
   template <typename W>
   static void Dots(const W* row, const float* x, int64_t width, const int32_t* token,
-                   float* coef, int64_t n) {
-    token_dots(row, x, width, token, coef, n);
+                   float* coef, int64_t n, const W* ahead) {
+    token_dots(row, x, width, token, coef, n, ahead);
   }
   template <typename W>
   static void GatherAddSlice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
                              const float* coef, int64_t n, float* out) {
     gather_add_slice(v, stride, width, neuron, coef, n, out);
+  }
+  template <typename W>
+  static void AddRow(float* out, float w, const W* row, int64_t width, const W* ahead) {
+    add_scaled(out, w, row, width, ahead);
   }
   static constexpr int64_t SliceCols() { return kSliceCols; }
   static int64_t SoftThreshold(const float* x, int64_t n, double z, float* theta) {
