@@ -1,6 +1,7 @@
 """serve.py from the command line: one prompt to the terminal, the server, and bad options."""
 
 import importlib.util
+import logging
 import os
 import pathlib
 import queue
@@ -105,25 +106,41 @@ def test_one_prompt_streams_to_the_terminal(checkpoint):
     assert proc.returncode == 0 and output.startswith(PROMPTS[0]), output
 
 
-def test_the_kernel_choice_reaches_the_decode_path(checkpoint):
+def _main(capsys, *args):
+    """serve.py's main in this process: (exit status, stdout + stderr); the root logger it
+    configures is put back."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    try:
+        status = serve.main(list(map(str, args)))
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    out = capsys.readouterr()
+    return status, out.out + out.err
+
+
+def test_the_kernel_choice_reaches_the_decode_path(checkpoint, capsys):
     # A GPU kernel on this CPU-only machine must fail cleanly, which shows the option is used.
-    proc = _serve(
-        checkpoint, "--prompt", PROMPTS[0], "--max-tokens", "4", "--kernels", "pallas_gpu"
+    status, output = _main(
+        capsys,
+        *("--checkpoint", checkpoint, "--prompt", PROMPTS[0], "--max-tokens", "4"),
+        *("--kernels", "pallas_gpu"),
     )
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 2 and "needs the 'gpu' backend" in output, output
+    assert status == 2 and "needs the 'gpu' backend" in output, output
     assert PROMPTS[0] not in output and "Traceback" not in output
 
 
-def test_a_prompt_that_cannot_be_served_prints_only_the_error(checkpoint):
+def test_a_prompt_that_cannot_be_served_prints_only_the_error(checkpoint, capsys):
     prompt = "the word " * 40  # context 64
-    proc = _serve(checkpoint, "--prompt", prompt, "--max-tokens", "4")
-    output = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 2 and "exceeds the model's context of 64" in output, output
+    args = ("--checkpoint", checkpoint, "--prompt", prompt, "--max-tokens", "4")
+    status, output = _main(capsys, *args)
+    assert status == 2 and "exceeds the model's context of 64" in output, output
     assert prompt not in output
 
 
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
+    # The script itself: exit status and output of a real process.
     proc = _serve(tmp_path / "nowhere", "--prompt", "x")
     output = proc.communicate(timeout=120)[0]
     assert proc.returncode == 2 and "does not exist" in output, output

@@ -6,6 +6,7 @@ import errno
 import functools
 import importlib.util
 import json
+import logging
 import os
 import pathlib
 import random
@@ -335,33 +336,62 @@ def test_bad_data_path_is_a_clear_error(tmp_path):
         train(model, tc, tmp_path / "run", verbose=False)
 
 
-@pytest.mark.parametrize(
-    ("args", "says"),
-    [
-        (["--set", "depth=3"], "no such field"),
-        (["--set", "tokenizer_path=123"], "DataConfig.tokenizer_path=123 is invalid"),
-        (["--set", "data_paths=a.txt"], "--set data_paths: no such field"),
-        (["--set", "data=a.txt"], "TrainConfig.data is a group of fields"),
-        (["--set", "seed"], "--set 'seed' must look like field=value"),
-        (["--set", "tokenizer_path={not_a_model}"], "not a SentencePiece model"),
-        (["--set", "steps=1.5"], "steps='1.5': expected a int"),
-        (["--workdir", "{a_file}"], "is a file; the workdir must be a directory"),
-        (["--stop-after", "0"], "--stop-after: 0 is invalid: must be >= 1"),
-        (["--stop-after", "-1"], "--stop-after: -1 is invalid: must be >= 1"),
-        (["--set", "kernels=triton"], "TrainConfig.kernels='triton' is invalid"),
-        (["--set", "kernels=pallas_gpu"], "needs the 'gpu' backend"),
-    ],
-)
-def test_cli_errors_are_one_line_with_status_2(tmp_path, args, says):
-    # The bad tokenizer fails after the checkpointer starts: closing it must leave no traceback.
+CLI_ERRORS = [
+    (["--set", "depth=3"], "no such field"),
+    (["--set", "tokenizer_path=123"], "DataConfig.tokenizer_path=123 is invalid"),
+    (["--set", "data_paths=a.txt"], "--set data_paths: no such field"),
+    (["--set", "data=a.txt"], "TrainConfig.data is a group of fields"),
+    (["--set", "seed"], "--set 'seed' must look like field=value"),
+    (["--set", "tokenizer_path={not_a_model}"], "not a SentencePiece model"),
+    (["--set", "steps=1.5"], "steps='1.5': expected a int"),
+    (["--workdir", "{a_file}"], "is a file; the workdir must be a directory"),
+    (["--stop-after", "0"], "--stop-after: 0 is invalid: must be >= 1"),
+    (["--stop-after", "-1"], "--stop-after: -1 is invalid: must be >= 1"),
+    (["--set", "kernels=triton"], "TrainConfig.kernels='triton' is invalid"),
+    (["--set", "kernels=pallas_gpu"], "needs the 'gpu' backend"),
+]
+
+
+def _cli_args(tmp_path, args):
+    """train.py's arguments for one bad case: the micro run plus the case's own."""
     (tmp_path / "a_file").write_text("not a directory")
     (tmp_path / "not_a.model").write_bytes(b"garbage")
     paths = {"a_file": tmp_path / "a_file", "not_a_model": tmp_path / "not_a.model"}
     args = [a.format(**paths) for a in args]
     sets = [*MICRO_MODEL, *MICRO_TRAIN, *(args[1:] if args[0] == "--set" else [])]
     options = [] if args[0] == "--set" else args
-    cmd = [sys.executable, str(ROOT / "train.py"), "--workdir", str(tmp_path / "run")]
-    cmd += [*options, "--set", *sets]
+    return ["--workdir", str(tmp_path / "run"), *options, "--set", *sets]
+
+
+@pytest.fixture
+def restore_logging():
+    """train.main configures the root logger: put it back after an in-process call."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.mark.parametrize(("args", "says"), CLI_ERRORS)
+def test_cli_errors_are_one_line_with_status_2(tmp_path, args, says, capsys, restore_logging):
+    # In this process (argparse's own errors leave by SystemExit); the next test runs the
+    # script for real.
+    try:
+        status = _train_script().main(_cli_args(tmp_path, args))
+    except SystemExit as stop:
+        status = stop.code
+    err = capsys.readouterr().err
+    assert status == 2, err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    assert says in err
+
+
+@pytest.mark.parametrize(("args", "says"), [CLI_ERRORS[5], CLI_ERRORS[8]])
+def test_the_script_exits_with_status_2_and_one_line(tmp_path, args, says):
+    # The bad tokenizer fails after the checkpointer starts: closing it must leave no traceback
+    # at exit. An argparse error exits by its own path.
+    cmd = [sys.executable, str(ROOT / "train.py"), *_cli_args(tmp_path, args)]
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env={**os.environ})
     assert out.returncode == 2, out.stderr
     assert out.stderr.startswith("error: ") and out.stderr.count("\n") == 1, out.stderr
