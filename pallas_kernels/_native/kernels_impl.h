@@ -70,17 +70,23 @@ static inline __attribute__((always_inline)) float sum_lanes(vf v) {
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
 
-// y[r, o] = sum_i x[r, i] * w[o, i] for NO outputs starting at o and NR rows starting at r.
+// y[r, o] = sum_i x[r, i] * w[o, i] for NO outputs starting at o and NR rows starting at r
+// (outputs before o_end are this call's).
 template <int NO, int NR, typename W>
 static void linear_tile(const float* x, const W* w, float* y, int64_t in, int64_t out,
-                        int64_t o, int64_t r) {
+                        int64_t o, int64_t r, int64_t o_end) {
   vf acc[NO][NR];
   for (int j = 0; j < NO; ++j)
     for (int q = 0; q < NR; ++q) acc[j][q] = vf{};
   const int64_t body = in / kLanes * kLanes;
+  // The first rows' pass prefetches the next tile's weights at the offsets it reads, a line
+  // at a time: one tile ahead, whatever the length of a weight row.
+  const W* next = r == 0 && o + 2 * NO <= o_end ? w + (o + NO) * in : nullptr;
   for (int64_t i = 0; i < body; i += kLanes) {
     vf wv[NO], xv[NR];
-    for (int j = 0; j < NO; ++j) __builtin_prefetch(w + (o + j) * in + i + 1024 / sizeof(W));
+    if (next != nullptr && (i * sizeof(W)) % 64 == 0) {
+      for (int j = 0; j < NO; ++j) __builtin_prefetch(next + j * in + i);
+    }
     for (int j = 0; j < NO; ++j) wv[j] = load(w + (o + j) * in + i);
     for (int q = 0; q < NR; ++q) xv[q] = load(x + (r + q) * in + i);
     for (int j = 0; j < NO; ++j)
@@ -97,13 +103,13 @@ static void linear_tile(const float* x, const W* w, float* y, int64_t in, int64_
 
 template <int NO, typename W>
 static void linear_outputs(const float* x, const W* w, float* y, int64_t rows, int64_t in,
-                           int64_t out, int64_t o) {
+                           int64_t out, int64_t o, int64_t o_end) {
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) linear_tile<NO, 4>(x, w, y, in, out, o, r);
+  for (; r + 4 <= rows; r += 4) linear_tile<NO, 4>(x, w, y, in, out, o, r, o_end);
   switch (rows - r) {
-    case 3: linear_tile<NO, 3>(x, w, y, in, out, o, r); break;
-    case 2: linear_tile<NO, 2>(x, w, y, in, out, o, r); break;
-    case 1: linear_tile<NO, 1>(x, w, y, in, out, o, r); break;
+    case 3: linear_tile<NO, 3>(x, w, y, in, out, o, r, o_end); break;
+    case 2: linear_tile<NO, 2>(x, w, y, in, out, o, r, o_end); break;
+    case 1: linear_tile<NO, 1>(x, w, y, in, out, o, r, o_end); break;
     default: break;
   }
 }
@@ -113,11 +119,14 @@ template <typename W>
 void linear(const float* x, const W* w, float* y, int64_t rows, int64_t in, int64_t out,
             int64_t o_begin, int64_t o_end) {
   int64_t o = o_begin;
-  for (; o + 4 <= o_end; o += 4) linear_outputs<4>(x, w, y, rows, in, out, o);
+  if (rows == 1) {  // one row (decode): eight weight rows at a time, eight streams
+    for (; o + 8 <= o_end; o += 8) linear_tile<8, 1>(x, w, y, in, out, o, 0, o_end);
+  }
+  for (; o + 4 <= o_end; o += 4) linear_outputs<4>(x, w, y, rows, in, out, o, o_end);
   switch (o_end - o) {
-    case 3: linear_outputs<3>(x, w, y, rows, in, out, o); break;
-    case 2: linear_outputs<2>(x, w, y, rows, in, out, o); break;
-    case 1: linear_outputs<1>(x, w, y, rows, in, out, o); break;
+    case 3: linear_outputs<3>(x, w, y, rows, in, out, o, o_end); break;
+    case 2: linear_outputs<2>(x, w, y, rows, in, out, o, o_end); break;
+    case 1: linear_outputs<1>(x, w, y, rows, in, out, o, o_end); break;
     default: break;
   }
 }
