@@ -3,6 +3,7 @@
 8 host CPU devices for the sharding tests are asked for before jax is imported.
 """
 
+import logging
 import os
 
 import pytest
@@ -17,3 +18,14 @@ def served_checkpoint(tmp_path_factory):
     from serve_cases import train_checkpoint
 
     return train_checkpoint(tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture
+def restore_logging():
+    """The scripts' ``main`` configures the root logger: a test that calls one in this process
+    gets the logger's handlers and level back afterwards."""
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)

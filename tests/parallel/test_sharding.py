@@ -7,7 +7,6 @@ Regenerate the golden listings after an intended change of the rules with
 
 import collections
 import importlib.util
-import logging
 import pathlib
 import re
 import sys
@@ -142,18 +141,12 @@ def test_batch_that_does_not_split_is_a_clear_error():
         (["--coordinator", "127.0.0.1:1234"], "must be given together"),
     ],
 )
-def test_cli_rejects_bad_mesh_and_process_flags(tmp_path, flags, message, capsys):
+def test_cli_rejects_bad_mesh_and_process_flags(tmp_path, flags, message, capsys, restore_logging):
     # train.py's main in this process (8 devices); the training tests run the script itself.
     spec = importlib.util.spec_from_file_location("train_script", ROOT / "train.py")
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        status = script.main(["--workdir", str(tmp_path), *flags])
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+    status = script.main(["--workdir", str(tmp_path), *flags])
     err = capsys.readouterr().err
     assert status == 2 and message in err, err
 

@@ -1,7 +1,6 @@
 """serve.py from the command line: one prompt to the terminal, the server, and bad options."""
 
 import importlib.util
-import logging
 import os
 import pathlib
 import queue
@@ -107,20 +106,13 @@ def test_one_prompt_streams_to_the_terminal(checkpoint):
 
 
 def _main(capsys, *args):
-    """serve.py's main in this process: (exit status, stdout + stderr); the root logger it
-    configures is put back."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    try:
-        status = serve.main(list(map(str, args)))
-    finally:
-        root.handlers[:] = handlers
-        root.setLevel(level)
+    """serve.py's main in this process: (exit status, stdout + stderr)."""
+    status = serve.main(list(map(str, args)))
     out = capsys.readouterr()
     return status, out.out + out.err
 
 
-def test_the_kernel_choice_reaches_the_decode_path(checkpoint, capsys):
+def test_the_kernel_choice_reaches_the_decode_path(checkpoint, capsys, restore_logging):
     # A GPU kernel on this CPU-only machine must fail cleanly, which shows the option is used.
     status, output = _main(
         capsys,
@@ -131,7 +123,7 @@ def test_the_kernel_choice_reaches_the_decode_path(checkpoint, capsys):
     assert PROMPTS[0] not in output and "Traceback" not in output
 
 
-def test_a_prompt_that_cannot_be_served_prints_only_the_error(checkpoint, capsys):
+def test_a_prompt_that_cannot_be_served_prints_only_the_error(checkpoint, capsys, restore_logging):
     prompt = "the word " * 40  # context 64
     args = ("--checkpoint", checkpoint, "--prompt", prompt, "--max-tokens", "4")
     status, output = _main(capsys, *args)

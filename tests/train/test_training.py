@@ -6,7 +6,6 @@ import errno
 import functools
 import importlib.util
 import json
-import logging
 import os
 import pathlib
 import random
@@ -361,16 +360,6 @@ def _cli_args(tmp_path, args):
     sets = [*MICRO_MODEL, *MICRO_TRAIN, *(args[1:] if args[0] == "--set" else [])]
     options = [] if args[0] == "--set" else args
     return ["--workdir", str(tmp_path / "run"), *options, "--set", *sets]
-
-
-@pytest.fixture
-def restore_logging():
-    """train.main configures the root logger: put it back after an in-process call."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 @pytest.mark.parametrize(("args", "says"), CLI_ERRORS)
