@@ -399,6 +399,7 @@ struct NeuronPairs {
   std::vector<int32_t> start;  // per neuron of the chunk, into token/coef (size n + 1)
   std::vector<int32_t> token;
   std::vector<float> coef;
+  std::vector<int64_t> active;  // the neurons (of all F) that have pairs, ascending
 };
 
 // act [M, F] holds the activations (zero: off), or with theta [M] the pre-activations, a
@@ -426,6 +427,10 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
     p.token.resize(p.start.back());
     p.coef.resize(p.start.back());
     std::vector<int32_t> fill(p.start.begin(), p.start.end() - 1);
+    p.active.clear();
+    for (int64_t i = f0; i < f1; ++i) {
+      if (p.start[i - f0 + 1] > p.start[i - f0]) p.active.push_back(i);
+    }
     WithIsa([&](auto kk) {
       for (int64_t t = 0; t < tokens; ++t) {
         const float* a = act + t * neurons;
@@ -439,19 +444,58 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
       }
     });
     WithIsa([&](auto kk) {
-      // The active neurons in order, each dot prefetching the next one's K2 row.
-      int64_t i = f0;
-      while (i < f1 && p.start[i - f0 + 1] == p.start[i - f0]) ++i;
-      while (i < f1) {
-        int64_t next = i + 1;
-        while (next < f1 && p.start[next - f0 + 1] == p.start[next - f0]) ++next;
+      // Each active neuron's dots prefetch the next one's K2 row.
+      for (size_t a = 0; a < p.active.size(); ++a) {
+        const int64_t i = p.active[a];
         kk.Dots(k2 + i * rest, x, rest, p.token.data() + p.start[i - f0],
                 p.coef.data() + p.start[i - f0], p.start[i - f0 + 1] - p.start[i - f0],
-                next < f1 ? k2 + next * rest : nullptr);
-        i = next;
+                a + 1 < p.active.size() ? k2 + p.active[a + 1] * rest : nullptr);
       }
     });
   });
+  const int64_t blocks = (neurons + kNeuronBlock - 1) / kNeuronBlock;
+  constexpr int64_t kChunksPerBlock = kNeuronBlock / kNeuronChunk;
+  if (tokens <= kRowPathTokens) {
+    // Few tokens (decode): the same sums, each V row read once, whole and in order. Per block
+    // of neurons, each token's sum over its neurons of the block (neurons ascending, from 0)
+    // goes to a partial row; then each token adds its partials in block order, skipping the
+    // blocks where it has none. A slice of those partial rows is exactly what the sliced path
+    // below sums in registers, so a token's output does not depend on which path it took.
+    std::unique_ptr<float[]> partial(new float[blocks * tokens * width]);
+    std::vector<char> used(blocks * tokens, 0);
+    ParallelFor(pool, blocks, [&](int64_t nb) {
+      float* part = partial.get() + nb * tokens * width;
+      std::memset(part, 0, sizeof(float) * tokens * width);
+      const int64_t c0 = nb * kChunksPerBlock, c1 = std::min(chunks, c0 + kChunksPerBlock);
+      std::vector<int64_t> active;  // the block's, each row add prefetching the next one's V row
+      for (int64_t c = c0; c < c1; ++c) {
+        active.insert(active.end(), pairs[c].active.begin(), pairs[c].active.end());
+      }
+      WithIsa([&](auto kk) {
+        for (size_t a = 0; a < active.size(); ++a) {
+          const int64_t f = active[a];
+          const NeuronPairs& p = pairs[f / kNeuronChunk];
+          const int64_t i = f % kNeuronChunk;
+          const W* ahead = a + 1 < active.size() ? v + active[a + 1] * width : nullptr;
+          for (int32_t k = p.start[i]; k < p.start[i + 1]; ++k) {
+            used[nb * tokens + p.token[k]] = 1;
+            kk.AddRow(part + p.token[k] * width, p.coef[k], v + f * width, width,
+                      k == p.start[i] ? ahead : nullptr);
+          }
+        }
+      });
+    });
+    for (int64_t t = 0; t < tokens; ++t) {
+      float* out = y + t * width;
+      std::memset(out, 0, sizeof(float) * width);
+      for (int64_t nb = 0; nb < blocks; ++nb) {
+        if (!used[nb * tokens + t]) continue;
+        const float* part = partial.get() + (nb * tokens + t) * width;
+        for (int64_t d = 0; d < width; ++d) out[d] += part[d];
+      }
+    }
+    return;
+  }
   // The same pairs by token (neurons ascending within each token).
   std::vector<int64_t> tstart(tokens + 1, 0);  // may pass 2^31 pairs in all
   for (const NeuronPairs& p : pairs) {
@@ -476,7 +520,6 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
   // Phase 2, by column slices (as wide as the instruction set sums in registers) and blocks of
   // neurons: a slice of a block's V rows stays in the core's cache (and its pages in the TLB)
   // while each token adds its neurons of the block, read in place.
-  const int64_t blocks = (neurons + kNeuronBlock - 1) / kNeuronBlock;
   std::vector<int64_t> bstart(tokens * (blocks + 1));  // per token, where each block begins
   for (int64_t t = 0; t < tokens; ++t) {
     int64_t at = tstart[t];
@@ -487,49 +530,6 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
     bstart[t * (blocks + 1) + blocks] = tstart[t + 1];
   }
   for (int64_t t = 0; t < tokens; ++t) std::memset(y + t * width, 0, sizeof(float) * width);
-  if (tokens <= kRowPathTokens) {
-    // Few tokens (decode): the same sums, each V row read once, whole and in order. Per block
-    // of neurons, each token's sum over its neurons of the block (neurons ascending, from 0)
-    // goes to a partial row; then each token adds its partials in block order. A slice of
-    // those partial rows is exactly what the sliced path below sums in registers, so a token's
-    // output does not depend on which path its block took.
-    std::unique_ptr<float[]> partial(new float[blocks * tokens * width]);
-    ParallelFor(pool, blocks, [&](int64_t nb) {
-      float* part = partial.get() + nb * tokens * width;
-      std::memset(part, 0, sizeof(float) * tokens * width);
-      const int64_t c1 = std::min(chunks, (nb + 1) * (kNeuronBlock / kNeuronChunk));
-      // The block's active neurons in order, each prefetching the next one's V row.
-      std::vector<int64_t> active;
-      for (int64_t c = nb * (kNeuronBlock / kNeuronChunk); c < c1; ++c) {
-        const NeuronPairs& p = pairs[c];
-        for (int64_t i = 0; i + 1 < static_cast<int64_t>(p.start.size()); ++i) {
-          if (p.start[i + 1] > p.start[i]) active.push_back(c * kNeuronChunk + i);
-        }
-      }
-      WithIsa([&](auto kk) {
-        for (size_t a = 0; a < active.size(); ++a) {
-          const int64_t f = active[a];
-          const NeuronPairs& p = pairs[f / kNeuronChunk];
-          const int64_t i = f % kNeuronChunk;
-          const W* row = v + f * width;
-          const W* ahead = a + 1 < active.size() ? v + active[a + 1] * width : nullptr;
-          for (int32_t k = p.start[i]; k < p.start[i + 1]; ++k) {
-            kk.AddRow(part + p.token[k] * width, p.coef[k], row, width,
-                      k == p.start[i] ? ahead : nullptr);
-          }
-        }
-      });
-    });
-    for (int64_t t = 0; t < tokens; ++t) {
-      float* out = y + t * width;
-      for (int64_t nb = 0; nb < blocks; ++nb) {
-        if (bstart[t * (blocks + 1) + nb + 1] == bstart[t * (blocks + 1) + nb]) continue;
-        const float* part = partial.get() + (nb * tokens + t) * width;
-        for (int64_t d = 0; d < width; ++d) out[d] += part[d];
-      }
-    }
-    return;
-  }
   int64_t cols = 0;
   WithIsa([&](auto kk) { cols = kk.SliceCols(); });
   ParallelFor(pool, (width + cols - 1) / cols, [&](int64_t slice) {
