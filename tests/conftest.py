@@ -1,14 +1,17 @@
 """Test session set-up and the fixtures several test modules share.
 
-8 host CPU devices for the sharding tests are asked for before jax is imported.
+8 host CPU devices for the sharding tests are asked for before jax is imported (unless
+XLA_FLAGS names a device count), beside any other XLA flags.
 """
 
 import logging
 import os
 
 import pytest
+from xla_env import xla_flags
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = xla_flags(8)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 

@@ -21,6 +21,7 @@ import pytest
 import sharding_cases as cases
 from micro_configs import MICRO_MODEL
 from tolerances import SHARDED_LOGITS
+from xla_env import xla_flags
 
 from sparse_jax.model.transformer import forward
 from sparse_jax.serve.loading import load
@@ -36,7 +37,7 @@ def _start(
     env = {
         **os.environ,
         "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
         # The resumed pair compiles what the first pair compiled: share it through the cache.
         "JAX_COMPILATION_CACHE_DIR": str(workdir.parent / "jax_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",

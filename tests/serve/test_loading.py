@@ -12,6 +12,7 @@ import jax
 import numpy as np
 import pytest
 from micro_configs import MICRO_MODEL, MICRO_TRAIN
+from xla_env import xla_flags
 
 from sparse_jax.decode.sampling import GREEDY
 from sparse_jax.parallel.sharding import ShardingPlan, make_mesh
@@ -44,11 +45,7 @@ print(json.dumps({"devices": jax.device_count(), "step": model.step, "texts": te
 
 
 def _env(devices):
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    env["JAX_PLATFORMS"] = "cpu"
-    if devices > 1:
-        env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
-    return env
+    return {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags(devices)}
 
 
 @pytest.fixture(scope="module")
