@@ -48,6 +48,19 @@ def _cap_grad(capped: jax.Array, cap: float | None) -> jax.Array:
     return jnp.ones_like(capped) if cap is None else 1.0 - jnp.square(capped / cap)
 
 
+def _softplus(x: jax.Array) -> jax.Array:
+    """log(1 + e^x) as max(x, 0) + log1p(e^-|x|): finite for every finite x."""
+    return jnp.maximum(x, 0.0) + jnp.log1p(jnp.exp(-jnp.abs(x)))
+
+
+def _softplus_and_sigmoid(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """softplus(x) and its derivative sigmoid(x) from one exponential, e^-|x|."""
+    e = jnp.exp(-jnp.abs(x))
+    softplus = jnp.maximum(x, 0.0) + jnp.log1p(e)
+    sigmoid = jnp.where(x >= 0, 1.0, e) / (1.0 + e)
+    return softplus, sigmoid
+
+
 def _dot(a: jax.Array, b: jax.Array) -> jax.Array:
     """[B, K, G, q, W] . [B, K, k, W] -> [B, K, G, q, k] float32."""
     return jnp.einsum("bkgqw,bksw->bkgqs", a, b, preferred_element_type=jnp.float32)
@@ -112,36 +125,42 @@ def _forward_block(q, keys, v, q_pos, k_pos, window, enabled, blocks: Blocks):
     theta = jnp.full(shape, -jnp.inf, jnp.float32)
     keep_all = jnp.ones(shape, bool)
     if spark:
-
+        # Pass 1 keeps each key block's capped predictor scores (the query block's row of
+        # them, [n_k, B, K, G, bq, bk]: O(S x bq)) for pass 2, which then computes no
+        # predictor product or soft-cap of its own.
         def moments(carry, xs):
-            k_pred, _, pos = xs
+            k_pred, pos = xs
 
             def merge(c):
                 valid = _valid(q_pos, pos, window)
                 scores = _cap(_dot(q[0], k_pred), blocks.softcap)
-                return _threshold(scores, jnp.broadcast_to(valid, scores.shape), c, blocks.top_k)
+                valid = jnp.broadcast_to(valid, scores.shape)
+                return _threshold(scores, valid, c, blocks.top_k), scores
 
-            return jax.lax.cond(_any_valid(q_pos, pos, window), merge, lambda c: c, carry), None
+            def skip(c):
+                return c, jnp.zeros((*shape, bk), jnp.float32)
+
+            return jax.lax.cond(_any_valid(q_pos, pos, window), merge, skip, carry)
 
         zeros = jnp.zeros(shape, jnp.float32)
         init = (zeros, zeros, zeros, jnp.full(shape, -jnp.inf, jnp.float32))
-        (count, mean, m2, top), _ = jax.lax.scan(moments, init, (kb[0], kb[-1], pb))
+        (count, mean, m2, top), pred_scores = jax.lax.scan(moments, init, (kb[0], pb))
         theta, keep_all = _theta(count, mean, m2, top, blocks.top_k, enabled)
 
     def attend(carry, xs):
-        *key_parts, values, pos = xs
+        *key_parts, values, pos, stored = xs
 
         def step(c):
             m, total, acc, n = c
             valid = jnp.broadcast_to(_valid(q_pos, pos, window), (*shape, bk))
-            scores = _cap(_dot(q[0], key_parts[0]), blocks.softcap)
+            scores = stored if spark else _cap(_dot(q[0], key_parts[0]), blocks.softcap)
             kept = valid & (keep_all[..., None] | (scores >= theta[..., None])) if spark else valid
             s = jnp.where(kept, scores, -jnp.inf)
             m_new = jnp.maximum(m, jnp.max(s, axis=-1))
             safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s - safe[..., None])
             rescale = jnp.exp(jnp.where(jnp.isfinite(m), m - safe, -jnp.inf))
-            weight = p * jax.nn.softplus(_dot(q[1], key_parts[1])) if spark else p
+            weight = p * _softplus(_dot(q[1], key_parts[1])) if spark else p
             pv = jnp.einsum(
                 "bkgqs,bksw->bkgqw",
                 weight.astype(values.dtype),
@@ -160,7 +179,8 @@ def _forward_block(q, keys, v, q_pos, k_pos, window, enabled, blocks: Blocks):
         jnp.zeros((*shape, h), jnp.float32),
         jnp.zeros(shape, jnp.float32),
     )
-    (m, total, acc, n), _ = jax.lax.scan(attend, init, (*kb, vb, pb))
+    stored = pred_scores if spark else jnp.zeros((pb.shape[0],), jnp.float32)
+    (m, total, acc, n), _ = jax.lax.scan(attend, init, (*kb, vb, pb, stored))
     out = jnp.where(total[..., None] > 0, acc / jnp.maximum(total, 1e-30)[..., None], 0.0)
     lse = jnp.where(total > 0, m + jnp.log(jnp.maximum(total, 1e-30)), jnp.inf)
     return out, lse, theta, keep_all, n
@@ -225,10 +245,9 @@ def _attention_bwd(blocks: Blocks, residuals, cotangents):
                     "bkgqw,bksw->bkgqs", do, values.astype(jnp.float32)
                 )  # do_i . v_j
                 if spark:
-                    gate_pre = _dot(q_parts[1], key_parts[1])
-                    gate = jax.nn.softplus(gate_pre)
+                    gate, gate_grad = _softplus_and_sigmoid(_dot(q_parts[1], key_parts[1]))
                     weight = p * gate
-                    d_gate_pre = p * dv_dot * jax.nn.sigmoid(gate_pre)
+                    d_gate_pre = p * dv_dot * gate_grad
                     d_scores = p * (gate * dv_dot - delta_b[..., None])
                 else:
                     weight = p
