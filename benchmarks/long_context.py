@@ -13,7 +13,8 @@
         [--prefill-lens 2048,8192]
 * Blocks: with ``--block-len T``, the gradient of one ``small``-preset attention op alone
   (6 query heads over 3 kv heads, head 64, causal) at T tokens for each block shape in
-  ``--blocks``, dense and Spark, alternated.
+  ``--blocks``, dense and Spark (the XLA scan), alternated with Spark's native CPU kernels
+  (which take no blocks) where they are built.
 
     python -m benchmarks.long_context --memory-lens "" --time-lens "" --prefill-lens "" \
         --block-len 2048 --blocks 512x512,256x256,256x128,128x128
@@ -36,6 +37,7 @@ import numpy as np
 
 from benchmarks.train_step import cpu_model
 from configs import get_model_config
+from pallas_kernels import _native
 from pallas_kernels.blockwise_attention import blockwise_attention
 from sparse_jax.data.pipeline import DataConfig
 from sparse_jax.decode import DecodeOptions, init_cache
@@ -114,6 +116,19 @@ def block_sweep(length: int, shapes: list[tuple[int, int]], rounds: int) -> dict
             grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
             jax.block_until_ready(grad(q, keys, v))  # compiles
             runs[f"{kind}/{bq}x{bk}/{length}"] = grad, (q, keys, v)
+    if _native.available():
+        q, keys, top_k = parts["spark"]
+
+        def native_loss(q, keys, v):
+            out, _ = blockwise_attention(
+                q, keys, v, pos, pos, 1 << 20, softcap=cfg.attn_logit_softcap, top_k=top_k,
+                implementation="native",
+            )  # fmt: skip
+            return jnp.sum(out)
+
+        grad = jax.jit(jax.grad(native_loss, argnums=(0, 1, 2)))
+        jax.block_until_ready(grad(q, keys, v))  # compiles
+        runs[f"spark/native/{length}"] = grad, (q, keys, v)
     times: dict[str, list] = {}
     for _ in range(rounds):
         for key, (grad, args) in runs.items():
@@ -289,6 +304,12 @@ def main(argv: list[str] | None = None) -> None:
         for bq, bk in shapes:
             d, s = (med[f"{k}/{bq}x{bk}/{args.block_len}"] for k in PRESETS)
             lines.append(f"| {bq} x {bk} | {d:.3f} | {s:.3f} | {s / d:.2f}x |")
+        native = med.get(f"spark/native/{args.block_len}")
+        if native is not None:
+            lines += ["", f"Spark, native CPU kernels (no blocks): {native:.3f} s."]
+            for bq, bk in shapes:
+                d = med[f"dense/{bq}x{bk}/{args.block_len}"]
+                lines.append(f"- against dense with {bq} x {bk} blocks: {native / d:.2f}x")
     (out / "long_context.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -350,6 +350,8 @@ class Kernels:
           out [B, K, G, T, H] float32 and the attended keys per query [B, K, G, T] float32.
         """
         name = self.resolved()
+        if name == "native" and self.mesh is not None:
+            name = "xla"  # the custom call is not partitioned; XLA's scan is
         if name == "pallas_gpu":
             for key in ("block_q", "block_k"):
                 if key in options:

@@ -36,6 +36,8 @@ TARGETS = {
     "sparse_jax_spark_decode_attention": "SparseJaxSparkDecodeAttention",
     "sparse_jax_dense_decode_attention": "SparseJaxDenseDecodeAttention",
     "sparse_jax_spark_scored_attention": "SparseJaxSparkScoredAttention",
+    "sparse_jax_spark_train_attention": "SparseJaxSparkTrainAttention",
+    "sparse_jax_spark_train_attention_grad": "SparseJaxSparkTrainAttentionGrad",
 }
 
 _lock = threading.Lock()

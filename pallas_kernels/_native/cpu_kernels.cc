@@ -28,6 +28,8 @@
 #include <immintrin.h>
 
 #include <initializer_list>
+#include <limits>
+#include <type_traits>
 #include <cstdint>
 #include <cstring>
 #include <memory>
@@ -986,6 +988,325 @@ ffi::Error SparkScoredImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> scores,
   return ffi::Error::Success();
 }
 
+// Spark attention over a sequence's own keys for training, forward and backward, in O(T)
+// memory besides the inputs: per query position, the G query heads of a kv head score the
+// keys in reach (R-wide predictor products, soft-cap, mask), select theirs by the statistical
+// threshold, and only the kept keys' other half and values are read. The backward recomputes
+// the scores and kept keys the same way and touches the kept keys only. Query tensors are
+// laid out [..., K, T, G, *] so that a position's heads are one block.
+struct TrainShape {
+  int64_t batch, kv_heads, queries, groups, keys, pred, rest, width;
+  int64_t tables() const { return batch * kv_heads; }
+};
+
+// Queries per task (forward) and per piece of a backward part.
+constexpr int64_t kTrainQueryChunk = 16;
+// The backward's key gradients are summed in this many parts per table, each over a fixed
+// set of query chunks, then added in part order: the result does not depend on the threads.
+constexpr int64_t kTrainParts = 4;
+
+// The keys a query at qpos may reach: [lo, hi) of the table. When a row's key positions
+// rise along the table with empty slots (-1) only at its end (a sequence's own keys), that is
+// the run (qpos - window, qpos]; otherwise the whole table, masked key by key.
+struct KeyRanges {
+  std::vector<int64_t> filled;  // per batch row: the ascending run's length, or -1
+  KeyRanges(const int32_t* k_pos, int64_t batch, int64_t keys) : filled(batch, -1) {
+    for (int64_t b = 0; b < batch; ++b) {
+      const int32_t* pos = k_pos + b * keys;
+      int64_t n = 0;
+      while (n < keys && pos[n] >= 0 && (n == 0 || pos[n] > pos[n - 1])) ++n;
+      int64_t j = n;
+      while (j < keys && pos[j] < 0) ++j;
+      if (j == keys) filled[b] = n;
+    }
+  }
+  void get(const int32_t* k_pos, int64_t b, int64_t keys, int32_t qpos, int32_t window,
+           int64_t* lo, int64_t* hi) const {
+    const int64_t n = filled[b];
+    if (n < 0) {
+      *lo = 0;
+      *hi = keys;
+      return;
+    }
+    const int32_t* pos = k_pos + b * keys;
+    const int64_t first = static_cast<int64_t>(qpos) - window + 1;  // lowest position in reach
+    *lo = std::lower_bound(pos, pos + n, first, [](int32_t a, int64_t x) { return a < x; }) - pos;
+    *hi = std::upper_bound(pos, pos + n, qpos) - pos;
+    if (*hi < *lo) *hi = *lo;
+  }
+};
+
+// Scratch of one query position: its heads' capped scores over [lo, hi), then per head the
+// kept keys (relative to lo) and their softmax weights.
+struct TrainScratch {
+  std::vector<float> scores, weights, gates;
+  std::vector<int32_t> kept;
+};
+
+template <typename W, typename K>
+int64_t ScoreAndSelect(K k, const TrainShape& d, TrainScratch& s, int64_t t, int64_t tq,
+                       int64_t lo, int64_t hi, const float* q_pred, const W* k_pred,
+                       const int32_t* k_pos, int32_t qpos, int32_t window, float cap) {
+  const int64_t b = t / d.kv_heads, n = hi - lo;
+  Scratch(s.scores, d.groups * n);
+  k.KeyScores(q_pred + (t * d.queries + tq) * d.groups * d.pred, d.groups,
+              k_pred + (t * d.keys + lo) * d.pred, d.pred, k_pos + b * d.keys + lo, qpos, window,
+              cap, s.scores.data(), n, 0, n);
+  Scratch(s.kept, d.groups * n);
+  Scratch(s.weights, d.groups * n);
+  Scratch(s.gates, n);
+  return n;
+}
+
+template <typename W>
+void SparkTrainForwardRun(ffi::ThreadPool& pool, const TrainShape& d, const float* q_pred,
+                          const float* q_rest, const W* k_pred, const W* k_rest, const W* v,
+                          const int32_t* q_pos, const int32_t* k_pos, const int32_t* window,
+                          const int32_t* enabled, int64_t top_k, float cap, float* out,
+                          float* kept_count) {
+  const KeyRanges ranges(k_pos, d.batch, d.keys);
+  const int64_t chunks = (d.queries + kTrainQueryChunk - 1) / kTrainQueryChunk;
+  ParallelFor(pool, d.tables() * chunks, [&](int64_t task) {
+    const int64_t t = task / chunks, b = t / d.kv_heads;
+    const int64_t q0 = task % chunks * kTrainQueryChunk;
+    const int64_t q1 = std::min(d.queries, q0 + kTrainQueryChunk);
+    const int64_t k_eff = enabled[b] ? top_k : std::numeric_limits<int64_t>::max();
+    thread_local TrainScratch s;
+    WithIsa([&](auto k) {
+      for (int64_t tq = q0; tq < q1; ++tq) {
+        const int64_t row = (t * d.queries + tq) * d.groups;
+        std::memset(out + row * d.width, 0, sizeof(float) * d.groups * d.width);
+        const int32_t qpos = q_pos[b * d.queries + tq];
+        int64_t lo = 0, hi = 0;
+        if (qpos >= 0) ranges.get(k_pos, b, d.keys, qpos, window[b], &lo, &hi);
+        if (hi <= lo) {
+          for (int64_t g = 0; g < d.groups; ++g) kept_count[row + g] = 0.0f;
+          continue;
+        }
+        const int64_t n = ScoreAndSelect<W>(k, d, s, t, tq, lo, hi, q_pred, k_pred, k_pos, qpos,
+                                            window[b], cap);
+        for (int64_t g = 0; g < d.groups; ++g) {
+          int32_t* kept = s.kept.data() + g * n;
+          float* weights = s.weights.data() + g * n;
+          const int64_t count = k.SparkSelect(s.scores.data() + g * n, n, k_eff, kept, weights);
+          kept_count[row + g] = static_cast<float>(count);
+          k.SparkScoredBlock(kept, weights, s.gates.data(), 0, count,
+                             q_rest + (row + g) * d.rest, k_rest + (t * d.keys + lo) * d.rest,
+                             v + (t * d.keys + lo) * d.width, d.rest, d.width,
+                             out + (row + g) * d.width);
+        }
+      }
+    });
+    TrimScratch(s.scores, s.weights, s.gates, s.kept);
+  });
+}
+
+template <typename W>
+void SparkTrainBackwardRun(ffi::ThreadPool& pool, const TrainShape& d, const float* q_pred,
+                           const float* q_rest, const W* k_pred, const W* k_rest, const W* v,
+                           const int32_t* q_pos, const int32_t* k_pos, const int32_t* window,
+                           const int32_t* enabled, int64_t top_k, float cap,
+                           const float* d_out, const float* delta, float* dq_pred,
+                           float* dq_rest, float* dk_pred, float* dk_rest, float* dv) {
+  const KeyRanges ranges(k_pos, d.batch, d.keys);
+  const int64_t chunks = (d.queries + kTrainQueryChunk - 1) / kTrainQueryChunk;
+  // Per table and part: key gradients [S, R], [S, C], [S, H] one after another.
+  const int64_t per_key = d.pred + d.rest + d.width, part_size = d.keys * per_key;
+  std::vector<float> parts(static_cast<size_t>(d.tables() * kTrainParts * part_size), 0.0f);
+  ParallelFor(pool, d.tables() * kTrainParts, [&](int64_t task) {
+    const int64_t t = task / kTrainParts, part = task % kTrainParts, b = t / d.kv_heads;
+    const int64_t k_eff = enabled[b] ? top_k : std::numeric_limits<int64_t>::max();
+    float* acc = parts.data() + task * part_size;
+    float* acc_pred = acc;
+    float* acc_rest = acc + d.keys * d.pred;
+    float* acc_v = acc_rest + d.keys * d.rest;
+    thread_local TrainScratch s;
+    WithIsa([&](auto k) {
+      // Chunks part, part + kTrainParts, ...: each part gets early and late queries alike.
+      for (int64_t c = part; c < chunks; c += kTrainParts) {
+        const int64_t q1 = std::min(d.queries, (c + 1) * kTrainQueryChunk);
+        for (int64_t tq = c * kTrainQueryChunk; tq < q1; ++tq) {
+          const int64_t row = (t * d.queries + tq) * d.groups;
+          std::memset(dq_pred + row * d.pred, 0, sizeof(float) * d.groups * d.pred);
+          std::memset(dq_rest + row * d.rest, 0, sizeof(float) * d.groups * d.rest);
+          const int32_t qpos = q_pos[b * d.queries + tq];
+          int64_t lo = 0, hi = 0;
+          if (qpos >= 0) ranges.get(k_pos, b, d.keys, qpos, window[b], &lo, &hi);
+          if (hi <= lo) continue;
+          const int64_t n = ScoreAndSelect<W>(k, d, s, t, tq, lo, hi, q_pred, k_pred, k_pos,
+                                              qpos, window[b], cap);
+          for (int64_t g = 0; g < d.groups; ++g) {
+            int32_t* kept = s.kept.data() + g * n;
+            float* weights = s.weights.data() + g * n;
+            const float* capped = s.scores.data() + g * n;
+            const int64_t count = k.SparkSelect(capped, n, k_eff, kept, weights);
+            const int64_t r = row + g;
+            k.SparkHeadGrad(kept, weights, count, capped, cap, q_pred + r * d.pred,
+                            q_rest + r * d.rest, d_out + r * d.width, delta[r],
+                            k_pred + (t * d.keys + lo) * d.pred,
+                            k_rest + (t * d.keys + lo) * d.rest, v + (t * d.keys + lo) * d.width,
+                            d.pred, d.rest, d.width, dq_pred + r * d.pred, dq_rest + r * d.rest,
+                            acc_pred + lo * d.pred, acc_rest + lo * d.rest, acc_v + lo * d.width);
+          }
+        }
+      }
+    });
+    TrimScratch(s.scores, s.weights, s.gates, s.kept);
+  });
+  // The parts' sums, added in part order, key chunk by key chunk.
+  const int64_t key_chunks = std::max<int64_t>(1, (d.keys + 255) / 256);
+  ParallelFor(pool, d.tables() * key_chunks, [&](int64_t task) {
+    const int64_t t = task / key_chunks, c = task % key_chunks;
+    const int64_t j0 = c * 256, j1 = std::min(d.keys, j0 + 256);
+    const float* base = parts.data() + t * kTrainParts * part_size;
+    struct Target {
+      float* out;
+      int64_t offset, width;
+    };
+    const Target targets[3] = {{dk_pred + t * d.keys * d.pred, 0, d.pred},
+                               {dk_rest + t * d.keys * d.rest, d.keys * d.pred, d.rest},
+                               {dv + t * d.keys * d.width, d.keys * (d.pred + d.rest), d.width}};
+    for (const Target& x : targets) {
+      for (int64_t i = j0 * x.width; i < j1 * x.width; ++i) {
+        float sum = 0.0f;
+        for (int64_t p = 0; p < kTrainParts; ++p) sum += base[p * part_size + x.offset + i];
+        x.out[i] = sum;
+      }
+    }
+  });
+}
+
+// Checks the training attention's operands and fills its shape.
+ffi::Error TrainShapeOf(const ffi::Buffer<ffi::F32>& q_pred, const ffi::Buffer<ffi::F32>& q_rest,
+                        const ffi::AnyBuffer& k_pred, const ffi::AnyBuffer& k_rest,
+                        const ffi::AnyBuffer& v, const ffi::Buffer<ffi::S32>& q_pos,
+                        const ffi::Buffer<ffi::S32>& k_pos, const ffi::Buffer<ffi::S32>& window,
+                        const ffi::Buffer<ffi::S32>& enabled, int64_t top_k, TrainShape* d) {
+  if (!CacheType(k_pred) || k_pred.element_type() != k_rest.element_type() ||
+      k_pred.element_type() != v.element_type()) {
+    return ffi::Error::InvalidArgument(
+        "k_pred, k_rest and v must share one dtype, float32 or bfloat16");
+  }
+  auto qd = q_pred.dimensions();
+  auto kd = k_pred.dimensions();
+  if (qd.size() < 4 || kd.size() < 3 || k_rest.dimensions().size() < 3 ||
+      v.dimensions().size() < 3 || top_k < 1) {
+    return ffi::Error::InvalidArgument(
+        "expected q parts [..., K, T, G, *], key parts and v [..., K, S, *], top_k >= 1");
+  }
+  const int64_t batch = static_cast<int64_t>(window.element_count());
+  const size_t r = qd.size();
+  *d = TrainShape{batch,
+                  qd[r - 4],
+                  qd[r - 3],
+                  qd[r - 2],
+                  kd[kd.size() - 2],
+                  qd[r - 1],
+                  q_rest.dimensions()[q_rest.dimensions().size() - 1],
+                  v.dimensions()[v.dimensions().size() - 1]};
+  ffi::Error err;
+  auto check = [&](ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> want,
+                   const char* name) {
+    if (err.success()) err = CheckDims(dims, want, batch, name);
+  };
+  check(qd, {d->kv_heads, d->queries, d->groups, d->pred}, "q_pred");
+  check(q_rest.dimensions(), {d->kv_heads, d->queries, d->groups, d->rest}, "q_rest");
+  check(kd, {d->kv_heads, d->keys, d->pred}, "k_pred");
+  check(k_rest.dimensions(), {d->kv_heads, d->keys, d->rest}, "k_rest");
+  check(v.dimensions(), {d->kv_heads, d->keys, d->width}, "v");
+  check(q_pos.dimensions(), {d->queries}, "q_pos");
+  check(k_pos.dimensions(), {d->keys}, "k_pos");
+  check(enabled.dimensions(), {}, "enabled");
+  return err;
+}
+
+ffi::Error SparkTrainForwardImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_pred,
+                                 ffi::Buffer<ffi::F32> q_rest, ffi::AnyBuffer k_pred,
+                                 ffi::AnyBuffer k_rest, ffi::AnyBuffer v,
+                                 ffi::Buffer<ffi::S32> q_pos, ffi::Buffer<ffi::S32> k_pos,
+                                 ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> enabled,
+                                 int64_t top_k, float softcap, ffi::ResultBuffer<ffi::F32> out,
+                                 ffi::ResultBuffer<ffi::F32> kept) {
+  TrainShape d{};
+  if (ffi::Error err = TrainShapeOf(q_pred, q_rest, k_pred, k_rest, v, q_pos, k_pos, window,
+                                    enabled, top_k, &d);
+      err.failure()) {
+    return err;
+  }
+  ffi::Error err;
+  if (err.success()) {
+    err = CheckDims(out->dimensions(), {d.kv_heads, d.queries, d.groups, d.width}, d.batch,
+                    "out");
+  }
+  if (err.success()) {
+    err = CheckDims(kept->dimensions(), {d.kv_heads, d.queries, d.groups}, d.batch, "kept");
+  }
+  if (err.failure()) return err;
+  if (d.tables() * d.queries * d.groups == 0) return ffi::Error::Success();
+  auto run = [&](auto* tag) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    SparkTrainForwardRun(pool, d, q_pred.typed_data(), q_rest.typed_data(),
+                         static_cast<const W*>(k_pred.untyped_data()),
+                         static_cast<const W*>(k_rest.untyped_data()),
+                         static_cast<const W*>(v.untyped_data()), q_pos.typed_data(),
+                         k_pos.typed_data(), window.typed_data(), enabled.typed_data(), top_k,
+                         softcap, out->typed_data(), kept->typed_data());
+  };
+  if (k_pred.element_type() == ffi::DataType::F32) {
+    run(static_cast<float*>(nullptr));
+  } else {
+    run(static_cast<uint16_t*>(nullptr));
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error SparkTrainBackwardImpl(
+    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_pred, ffi::Buffer<ffi::F32> q_rest,
+    ffi::AnyBuffer k_pred, ffi::AnyBuffer k_rest, ffi::AnyBuffer v, ffi::Buffer<ffi::S32> q_pos,
+    ffi::Buffer<ffi::S32> k_pos, ffi::Buffer<ffi::S32> window, ffi::Buffer<ffi::S32> enabled,
+    ffi::Buffer<ffi::F32> d_out, ffi::Buffer<ffi::F32> delta, int64_t top_k, float softcap,
+    ffi::ResultBuffer<ffi::F32> dq_pred, ffi::ResultBuffer<ffi::F32> dq_rest,
+    ffi::ResultBuffer<ffi::F32> dk_pred, ffi::ResultBuffer<ffi::F32> dk_rest,
+    ffi::ResultBuffer<ffi::F32> dv) {
+  TrainShape d{};
+  if (ffi::Error err = TrainShapeOf(q_pred, q_rest, k_pred, k_rest, v, q_pos, k_pos, window,
+                                    enabled, top_k, &d);
+      err.failure()) {
+    return err;
+  }
+  ffi::Error err;
+  auto check = [&](ffi::AnyBuffer::Dimensions dims, std::initializer_list<int64_t> want,
+                   const char* name) {
+    if (err.success()) err = CheckDims(dims, want, d.batch, name);
+  };
+  check(d_out.dimensions(), {d.kv_heads, d.queries, d.groups, d.width}, "d_out");
+  check(delta.dimensions(), {d.kv_heads, d.queries, d.groups}, "delta");
+  check(dq_pred->dimensions(), {d.kv_heads, d.queries, d.groups, d.pred}, "dq_pred");
+  check(dq_rest->dimensions(), {d.kv_heads, d.queries, d.groups, d.rest}, "dq_rest");
+  check(dk_pred->dimensions(), {d.kv_heads, d.keys, d.pred}, "dk_pred");
+  check(dk_rest->dimensions(), {d.kv_heads, d.keys, d.rest}, "dk_rest");
+  check(dv->dimensions(), {d.kv_heads, d.keys, d.width}, "dv");
+  if (err.failure()) return err;
+  if (d.tables() == 0) return ffi::Error::Success();
+  auto run = [&](auto* tag) {
+    using W = std::remove_const_t<std::remove_pointer_t<decltype(tag)>>;
+    SparkTrainBackwardRun(pool, d, q_pred.typed_data(), q_rest.typed_data(),
+                          static_cast<const W*>(k_pred.untyped_data()),
+                          static_cast<const W*>(k_rest.untyped_data()),
+                          static_cast<const W*>(v.untyped_data()), q_pos.typed_data(),
+                          k_pos.typed_data(), window.typed_data(), enabled.typed_data(), top_k,
+                          softcap, d_out.typed_data(), delta.typed_data(),
+                          dq_pred->typed_data(), dq_rest->typed_data(), dk_pred->typed_data(),
+                          dk_rest->typed_data(), dv->typed_data());
+  };
+  if (k_pred.element_type() == ffi::DataType::F32) {
+    run(static_cast<float*>(nullptr));
+  } else {
+    run(static_cast<uint16_t*>(nullptr));
+  }
+  return ffi::Error::Success();
+}
+
 ffi::Error DenseDecodeImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k,
                            ffi::AnyBuffer v, ffi::Buffer<ffi::S32> pos,
                            ffi::Buffer<ffi::F32> new_k, ffi::Buffer<ffi::F32> new_v,
@@ -1138,6 +1459,45 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparkScoredAttention, SparkScoredImpl,
                                   .Attr<float>("softcap")
                                   .Ret<ffi::Buffer<ffi::F32>>()   // out
                                   .Ret<ffi::Buffer<ffi::F32>>());  // kept
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparkTrainAttention, SparkTrainForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_pred
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_rest
+                                  .Arg<ffi::AnyBuffer>()         // k_pred
+                                  .Arg<ffi::AnyBuffer>()         // k_rest
+                                  .Arg<ffi::AnyBuffer>()         // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // k_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // window
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // enabled
+                                  .Attr<int64_t>("top_k")
+                                  .Attr<float>("softcap")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // kept
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SparseJaxSparkTrainAttentionGrad, SparkTrainBackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_pred
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // q_rest
+                                  .Arg<ffi::AnyBuffer>()         // k_pred
+                                  .Arg<ffi::AnyBuffer>()         // k_rest
+                                  .Arg<ffi::AnyBuffer>()         // v
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // q_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // k_pos
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // window
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // enabled
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // d_out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // delta
+                                  .Attr<int64_t>("top_k")
+                                  .Attr<float>("softcap")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq_pred
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dq_rest
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk_pred
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dk_rest
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv
 
 extern "C" {
 

@@ -730,6 +730,42 @@ void spark_scored_block(const int32_t* kept, float* weights, float* gates, int64
   weighted_rows_add(weights + begin, kept + begin, n, v, width, out);
 }
 
+// Backward of one query head's Spark attention over its kept keys (training). kept [n]
+// indexes the key tables, p [n] are the kept keys' softmax weights and capped [keys] the
+// head's soft-capped predictor scores; q_pred [pred], q_rest [rest], d_out [width] and delta =
+// d_out . out are the query's. With gate = softplus(q_rest . k_rest[j]) and
+// dv_dot = d_out . v[j], per kept key, in order:
+//   dv[j] += p gate d_out;  d_gate = p dv_dot sigmoid(q_rest . k_rest[j]);
+//   dq_rest += d_gate k_rest[j];  dk_rest[j] += d_gate q_rest;
+//   d_raw = p (gate dv_dot - delta) cap'(capped[j]);
+//   dq_pred += d_raw k_pred[j];  dk_pred[j] += d_raw q_pred.
+// Keys not kept have p = 0 and no gradient (none flows through the threshold). cap <= 0: no
+// soft-cap.
+template <typename W>
+void spark_head_grad(const int32_t* kept, const float* p, int64_t n, const float* capped,
+                     float cap, const float* q_pred, const float* q_rest, const float* d_out,
+                     float delta, const W* k_pred, const W* k_rest, const W* v, int64_t pred,
+                     int64_t rest, int64_t width, float* dq_pred, float* dq_rest,
+                     float* dk_pred, float* dk_rest, float* dv) {
+  for (int64_t a = 0; a < n; ++a) {
+    const int64_t j = kept[a];
+    const float x = dot(k_rest + j * rest, q_rest, rest);
+    // softplus(x) = max(x, 0) + log1p(e^-|x|) and sigmoid(x) from the same e^-|x|.
+    const float e = std::exp(-std::fabs(x));
+    const float gate = (x > 0.0f ? x : 0.0f) + std::log1p(e);
+    const float sigmoid = (x >= 0.0f ? 1.0f : e) / (1.0f + e);
+    const float dv_dot = dot(v + j * width, d_out, width);
+    add_scaled(dv + j * width, p[a] * gate, d_out, width);
+    const float d_gate = p[a] * dv_dot * sigmoid;
+    add_scaled(dq_rest, d_gate, k_rest + j * rest, rest);
+    add_scaled(dk_rest + j * rest, d_gate, q_rest, rest);
+    const float c = cap > 0.0f ? capped[j] / cap : 0.0f;
+    const float d_raw = p[a] * (gate * dv_dot - delta) * (1.0f - c * c);
+    add_scaled(dq_pred, d_raw, k_pred + j * pred, pred);
+    add_scaled(dk_pred + j * pred, d_raw, q_pred, pred);
+  }
+}
+
 // Dense attention weights of one query head at decode: scores [S + 1] (-inf: invalid) become
 // softmax weights in place (0 on invalid keys). Returns the number of valid keys.
 static int64_t dense_weights(float* scores, int64_t keys) {
@@ -927,6 +963,16 @@ struct Kernels {
                                int64_t end, const float* q_rest, const W* k_rest, const W* v,
                                int64_t rest, int64_t width, float* out) {
     spark_scored_block(kept, weights, gates, begin, end, q_rest, k_rest, v, rest, width, out);
+  }
+  template <typename W>
+  static void SparkHeadGrad(const int32_t* kept, const float* p, int64_t n, const float* capped,
+                            float cap, const float* q_pred, const float* q_rest,
+                            const float* d_out, float delta, const W* k_pred, const W* k_rest,
+                            const W* v, int64_t pred, int64_t rest, int64_t width,
+                            float* dq_pred, float* dq_rest, float* dk_pred, float* dk_rest,
+                            float* dv) {
+    spark_head_grad(kept, p, n, capped, cap, q_pred, q_rest, d_out, delta, k_pred, k_rest, v,
+                    pred, rest, width, dq_pred, dq_rest, dk_pred, dk_rest, dv);
   }
   static int64_t DenseWeights(float* scores, int64_t keys) { return dense_weights(scores, keys); }
   template <typename W>

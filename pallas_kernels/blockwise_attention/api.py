@@ -1,10 +1,12 @@
 """Public entry point of blockwise attention: validation, padding, dispatch.
 
-``"xla"`` (and ``"native"``, which has no kernel of its own for this op) runs the scan of
-:mod:`pallas_kernels.blockwise_attention.xla`; ``"pallas_tpu"`` and ``"pallas_gpu"`` run the
-kernels of :mod:`pallas_kernels.blockwise_attention.pallas`. All of them are differentiable
-with a blockwise backward, and all are held to the materialized reference
-(:mod:`pallas_kernels.blockwise_attention.reference`) by the tests.
+``"xla"`` runs the scan of :mod:`pallas_kernels.blockwise_attention.xla`; ``"native"`` runs
+Spark attention as the C++ kernels of :mod:`pallas_kernels.blockwise_attention.native`, which
+read only the kept keys' other half and values (dense attention, and key parts of another
+dtype than float32 or bfloat16, run the XLA scan); ``"pallas_tpu"`` and ``"pallas_gpu"`` run
+the kernels of :mod:`pallas_kernels.blockwise_attention.pallas`. All of them are
+differentiable without storing a [T, S] tensor, and all are held to the materialized
+reference (:mod:`pallas_kernels.blockwise_attention.reference`) by the tests.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels._common import dispatch
-from pallas_kernels.blockwise_attention import pallas, xla
+from pallas_kernels.blockwise_attention import native, pallas, xla
 
 # Block size rules per Pallas backend: (query multiple, key multiple, powers of two only).
 # TPU: a query tile [bq, W] needs bq % 8 == 0 (16 for 16-bit inputs, which Mosaic packs two
@@ -113,8 +115,8 @@ def blockwise_attention(
         (128 on GPU).
       block_k: keys per block (S is padded up to a multiple). Pallas TPU: a multiple of 128;
         Pallas GPU: a power of two >= 16. None: 128.
-      implementation: ``"auto"``, ``"xla"``, ``"native"`` (runs ``"xla"``), ``"pallas_tpu"``
-        or ``"pallas_gpu"``.
+      implementation: ``"auto"``, ``"xla"``, ``"native"`` (Spark: the C++ kernels, which take
+        no blocks; dense: ``"xla"``), ``"pallas_tpu"`` or ``"pallas_gpu"``.
       interpret: run the requested Pallas implementation in Pallas interpret mode.
 
     Returns:
@@ -137,6 +139,18 @@ def blockwise_attention(
         raise ValueError(
             f"q parts must be [B, K, G, T, W] and v [B, K, S, H] with the same B, K; got "
             f"{q[0].shape} and {v.shape}"
+        )
+    if name == "native" and top_k and native.supports(keys, v):
+        return native.attention(
+            tuple(q),
+            tuple(keys),
+            v,
+            q_pos.astype(jnp.int32),
+            k_pos.astype(jnp.int32),
+            jnp.asarray(window, jnp.int32),
+            jnp.asarray(enabled, bool),
+            int(top_k),
+            None if softcap is None else float(softcap),
         )
     t, s = q[0].shape[3], v.shape[2]
     bq, bk = _block(block_q, t, name, "q", narrow), _block(block_k, s, name, "k", narrow)

@@ -1,7 +1,8 @@
-"""Every implementation of blockwise attention (XLA, and the Pallas TPU and GPU kernels in
-interpret mode) against the materialized reference: outputs, attended-key counts and
-gradients, dense and Spark, GQA, local and global windows, padded and empty rows, rows with
-n_valid <= k, ties, huge values, both dtypes; the Pallas kernels lower for TPU and CUDA."""
+"""Every implementation of blockwise attention (XLA, the native CPU kernels, and the Pallas
+TPU and GPU kernels in interpret mode) against the materialized reference: outputs,
+attended-key counts and gradients, dense and Spark, GQA, local and global windows, padded and
+empty rows, rows with n_valid <= k, ties, huge values, both dtypes; the Pallas kernels lower
+for TPU and CUDA."""
 
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from sparse_jax.model import attention as A
 from sparse_jax.model.config import ModelConfig
 
 B, K, G, R, H = 2, 2, 2, 8, 16
-IMPLEMENTATIONS = ("xla", "pallas_tpu", "pallas_gpu")
+IMPLEMENTATIONS = ("xla", "native", "pallas_tpu", "pallas_gpu")
 SLOW = pytest.mark.slow
 
 
@@ -30,7 +31,8 @@ def some_slow(*slow: str) -> list:
 
 
 # Small blocks so that every kernel takes several grid steps; TPU key blocks are 128-wide.
-BLOCKS = {"xla": (8, 16), "pallas_tpu": (32, 128), "pallas_gpu": (16, 16)}
+# The native Spark kernels take no blocks (its dense attention is the XLA scan's).
+BLOCKS = {"xla": (8, 16), "native": (8, 16), "pallas_tpu": (32, 128), "pallas_gpu": (16, 16)}
 
 
 def make(spark: bool, t: int, dtype=jnp.float32, seed: int = 0, scale: float = 2.0):
@@ -49,7 +51,8 @@ def make(spark: bool, t: int, dtype=jnp.float32, seed: int = 0, scale: float = 2
 
 def options(impl: str, **kw) -> dict:
     bq, bk = BLOCKS[impl]
-    return dict(implementation=impl, interpret=impl != "xla", block_q=bq, block_k=bk, **kw)
+    interpret = impl.startswith("pallas")
+    return dict(implementation=impl, interpret=interpret, block_q=bq, block_k=bk, **kw)
 
 
 @functools.partial(jax.jit, static_argnames=("fn", "kw"))

@@ -104,3 +104,25 @@ def test_pallas_blockwise_model_under_a_mesh_equals_the_materialized_model():
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
     for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * float(jnp.abs(b).max()) + 1e-9)
+
+
+def test_native_kernels_attend_spark_blockwise_on_one_device_and_leave_a_mesh_to_xla():
+    """With the native kernels a Spark model's blockwise attention is the C++ custom call on
+    one device (logits as the materialized model's); under a mesh, where a custom call is not
+    partitioned, it is XLA's scan."""
+    base = override(get_model_config("tiny"), MICRO_MODEL_GQA)
+    base = dataclasses.replace(base, max_seq_len=40, attn_block_size=8, attn_key_block_size=8)
+    cfg = dataclasses.replace(base, attn_impl="blockwise")
+    params = init_params(base, jax.random.key(0))
+    tokens = jax.random.randint(jax.random.key(1), (4, 40), 0, base.vocab_size)
+    native = Kernels("native")
+    call = "sparse_jax_spark_train_attention"
+    one = jax.jit(lambda p: forward(cfg, p, tokens, kernels=native)[0])
+    assert call in one.lower(params).as_text()
+    want, _ = jax.jit(
+        lambda p: forward(dataclasses.replace(base, attn_impl="materialized"), p, tokens)
+    )(params)
+    np.testing.assert_allclose(one(params), want, rtol=2e-5, atol=2e-5)
+    plan = ShardingPlan(make_mesh("data=4,tensor=2"))
+    program = jax.jit(lambda p: forward(cfg, p, tokens, plan=plan, kernels=native)[0])
+    assert call not in program.lower(params).as_text()
