@@ -13,14 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from kernel_test_base import lowered_text
+from kernel_test_base import NATIVE, lowered_text, using_isa
 
+from pallas_kernels import _native
 from pallas_kernels.blockwise_attention import api, pallas, reference
 from sparse_jax.model import attention as A
 from sparse_jax.model.config import ModelConfig
 
 B, K, G, R, H = 2, 2, 2, 8, 16
-IMPLEMENTATIONS = ("xla", "native", "pallas_tpu", "pallas_gpu")
+IMPLEMENTATIONS = ("xla", *NATIVE, "pallas_tpu", "pallas_gpu")  # native where it is built
 SLOW = pytest.mark.slow
 
 
@@ -167,7 +168,8 @@ def test_dense_global_with_and_without_cap(impl):
     check(impl, case, 1 << 20)
 
 
-@pytest.mark.parametrize("impl", some_slow(*IMPLEMENTATIONS))  # spark_local has such rows
+# spark_local has such rows; the native kernels are quick enough to run by default.
+@pytest.mark.parametrize("impl", some_slow("xla", "pallas_tpu", "pallas_gpu"))
 def test_spark_rows_with_few_keys_keep_them_all(impl):
     # A window of 4 <= k = 5: every row keeps every valid key; so does enabled=False.
     case = make(True, 24)
@@ -175,6 +177,17 @@ def test_spark_rows_with_few_keys_keep_them_all(impl):
     np.testing.assert_array_equal(n[0, 0, 0], np.minimum(np.arange(1, 25), 4))
     _, n = check(impl, case, 1 << 20, top_k=2, enabled=False)
     np.testing.assert_array_equal(n[0, 0, 0], np.arange(1, 25))
+
+
+@pytest.mark.skipif(not NATIVE, reason="the native CPU kernels are not built")
+def test_native_spark_on_every_instruction_set():
+    """The native kernels' vector code per instruction set this CPU runs (AVX-512, AVX2,
+    plain x86-64): forward, counts and gradients against the reference, local and global."""
+    case = make(True, 136, seed=3, scale=1.0)
+    for isa in _native.supported_isas():
+        with using_isa(isa):
+            check("native", case, 40, softcap=5.0, top_k=5)
+            check("native", case, 1 << 20, softcap=5.0, top_k=9)
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS)
