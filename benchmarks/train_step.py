@@ -9,6 +9,12 @@ round runs every variant once), so machine noise hits them alike; the report use
     python benchmarks/train_step.py --preset tiny   # quick look
 
 Writes ``benchmarks/results/train_step.json`` and prints a markdown table.
+
+With ``--context-lens 256,1024,4096`` it sweeps the context instead: the ``small`` presets at
+batch 1, dense and Spark, materialized and blockwise attention, the step time (round-robin,
+median of ``--rounds``) and the compiled step's temporary bytes at each length, with the
+Spark/dense ratio per length and form. That is :mod:`benchmarks.long_context`'s training
+sweep; it writes ``long_context.{json,md}`` into ``--context-out``.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ import json
 import pathlib
 import platform
 import statistics
+import sys
 import time
 
 import jax
@@ -65,7 +72,19 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS / "train_step.json"))
+    parser.add_argument("--context-lens", default="", help="e.g. 256,1024,4096: sweep these")
+    parser.add_argument("--context-out", default=str(RESULTS))
     args = parser.parse_args()
+    if args.context_lens:
+        root = str(RESULTS.parent.parent)
+        if root not in sys.path:  # run as a script: the repository root is not on the path
+            sys.path.insert(0, root)
+        from benchmarks import long_context
+
+        lens = args.context_lens
+        sweep = ["--memory-lens", lens, "--time-lens", lens, "--prefill-lens", ""]
+        long_context.main([*sweep, "--rounds", str(args.rounds), "--out", args.context_out])
+        return
 
     tc = TrainConfig(data=DataConfig(batch_size=args.batch, seq_len=args.seq))
     opt = make_optimizer(tc)
