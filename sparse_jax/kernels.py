@@ -341,7 +341,9 @@ class Kernels:
 
         The Pallas GPU kernel holds its tiles in registers, so its blocks are capped at
         ``GPU_BLOCKWISE_MAX_BLOCK`` (the block of Pallas' own GPU flash attention). The XLA
-        implementation is partitioned by XLA like the rest of the model. A Pallas one
+        implementation is partitioned by XLA like the rest of the model. ``"native"`` runs
+        Spark as the C++ kernels on one device; under a mesh it runs the XLA scan, since XLA
+        does not partition a custom call. A Pallas one
         under a mesh runs per shard: the batch split as the sharding ``rules`` split
         ``batch`` (over ``batch_axes`` without rules) and the kv heads as they split
         ``kv_heads``; a sequence is always whole on its shard.

@@ -275,7 +275,8 @@ def attend_blockwise(
     """:func:`attend_masked` over one segment (a block's own keys, or a cache's joined with
     them), computed blockwise in O(T x ``cfg.attn_key_block_size``) memory
     (:mod:`pallas_kernels.blockwise_attention`, in the implementation ``kernels`` resolves
-    to: the XLA scan on CPU, Pallas on TPU and GPU).
+    to: on CPU the native kernels for Spark on one device and the XLA scan otherwise, Pallas
+    on TPU and GPU).
 
     Returns:
       out [B, T, N, H] float32 and the attended keys per query head [B, N, T] float32.
