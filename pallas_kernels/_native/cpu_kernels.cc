@@ -1043,8 +1043,10 @@ struct TrainScratch {
   std::vector<int32_t> kept;
 };
 
+// Scores the keys [lo, hi) for the query heads at position tq of table t into s.scores
+// ([G, hi - lo]) and sizes the other scratch; returns hi - lo.
 template <typename W, typename K>
-int64_t ScoreAndSelect(K k, const TrainShape& d, TrainScratch& s, int64_t t, int64_t tq,
+int64_t ScoreKeysInReach(K k, const TrainShape& d, TrainScratch& s, int64_t t, int64_t tq,
                        int64_t lo, int64_t hi, const float* q_pred, const W* k_pred,
                        const int32_t* k_pos, int32_t qpos, int32_t window, float cap) {
   const int64_t b = t / d.kv_heads, n = hi - lo;
@@ -1083,8 +1085,8 @@ void SparkTrainForwardRun(ffi::ThreadPool& pool, const TrainShape& d, const floa
           for (int64_t g = 0; g < d.groups; ++g) kept_count[row + g] = 0.0f;
           continue;
         }
-        const int64_t n = ScoreAndSelect<W>(k, d, s, t, tq, lo, hi, q_pred, k_pred, k_pos, qpos,
-                                            window[b], cap);
+        const int64_t n = ScoreKeysInReach<W>(k, d, s, t, tq, lo, hi, q_pred, k_pred, k_pos,
+                                              qpos, window[b], cap);
         for (int64_t g = 0; g < d.groups; ++g) {
           int32_t* kept = s.kept.data() + g * n;
           float* weights = s.weights.data() + g * n;
@@ -1133,8 +1135,8 @@ void SparkTrainBackwardRun(ffi::ThreadPool& pool, const TrainShape& d, const flo
           int64_t lo = 0, hi = 0;
           if (qpos >= 0) ranges.get(k_pos, b, d.keys, qpos, window[b], &lo, &hi);
           if (hi <= lo) continue;
-          const int64_t n = ScoreAndSelect<W>(k, d, s, t, tq, lo, hi, q_pred, k_pred, k_pos,
-                                              qpos, window[b], cap);
+          const int64_t n = ScoreKeysInReach<W>(k, d, s, t, tq, lo, hi, q_pred, k_pred,
+                                                k_pos, qpos, window[b], cap);
           for (int64_t g = 0; g < d.groups; ++g) {
             int32_t* kept = s.kept.data() + g * n;
             float* weights = s.weights.data() + g * n;
