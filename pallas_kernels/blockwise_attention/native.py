@@ -13,8 +13,9 @@ The keys a query reaches are found by binary search when a row's key positions r
 it with empty slots (-1) only at its end, as a sequence's own keys do; otherwise every key is
 masked one by one. Query rows are split over XLA's CPU threads, each row computed by one
 thread; the key gradients are summed in a fixed number of parts (fixed sets of query rows),
-added in a fixed order, so no sum's order depends on how the threads share the work. Key parts and values are float32 or bfloat16 (one dtype); everything else is computed
-in float32.
+added in a fixed order, so no sum's order depends on how the threads share the work. Key
+parts and values are float32 or bfloat16 (one dtype); everything else is computed in
+float32.
 """
 
 from __future__ import annotations
