@@ -236,18 +236,27 @@ def attend_masked(
     return _ungroup(_values(weights, segments)), count
 
 
-def uses_blockwise(cfg: ModelConfig, length: int, keys: int | None = None) -> bool:
+def uses_blockwise(
+    cfg: ModelConfig, length: int, keys: int | None = None, native_spark: bool = False
+) -> bool:
     """Whether a block of ``length`` queries attends blockwise to ``keys`` keys (its own
     ``length`` keys when None; a prefill chunk: the cache's slots and its own).
 
     Under ``attn_impl="auto"`` that is when the score tensors would hold at least
     ``policy.blockwise_min_len ** 2`` entries per head: a training sequence of that length,
-    or a prefill chunk of 256 tokens over 1024 keys at the default 512.
+    or a prefill chunk of 256 tokens over 1024 keys at the default 512. With
+    ``native_spark`` (a Spark sequence attending to its own keys with the native CPU kernels
+    on one device) it is at any length: the native kernels read only the kept keys, and
+    measured faster than the materialized form at 256 tokens too.
     """
     keys = length if keys is None else keys
     if cfg.attn_impl == "auto":
+        if cfg.topk_method != "statistical":
+            return False
+        if native_spark and cfg.attn_kind == "spark":
+            return True
         least = policy_for().blockwise_min_len
-        return cfg.topk_method == "statistical" and length * keys >= least * least
+        return length * keys >= least * least
     return cfg.attn_impl == "blockwise"
 
 
@@ -481,9 +490,12 @@ class Attention(nn.Module):
             out, kept = attend_scored_native(
                 self.cfg, q, (cache, new), positions, window, enabled, self.kernels
             )
-        elif uses_blockwise(self.cfg, x.shape[1], x.shape[1] + _slots(cache)) and (
-            cache is None or x.shape[1] > 1
-        ):
+        elif uses_blockwise(
+            self.cfg,
+            x.shape[1],
+            x.shape[1] + _slots(cache),
+            native_spark=cache is None and self.kernels.native(),
+        ) and (cache is None or x.shape[1] > 1):
             keys = new if cache is None else joined(cache, new)
             out, kept = attend_blockwise(
                 self.cfg, q, keys, positions, window, enabled, self.kernels

@@ -63,6 +63,12 @@ def test_auto_chooses_by_length_and_validates():
     assert uses_blockwise(dataclasses.replace(cfg, attn_impl="blockwise"), 8)
     assert not uses_blockwise(dataclasses.replace(cfg, attn_impl="materialized"), 1 << 20)
     assert not uses_blockwise(dataclasses.replace(cfg, topk_method="lax_top_k"), 1 << 20)
+    # The native Spark kernels attend blockwise at any length; dense keeps the threshold.
+    assert uses_blockwise(cfg, 8, native_spark=True)
+    dense = dataclasses.replace(cfg, attn_kind="dense")
+    assert not uses_blockwise(dense, threshold - 1, native_spark=True)
+    spark_materialized = dataclasses.replace(cfg, attn_impl="materialized")
+    assert not uses_blockwise(spark_materialized, 8, native_spark=True)
     with pytest.raises(ValueError, match="attn_impl"):
         ModelConfig(attn_impl="flash")
     with pytest.raises(ValueError, match="topk_method='statistical'"):
