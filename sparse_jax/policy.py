@@ -36,7 +36,9 @@ trick measured on one backend never runs on another by default:
   materialized against 0.394 / 0.400 s blockwise, at 512 tokens 0.898 / 0.917 s against
   0.791 / 0.854 s, at 1024 tokens 2.17 / 2.63 s against 1.61 / 1.99 s; prefilling 1024
   tokens in chunks of 256 (over a 1024-slot cache) took 0.29 / 0.44 s against 0.25 / 0.37 s:
-  512. The accelerators' 512 is the same figure, not measured there.
+  512. The accelerators' 512 is the same figure, not measured there. (A Spark sequence with
+  the native CPU kernels on one device attends blockwise at any length; see
+  :func:`sparse_jax.model.attention.uses_blockwise`.)
 * ``keys_left_max_rows``: attention scores of up to this many query rows per kv head (a
   decode step, or a short chunk) are computed with the keys as the left operand of the dot,
   ``[S, M]``, then transposed: on CPU that ran 6.7 ms against 11 ms for an 8192-key decode

@@ -75,7 +75,8 @@ class ModelConfig:
         (every score tensor at once), ``"blockwise"`` (:mod:`pallas_kernels.blockwise_attention`,
         O(T x block) memory; ``topk_method="statistical"`` only; training, evaluation and
         prefill chunks of more than one token) or ``"auto"`` (blockwise once the length times
-        the keys read reaches ``policy.blockwise_min_len ** 2``).
+        the keys read reaches ``policy.blockwise_min_len ** 2``, and at any length for a Spark
+        sequence attending to itself with the native CPU kernels on one device).
       attn_block_size: query block of the blockwise form, >= 1.
       attn_key_block_size: key block of the blockwise form, >= 1. The defaults, 256 queries
         by 128 keys, ran a ``small``-preset attention gradient on CPU at 2048 tokens in 0.176 s
