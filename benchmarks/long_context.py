@@ -103,32 +103,26 @@ def block_sweep(length: int, shapes: list[tuple[int, int]], rounds: int) -> dict
         ),
     }
     runs = {}
-    for bq, bk in shapes:
-        for kind, (q, keys, top_k) in parts.items():
 
-            def loss(q, keys, v, bq=bq, bk=bk, top_k=top_k):
-                out, _ = blockwise_attention(
-                    q, keys, v, pos, pos, 1 << 20, softcap=cfg.attn_logit_softcap,
-                    top_k=top_k, block_q=bq, block_k=bk, implementation="xla",
-                )  # fmt: skip
-                return jnp.sum(out)
+    def add(key, kind, impl, blocks=(None, None)):
+        q, keys, top_k = parts[kind]
 
-            grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-            jax.block_until_ready(grad(q, keys, v))  # compiles
-            runs[f"{kind}/{bq}x{bk}/{length}"] = grad, (q, keys, v)
-    if _native.available():
-        q, keys, top_k = parts["spark"]
-
-        def native_loss(q, keys, v):
+        def loss(q, keys, v):
             out, _ = blockwise_attention(
                 q, keys, v, pos, pos, 1 << 20, softcap=cfg.attn_logit_softcap, top_k=top_k,
-                implementation="native",
+                block_q=blocks[0], block_k=blocks[1], implementation=impl,
             )  # fmt: skip
             return jnp.sum(out)
 
-        grad = jax.jit(jax.grad(native_loss, argnums=(0, 1, 2)))
+        grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
         jax.block_until_ready(grad(q, keys, v))  # compiles
-        runs[f"spark/native/{length}"] = grad, (q, keys, v)
+        runs[key] = grad, (q, keys, v)
+
+    for bq, bk in shapes:
+        for kind in parts:
+            add(f"{kind}/{bq}x{bk}/{length}", kind, "xla", (bq, bk))
+    if _native.available():
+        add(f"spark/native/{length}", "spark", "native")
     times: dict[str, list] = {}
     for _ in range(rounds):
         for key, (grad, args) in runs.items():

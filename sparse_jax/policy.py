@@ -38,7 +38,7 @@ trick measured on one backend never runs on another by default:
   tokens in chunks of 256 (over a 1024-slot cache) took 0.29 / 0.44 s against 0.25 / 0.37 s:
   512. The accelerators' 512 is the same figure, not measured there. (A Spark sequence with
   the native CPU kernels on one device attends blockwise at any length; see
-  :func:`sparse_jax.model.attention.uses_blockwise`.)
+  :func:`sparse_jax.model.attention_native.native_blockwise`.)
 * ``keys_left_max_rows``: attention scores of up to this many query rows per kv head (a
   decode step, or a short chunk) are computed with the keys as the left operand of the dot,
   ``[S, M]``, then transposed: on CPU that ran 6.7 ms against 11 ms for an 8192-key decode

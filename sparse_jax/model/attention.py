@@ -34,7 +34,7 @@ from jax.ad_checkpoint import checkpoint_name
 
 from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
-from sparse_jax.model.attention_native import attend_decode_native, native_decode, native_prefill
+from sparse_jax.model import attention_native as native_paths
 from sparse_jax.model.config import ModelConfig
 from sparse_jax.model.layers import dtype_of, safe_softmax, softcap, split_rope
 from sparse_jax.model.selection import compact
@@ -236,27 +236,18 @@ def attend_masked(
     return _ungroup(_values(weights, segments)), count
 
 
-def uses_blockwise(
-    cfg: ModelConfig, length: int, keys: int | None = None, native_spark: bool = False
-) -> bool:
+def uses_blockwise(cfg: ModelConfig, length: int, keys: int | None = None) -> bool:
     """Whether a block of ``length`` queries attends blockwise to ``keys`` keys (its own
     ``length`` keys when None; a prefill chunk: the cache's slots and its own).
 
     Under ``attn_impl="auto"`` that is when the score tensors would hold at least
     ``policy.blockwise_min_len ** 2`` entries per head: a training sequence of that length,
-    or a prefill chunk of 256 tokens over 1024 keys at the default 512. With
-    ``native_spark`` (a Spark sequence attending to its own keys with the native CPU kernels
-    on one device) it is at any length: the native kernels read only the kept keys, and
-    measured faster than the materialized form at 256 tokens too.
+    or a prefill chunk of 256 tokens over 1024 keys at the default 512.
     """
     keys = length if keys is None else keys
     if cfg.attn_impl == "auto":
-        if cfg.topk_method != "statistical":
-            return False
-        if native_spark and cfg.attn_kind == "spark":
-            return True
         least = policy_for().blockwise_min_len
-        return length * keys >= least * least
+        return cfg.topk_method == "statistical" and length * keys >= least * least
     return cfg.attn_impl == "blockwise"
 
 
@@ -476,26 +467,24 @@ class Attention(nn.Module):
         q, k, v = self.project(x, positions)
         new = key_entries(self.cfg, k, v, positions)
         overflow = jnp.zeros((), jnp.int32)
-        if native_decode(self.cfg, self.kernels, x.shape[1], cache) and (
+        if native_paths.native_decode(self.cfg, self.kernels, x.shape[1], cache) and (
             sparse_capacity is not None or self.cfg.attn_kind == "dense"
         ):
-            out, kept = attend_decode_native(
+            out, kept = native_paths.attend_decode_native(
                 self.cfg, q, cache, new, positions, window, self.kernels
             )
         elif sparse_capacity is not None:
             out, kept, overflow = attend_sparse(
                 self.cfg, q, cache, new, positions, window, sparse_capacity, self.kernels
             )
-        elif native_prefill(self.cfg, self.kernels, x.shape[:2], cache, enabled):
+        elif native_paths.native_prefill(self.cfg, self.kernels, x.shape[:2], cache, enabled):
             out, kept = attend_scored_native(
                 self.cfg, q, (cache, new), positions, window, enabled, self.kernels
             )
-        elif uses_blockwise(
-            self.cfg,
-            x.shape[1],
-            x.shape[1] + _slots(cache),
-            native_spark=cache is None and self.kernels.native(),
-        ) and (cache is None or x.shape[1] > 1):
+        elif native_paths.native_blockwise(self.cfg, self.kernels, cache) or (
+            uses_blockwise(self.cfg, x.shape[1], x.shape[1] + _slots(cache))
+            and (cache is None or x.shape[1] > 1)
+        ):
             keys = new if cache is None else joined(cache, new)
             out, kept = attend_blockwise(
                 self.cfg, q, keys, positions, window, enabled, self.kernels

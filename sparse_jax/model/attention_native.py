@@ -1,4 +1,5 @@
-"""One decode step's attention (T = 1, with a cache) in one native CPU kernel, dense or Spark.
+"""One decode step's attention (T = 1, with a cache) in one native CPU kernel, dense or Spark;
+and when the model's attention takes the native kernels (decode, prefill, blockwise Spark).
 
 :func:`native_decode` says when the model's attention takes this path (the native kernels on
 CPU, one query per row, a cache; Spark needs the statistical threshold); the kernels are
@@ -72,6 +73,21 @@ def native_decode(cfg: ModelConfig, kernels: Kernels, length: int, cache: Segmen
         and length == 1
         and kernels.native()
         and (cfg.attn_kind == "dense" or cfg.topk_method == "statistical")
+    )
+
+
+def native_blockwise(cfg: ModelConfig, kernels: Kernels, cache: Segment | None) -> bool:
+    """Whether a Spark sequence attending to its own keys (training, evaluation, a forward
+    without a cache) takes the native blockwise kernels under ``attn_impl="auto"`` at any
+    length: the native kernels on one device (under a mesh they are off). They read only the
+    kept keys, and a ``small``-preset train step at 256 tokens measured faster with them than
+    with the materialized form (``benchmarks/train_step.py`` on an AMD EPYC)."""
+    return (
+        cache is None
+        and cfg.attn_kind == "spark"
+        and cfg.attn_impl == "auto"
+        and cfg.topk_method == "statistical"
+        and kernels.native()
     )
 
 

@@ -12,8 +12,9 @@ import pytest
 from micro_configs import MICRO_MODEL, MICRO_MODEL_GQA
 
 from configs import get_model_config
-from sparse_jax.kernels import DEFAULT_KERNELS, Kernels
+from sparse_jax.kernels import DEFAULT_KERNELS, XLA_KERNELS, Kernels
 from sparse_jax.model.attention import uses_blockwise
+from sparse_jax.model.attention_native import native_blockwise
 from sparse_jax.model.config import ModelConfig, override
 from sparse_jax.model.transformer import forward, init_params
 from sparse_jax.parallel.sharding import ShardingPlan, make_mesh
@@ -63,12 +64,16 @@ def test_auto_chooses_by_length_and_validates():
     assert uses_blockwise(dataclasses.replace(cfg, attn_impl="blockwise"), 8)
     assert not uses_blockwise(dataclasses.replace(cfg, attn_impl="materialized"), 1 << 20)
     assert not uses_blockwise(dataclasses.replace(cfg, topk_method="lax_top_k"), 1 << 20)
-    # The native Spark kernels attend blockwise at any length; dense keeps the threshold.
-    assert uses_blockwise(cfg, 8, native_spark=True)
-    dense = dataclasses.replace(cfg, attn_kind="dense")
-    assert not uses_blockwise(dense, threshold - 1, native_spark=True)
-    spark_materialized = dataclasses.replace(cfg, attn_impl="materialized")
-    assert not uses_blockwise(spark_materialized, 8, native_spark=True)
+    # The native Spark kernels attend blockwise at any length (a sequence's own keys, one
+    # device, "auto"); dense keeps the threshold.
+    native = Kernels("native")
+    assert native_blockwise(cfg, native, None)
+    assert not native_blockwise(cfg, native, {"pos": jnp.zeros((1, 4), jnp.int32)})
+    assert not native_blockwise(dataclasses.replace(cfg, attn_kind="dense"), native, None)
+    assert not native_blockwise(dataclasses.replace(cfg, attn_impl="materialized"), native, None)
+    assert not native_blockwise(cfg, XLA_KERNELS, None)
+    mesh = make_mesh("data=8")
+    assert not native_blockwise(cfg, dataclasses.replace(native, mesh=mesh), None)
     with pytest.raises(ValueError, match="attn_impl"):
         ModelConfig(attn_impl="flash")
     with pytest.raises(ValueError, match="topk_method='statistical'"):
