@@ -7,8 +7,9 @@ float32), and the two models alternate within the run. Measured: batch-1 decode 
 prompt lengths 128, 2048 and 8192 (the cache is filled with random keys and values rather than
 by a prefill), batch 8 at 128 (Spark's masked, per-token and union FFN modes, and the one
 ``"auto"`` picks), one FFN block, one global attention layer's cache read at 32768, and the
-prefill of a 2048-token prompt (compute-bound and the same in every layer, so it is timed on
-the first ``--prefill-layers`` layers and scaled to the whole depth). Every ratio is printed
+float32 prefill of a 2048-token prompt (compute-bound and the same in every layer, so it is
+timed on the first ``--prefill-layers`` layers and twice as many, and scaled to the whole
+depth; :func:`prefill_compare`). Every ratio is printed
 beside its bound: the bytes each variant must read per step (:mod:`sparse_jax.cost.decode_bytes`)
 over the read bandwidth measured in the same run. ``--quick`` keeps the widths (and the
 vocabulary) with 2 layers. ``--implementation`` picks the kernels (``auto``: the native CPU
@@ -136,17 +137,75 @@ def ffn_ms(cfg, params, repeats, implementation) -> dict[str, float]:
     }
 
 
-def prefill_ms(cfg, params, length: int, chunk: int, implementation: str) -> float:
-    """Wall ms to prefill one ``length``-token prompt, after compiling on one chunk."""
-    tokens = np.asarray(jax.random.randint(jax.random.key(2), (1, length), 0, cfg.vocab_size))
+def prefill_ms(cfg, params, tokens: np.ndarray, chunk: int, implementation: str) -> float:
+    """Wall ms to prefill ``tokens`` [1, T] into a fresh cache (compiled by an earlier call)."""
     opts = DecodeOptions(prefill_chunk=chunk, implementation=implementation)
-    warm = init_cache(cfg, 1, length + 1)
-    jax.block_until_ready(prefill(cfg, params, warm, tokens[:, :chunk], None, opts)[0])
-    del warm
-    cache = init_cache(cfg, 1, length + 1)
+    cache = init_cache(cfg, 1, tokens.shape[1] + 1)
     start = time.perf_counter()
     jax.block_until_ready(prefill(cfg, params, cache, tokens, None, opts)[0])
     return (time.perf_counter() - start) * 1e3
+
+
+def prefill_compare(cfgs, args) -> dict:
+    """Prefill of a ``--prefill-len`` prompt, float32, dense and Spark alternated.
+
+    Prefill is compute-bound and costs the same in every layer, so each model is built with
+    its first ``n`` and ``2n`` layers only: the difference of the two times is ``n`` layers'
+    cost, and the rest (the embedding, the last position's logits) counts once in the
+    whole-depth estimate. One unrecorded pass compiles every program; then ``--prefill-rounds``
+    rounds each time the four variants in turn, and every figure is a median over the rounds
+    (the difference of two single timings moved by more than the ratio's margin).
+    """
+    n = max(1, min(args.prefill_layers, min(c.num_layers for c in cfgs.values()) // 2))
+    length = args.prefill_len
+    variants = {}
+    for name, cfg in cfgs.items():
+        full = dataclasses.replace(cfg, param_dtype="float32")
+        for layers in (n, 2 * n):
+            part = dataclasses.replace(
+                full,
+                num_layers=layers,
+                layer_types=None,
+                attn_sparse_layers=None,
+                ffn_sparse_layers=None,
+                max_seq_len=max(full.max_seq_len, length + 1),
+            )
+            variants[(name, layers)] = part
+    params = {name: random_params(variants[(name, 2 * n)], seed=0) for name in cfgs}
+    subs = {
+        (name, layers): {
+            k: v
+            for k, v in params[name].items()
+            if not k.startswith("layers_") or int(k.split("_")[1]) < layers
+        }
+        for (name, layers) in variants
+    }
+    tokens = np.asarray(
+        jax.random.randint(jax.random.key(2), (1, length), 0, min(c.vocab_size for c in cfgs.values()))
+    )
+    samples = {key: [] for key in variants}
+    for r in range(args.prefill_rounds + 1):
+        for key, part in variants.items():
+            ms = prefill_ms(part, subs[key], tokens, args.chunk, args.implementation)
+            if r:  # round 0 compiles
+                samples[key].append(ms)
+    out = {"layers": n, "length": length, "samples_ms": {f"{k[0]}/{k[1]}": v for k, v in samples.items()}}
+    for name, cfg in cfgs.items():
+        short = statistics.median(samples[(name, n)])
+        per_layer = (statistics.median(samples[(name, 2 * n)]) - short) / n
+        out[name] = short + (cfg.num_layers - n) * per_layer
+        out[name + "/per_layer"] = per_layer
+    # The same extrapolation round by round, for the spread of the ratio.
+    out["ratio_per_round"] = []
+    for r in range(args.prefill_rounds):
+        whole = {}
+        for name, cfg in cfgs.items():
+            short = samples[(name, n)][r]
+            whole[name] = short + (cfg.num_layers - n) * (samples[(name, 2 * n)][r] - short) / n
+        out["ratio_per_round"].append(whole[NAMES[0]] / whole[NAMES[1]])
+    del params, subs
+    gc.collect()
+    return out
 
 
 def attention_ms(base_cfgs, context: int, repeats: int, implementation: str) -> dict[str, float]:
@@ -195,7 +254,7 @@ def attention_ms(base_cfgs, context: int, repeats: int, implementation: str) -> 
     return out
 
 
-def measure_model(cfg, args, dtype_is_f32: bool, first_round: bool) -> dict:
+def measure_model(cfg, args, dtype_is_f32: bool) -> dict:
     """Every measurement that needs this model's weights; the weights are freed on return."""
     start = time.perf_counter()
     params = random_params(cfg, seed=0)
@@ -221,31 +280,6 @@ def measure_model(cfg, args, dtype_is_f32: bool, first_round: bool) -> dict:
         caps = opts.ffn_caps(cfg, 8)
         native = opts.kernels.native()
         out["b8_auto_mode"] = ffn_mode(cfg, 8, "auto", caps, "auto", native)
-        if first_round:
-            # Prefill is compute-bound and costs the same in every layer: timed on the first
-            # n and 2n layers, the difference is n layers' cost and the rest (embedding, the
-            # last position's logits) is counted once.
-            n = max(1, min(args.prefill_layers, cfg.num_layers // 2))
-            times = []
-            for layers in (n, 2 * n):
-                part = dataclasses.replace(
-                    cfg,
-                    num_layers=layers,
-                    layer_types=None,
-                    attn_sparse_layers=None,
-                    ffn_sparse_layers=None,
-                )
-                sub = {
-                    k: v
-                    for k, v in params.items()
-                    if not k.startswith("layers_") or int(k.split("_")[1]) < layers
-                }
-                times.append(prefill_ms(part, sub, 2048, args.chunk, impl))
-            per_layer = (times[1] - times[0]) / n
-            out["prefill_layers"] = n
-            out["prefill_2048_measured"] = times
-            out["prefill_2048_per_layer"] = per_layer
-            out["prefill_2048"] = times[0] + (cfg.num_layers - n) * per_layer
     del params
     gc.collect()
     return out
@@ -259,7 +293,7 @@ def median_rounds(rounds: list[dict]) -> dict:
     return out
 
 
-def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn) -> list[dict]:
+def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn, prefill=None) -> list[dict]:
     """Rows of (measurement, dense ms, Spark ms, measured ratio, bound ratio, Spark bound ms)."""
     dense_cfg, spark_cfg = (cfgs[n] for n in NAMES)
     dense, spark = (res[n] for n in NAMES)
@@ -310,7 +344,7 @@ def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn) -> list[dict]:
         ffn_block_bytes(dense_cfg),
         ffn_block_bytes(spark_cfg),
     )
-    if attn:
+    if attn.get("context"):
         ctx = attn["context"]
         long_d = dataclasses.replace(dense_cfg, max_seq_len=ctx)
         long_s = dataclasses.replace(spark_cfg, max_seq_len=ctx)
@@ -321,14 +355,17 @@ def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn) -> list[dict]:
             attention_op_bytes(long_d, ctx),
             attention_op_bytes(long_s, ctx),
         )
-    if "prefill_2048" in dense:
+    if prefill:
+        n = prefill["layers"]
+        spread = ", ".join(f"{r:.2f}" for r in prefill["ratio_per_round"])
         rows.append(
             {
-                "measurement": f"prefill 2048 tokens (timed on {dense['prefill_layers']} and "
-                f"{2 * dense['prefill_layers']} layers, extrapolated)",
-                "dense_ms": dense["prefill_2048"],
-                "spark_ms": spark["prefill_2048"],
-                "ratio": dense["prefill_2048"] / spark["prefill_2048"],
+                "measurement": f"prefill {prefill['length']} tokens (timed on {n} and {2 * n} "
+                f"layers, extrapolated; median of {len(prefill['ratio_per_round'])} "
+                f"alternated rounds, per round: {spread})",
+                "dense_ms": prefill[NAMES[0]],
+                "spark_ms": prefill[NAMES[1]],
+                "ratio": prefill[NAMES[0]] / prefill[NAMES[1]],
             }
         )
     return rows
@@ -403,6 +440,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1, help="dense/Spark alternations")
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk")
     parser.add_argument("--prefill-layers", type=int, default=2, help="layers timed in prefill")
+    parser.add_argument("--prefill-len", type=int, default=2048, help="prompt length of prefill")
+    parser.add_argument(
+        "--prefill-rounds", type=int, default=3, help="alternated prefill rounds (0: none)"
+    )
     parser.add_argument("--attn-context", type=int, default=32768)
     parser.add_argument("--implementation", default="auto", choices=("auto", "xla", "native"))
     parser.add_argument(
@@ -439,6 +480,10 @@ def main() -> None:
         attn = attention_ms(cfgs, args.attn_context, args.repeats, args.implementation)
     attn["context"] = args.attn_context
     print("attention op", attn, flush=True)
+    prefill = None
+    if args.prefill_rounds > 0 and "float32" in args.dtypes.split(","):
+        prefill = prefill_compare(cfgs, args)
+    print("prefill", prefill, flush=True)
     report = {
         "mode": "quick (2 layers)" if args.quick else "full (26 layers)",
         "machine": f"{cpu_model()}, {os.cpu_count()} cores, {jax.devices()[0].platform}",
@@ -446,6 +491,7 @@ def main() -> None:
         "bandwidth_gb_s": bandwidth / 1e9,
         "args": vars(args),
         "attention_op_ms": attn,
+        "prefill_ms": prefill,
         "models": {},
         "rows": {},
     }
@@ -454,14 +500,15 @@ def main() -> None:
         for r in range(args.rounds):
             for name in NAMES:
                 cfg = dataclasses.replace(cfgs[name], param_dtype=dtype)
-                res = measure_model(cfg, args, dtype == "float32", r == 0)
+                res = measure_model(cfg, args, dtype == "float32")
                 print(dtype, name, f"round {r}", res, flush=True)
                 rounds[name].append(res)
         res = {n: median_rounds(rounds[n]) for n in NAMES}
         report["models"][dtype] = res
         typed = {n: dataclasses.replace(cfgs[n], param_dtype=dtype) for n in NAMES}
+        f32 = dtype == "float32"
         report["rows"][dtype] = bounds_and_ratios(
-            typed, res, bandwidth, args.contexts, attn if dtype == "float32" else {}
+            typed, res, bandwidth, args.contexts, attn if f32 else {}, prefill if f32 else None
         )
     report["load_start"], report["load_end"] = load_start, [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = time.perf_counter() - wall
