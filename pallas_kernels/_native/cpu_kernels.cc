@@ -441,9 +441,10 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
           if (theta != nullptr ? !(a[i] > th) : a[i] == 0.0f) continue;
           const int32_t k = fill[i - f0]++;
           p.token[k] = static_cast<int32_t>(t);
-          p.coef[k] = theta != nullptr ? kk.Gelu(a[i] - th) : a[i];
+          p.coef[k] = theta != nullptr ? a[i] - th : a[i];
         }
       }
+      if (theta != nullptr) kk.GeluInPlace(p.coef.data(), static_cast<int64_t>(p.coef.size()));
     });
     WithIsa([&](auto kk) {
       // Each active neuron's dots prefetch the next one's K2 row.

@@ -872,14 +872,31 @@ static int64_t soft_threshold(const float* x, int64_t n, double z, float* theta)
   return above;
 }
 
-// Gemma's gelu (tanh approximation) of one value.
-static inline float gelu(float u) {
-  const float inner = 0.7978845608028654f * (u + 0.044715f * u * u * u);
-  return 0.5f * u * (1.0f + tanh_lanes(splat(inner))[0]);
+// Gemma's gelu (tanh approximation), lane by lane.
+static inline __attribute__((always_inline)) vf gelu_lanes(vf u) {
+  const vf inner = 0.7978845608028654f * (u + 0.044715f * u * u * u);
+  return 0.5f * u * (1.0f + tanh_lanes(inner));
+}
+
+// x[j] = gelu(x[j]) for j in [0, n), a vector at a time; the last partial vector goes through
+// the same lanes, so each value's gelu does not depend on where it sits in x.
+static void gelu_in_place(float* x, int64_t n) {
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes) {
+    const vf g = gelu_lanes(load(x + j));
+    __builtin_memcpy(x + j, &g, sizeof(vf));
+  }
+  if (j < n) {
+    vf u = vf{};
+    __builtin_memcpy(&u, x + j, sizeof(float) * (n - j));
+    const vf g = gelu_lanes(u);
+    __builtin_memcpy(x + j, &g, sizeof(float) * (n - j));
+  }
 }
 
 // Columns of y summed in registers per pass of the block FFN's phase 2: eight vectors.
 constexpr int64_t kSliceCols = 8 * kLanes;
+constexpr int64_t kSliceAhead = 4;  // how many neurons ahead phase 2 prefetches a slice
 
 // out[d] += sum_k coef[k] * v[neuron[k] * stride + d] for d in [0, width) (a full slice is
 // kSliceCols wide): the sum over k runs in order in registers (eight independent FMA chains),
@@ -892,6 +909,10 @@ void gather_add_slice(const W* v, int64_t stride, int64_t width, const int32_t* 
     for (int q = 0; q < 8; ++q) acc[q] = vf{};
     for (int64_t k = 0; k < n; ++k) {
       const W* row = v + neuron[k] * stride;
+      if (kSliceAhead > 0 && k + kSliceAhead < n) {  // the slice of a neuron kSliceAhead on, a line at a time
+        const char* next = reinterpret_cast<const char*>(v + neuron[k + kSliceAhead] * stride);
+        for (size_t b = 0; b < kSliceCols * sizeof(W); b += 64) __builtin_prefetch(next + b);
+      }
       const float c = coef[k];
       for (int q = 0; q < 8; ++q) acc[q] += c * load(row + q * kLanes);
     }
@@ -1003,7 +1024,7 @@ struct Kernels {
   static int64_t SoftThreshold(const float* x, int64_t n, double z, float* theta) {
     return soft_threshold(x, n, z, theta);
   }
-  static float Gelu(float u) { return gelu(u); }
+  static void GeluInPlace(float* x, int64_t n) { gelu_in_place(x, n); }
   static void AddScaled(float* out, float w, const float* row, int64_t width) {
     add_scaled(out, w, row, width);
   }
