@@ -499,55 +499,58 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
     }
     return;
   }
-  // The same pairs by token (neurons ascending within each token).
-  std::vector<int64_t> tstart(tokens + 1, 0);  // may pass 2^31 pairs in all
-  for (const NeuronPairs& p : pairs) {
-    for (int32_t t : p.token) ++tstart[t + 1];
+  // The same pairs block-major: per block of neurons, tokens ascending, and each token's
+  // neurons of the block ascending, so that a pass over one block reads its pairs in order.
+  const int64_t stride = tokens + 1;
+  std::vector<int64_t> bstart(blocks * stride + 1, 0);  // may pass 2^31 pairs in all
+  for (int64_t c = 0; c < chunks; ++c) {
+    const int64_t nb = c / kChunksPerBlock;
+    for (int32_t t : pairs[c].token) ++bstart[nb * stride + t + 1];
   }
-  for (int64_t t = 0; t < tokens; ++t) tstart[t + 1] += tstart[t];
-  std::vector<int32_t> tneuron(tstart.back());
-  std::vector<float> tcoef(tstart.back());
+  for (size_t i = 0; i + 1 < bstart.size(); ++i) bstart[i + 1] += bstart[i];
+  std::vector<int32_t> bneuron(bstart.back());
+  std::vector<float> bcoef(bstart.back());
   {
-    std::vector<int64_t> fill(tstart.begin(), tstart.end() - 1);
+    std::vector<int64_t> fill(bstart.begin(), bstart.end() - 1);
     for (int64_t c = 0; c < chunks; ++c) {
       const NeuronPairs& p = pairs[c];
+      const int64_t nb = c / kChunksPerBlock;
       for (int64_t i = 0; i + 1 < static_cast<int64_t>(p.start.size()); ++i) {
         for (int32_t k = p.start[i]; k < p.start[i + 1]; ++k) {
-          const int64_t at = fill[p.token[k]]++;
-          tneuron[at] = static_cast<int32_t>(c * kNeuronChunk + i);
-          tcoef[at] = p.coef[k];
+          const int64_t at = fill[nb * stride + p.token[k]]++;
+          bneuron[at] = static_cast<int32_t>(c * kNeuronChunk + i);
+          bcoef[at] = p.coef[k];
         }
       }
     }
   }
   // Phase 2, by column slices (as wide as the instruction set sums in registers) and blocks of
   // neurons: a slice of a block's V rows stays in the core's cache (and its pages in the TLB)
-  // while each token adds its neurons of the block, read in place.
-  std::vector<int64_t> bstart(tokens * (blocks + 1));  // per token, where each block begins
-  for (int64_t t = 0; t < tokens; ++t) {
-    int64_t at = tstart[t];
-    for (int64_t nb = 0; nb < blocks; ++nb) {
-      bstart[t * (blocks + 1) + nb] = at;
-      while (at < tstart[t + 1] && tneuron[at] < (nb + 1) * kNeuronBlock) ++at;
-    }
-    bstart[t * (blocks + 1) + blocks] = tstart[t + 1];
-  }
-  for (int64_t t = 0; t < tokens; ++t) std::memset(y + t * width, 0, sizeof(float) * width);
+  // while each token adds its neurons of the block, read in place. Each slice's sums go to a
+  // scratch of [tokens, slice] (contiguous: rows of y a slice apart would share cache sets),
+  // copied to y at the end.
   int64_t cols = 0;
   WithIsa([&](auto kk) { cols = kk.SliceCols(); });
-  ParallelFor(pool, (width + cols - 1) / cols, [&](int64_t slice) {
+  const int64_t slices = (width + cols - 1) / cols;
+  std::unique_ptr<float[]> sums(new float[slices * tokens * cols]);
+  ParallelFor(pool, slices, [&](int64_t slice) {
     const int64_t d0 = slice * cols, w = std::min(width, d0 + cols) - d0;
+    float* part = sums.get() + slice * tokens * cols;
+    std::memset(part, 0, sizeof(float) * tokens * cols);
     WithIsa([&](auto kk) {
       for (int64_t nb = 0; nb < blocks; ++nb) {
+        const int64_t* at = bstart.data() + nb * stride;
         for (int64_t t = 0; t < tokens; ++t) {
-          const int64_t b = bstart[t * (blocks + 1) + nb], e = bstart[t * (blocks + 1) + nb + 1];
-          if (e > b) {
-            kk.GatherAddSlice(v + d0, width, w, tneuron.data() + b, tcoef.data() + b, e - b,
-                              y + t * width + d0);
+          if (at[t + 1] > at[t]) {
+            kk.GatherAddSlice(v + d0, width, w, bneuron.data() + at[t], bcoef.data() + at[t],
+                              at[t + 1] - at[t], part + t * cols);
           }
         }
       }
     });
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::memcpy(y + t * width + d0, part + t * cols, sizeof(float) * w);
+    }
   });
 }
 
