@@ -905,7 +905,10 @@ template <typename W>
 void gather_add_slice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
                       const float* coef, int64_t n, float* out) {
   if (width == kSliceCols) {
+    // Unrolled by hand (pragmas), so that acc stays in registers: otherwise GCC keeps it on
+    // the stack, zeroed and reloaded on every call.
     vf acc[8];
+#pragma GCC unroll 8
     for (int q = 0; q < 8; ++q) acc[q] = vf{};
     for (int64_t k = 0; k < n; ++k) {
       const W* row = v + neuron[k] * stride;
@@ -914,8 +917,10 @@ void gather_add_slice(const W* v, int64_t stride, int64_t width, const int32_t* 
         for (size_t b = 0; b < kSliceCols * sizeof(W); b += 64) __builtin_prefetch(next + b);
       }
       const float c = coef[k];
+#pragma GCC unroll 8
       for (int q = 0; q < 8; ++q) acc[q] += c * load(row + q * kLanes);
     }
+#pragma GCC unroll 8
     for (int q = 0; q < 8; ++q) {
       vf o;
       __builtin_memcpy(&o, out + q * kLanes, sizeof(vf));
