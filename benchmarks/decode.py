@@ -181,7 +181,9 @@ def prefill_compare(cfgs, args) -> dict:
         for (name, layers) in variants
     }
     tokens = np.asarray(
-        jax.random.randint(jax.random.key(2), (1, length), 0, min(c.vocab_size for c in cfgs.values()))
+        jax.random.randint(
+            jax.random.key(2), (1, length), 0, min(c.vocab_size for c in cfgs.values())
+        )
     )
     samples = {key: [] for key in variants}
     for r in range(args.prefill_rounds + 1):
@@ -189,7 +191,11 @@ def prefill_compare(cfgs, args) -> dict:
             ms = prefill_ms(part, subs[key], tokens, args.chunk, args.implementation)
             if r:  # round 0 compiles
                 samples[key].append(ms)
-    out = {"layers": n, "length": length, "samples_ms": {f"{k[0]}/{k[1]}": v for k, v in samples.items()}}
+    out = {
+        "layers": n,
+        "length": length,
+        "samples_ms": {f"{k[0]}/{k[1]}": v for k, v in samples.items()},
+    }
     for name, cfg in cfgs.items():
         short = statistics.median(samples[(name, n)])
         per_layer = (statistics.median(samples[(name, 2 * n)]) - short) / n
