@@ -284,8 +284,10 @@ def prefill_choices(cfg: ModelConfig, opts: DecodeOptions) -> tuple[DecodeChoice
     )
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "opts"), donate_argnames=("cache",))
-def _prefill_chunk(cfg, opts, params, lookup, cache, tokens, pos):
+@functools.partial(jax.jit, static_argnames=("cfg", "opts", "last"), donate_argnames=("cache",))
+def _prefill_chunk(cfg, opts, params, lookup, cache, tokens, pos, last=True):
+    """One chunk into the cache; the logits only for the ``last`` chunk (an earlier chunk's
+    program returns None, so XLA drops the final norm and the unembedding from it)."""
     choices = prefill_choices(cfg, opts)
     logits, new, stats = _extend(cfg, opts.kernels, params, lookup, cache, tokens, pos, choices)
     layers = tuple(
@@ -294,7 +296,8 @@ def _prefill_chunk(cfg, opts, params, lookup, cache, tokens, pos):
     )
     real = jnp.sum(pos >= 0, axis=1, dtype=jnp.int32)
     length = cache.length + tokens.shape[1]
-    return logits, KVCache(layers=layers, length=length, next_pos=cache.next_pos + real), stats
+    cache = KVCache(layers=layers, length=length, next_pos=cache.next_pos + real)
+    return (logits if last else None), cache, stats
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "opts"))
@@ -400,14 +403,14 @@ def prefill(
         implementation=options.implementation,
         interpret=options.interpret,
     )
-    # The first chunk takes the remainder so that every later chunk is full: two compiled
-    # shapes at most, and no padding after real tokens.
+    # The first chunk takes the remainder so that every later chunk is full: two shapes at
+    # most, and no padding after real tokens. Only the last chunk's program computes logits.
     bounds = [0, *range(t % chunk or chunk, t + 1, chunk)]
     logits = stats = None
     for lo, hi in itertools.pairwise(bounds):
         chunk_tokens, chunk_pos = jnp.asarray(tokens_np[:, lo:hi]), jnp.asarray(pos[:, lo:hi])
         logits, cache, stats = _prefill_chunk(
-            cfg, options, params, lookup, cache, chunk_tokens, chunk_pos
+            cfg, options, params, lookup, cache, chunk_tokens, chunk_pos, last=hi == t
         )
     return logits, cache, stats
 

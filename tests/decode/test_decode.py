@@ -12,6 +12,7 @@ from decode_cases import BASE, CACHED, MASKED, VARIANTS, T, full_forward
 
 from pallas_kernels import _native
 from pallas_kernels.sparse_ffn import native as ffn_native
+from sparse_jax.decode import step
 from sparse_jax.decode.cache import init_cache
 from sparse_jax.decode.step import (
     DecodeOptions,
@@ -87,6 +88,24 @@ def test_prefill_chunk_size_does_not_change_logits():
         cfg, dparams, init_cache(cfg, 2, T), tokens, None, DecodeOptions("masked", prefill_chunk=T)
     )
     np.testing.assert_allclose(chunked, whole, **CACHED)
+
+
+def test_only_the_last_prefill_chunk_computes_logits():
+    # The chunked prefill's logits are the whole prefill's (above); the program of an earlier
+    # chunk returns none, and XLA drops the unembedding from it: its FLOPs fall by at least
+    # the [B, D] x [D, V] product.
+    cfg, params, tokens = _setup("spark", seed=2)
+    dparams = decode_params(cfg, params)
+    cache = init_cache(cfg, 2, T)
+    pos = jnp.broadcast_to(jnp.arange(8, dtype=jnp.int32), (2, 8))
+    args = (cfg, MASKED, dparams, dparams["embedder"]["embedding"], cache, tokens[:, :8], pos)
+    flops = {}
+    for last in (True, False):
+        compiled = step._prefill_chunk.lower(*args, last=last).compile()
+        flops[last] = compiled.cost_analysis()["flops"]
+    assert flops[True] - flops[False] >= 2 * 2 * cfg.model_dim * cfg.vocab_size
+    logits, _, _ = step._prefill_chunk(*args, last=False)
+    assert logits is None
 
 
 def test_left_padded_rows_equal_rows_prefilled_alone():
