@@ -527,8 +527,8 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
   // Phase 2, by column slices (as wide as the instruction set sums in registers) and blocks of
   // neurons: a slice of a block's V rows stays in the core's cache (and its pages in the TLB)
   // while each token adds its neurons of the block, read in place. Each slice's sums go to a
-  // scratch of [tokens, slice] (contiguous: rows of y a slice apart would share cache sets),
-  // copied to y at the end.
+  // contiguous [tokens, slice] scratch rather than to y's rows a row apart, and are copied to
+  // y at the end.
   int64_t cols = 0;
   WithIsa([&](auto kk) { cols = kk.SliceCols(); });
   const int64_t slices = (width + cols - 1) / cols;

@@ -912,7 +912,7 @@ void gather_add_slice(const W* v, int64_t stride, int64_t width, const int32_t* 
     for (int q = 0; q < 8; ++q) acc[q] = vf{};
     for (int64_t k = 0; k < n; ++k) {
       const W* row = v + neuron[k] * stride;
-      if (kSliceAhead > 0 && k + kSliceAhead < n) {  // the slice of a neuron kSliceAhead on, a line at a time
+      if (k + kSliceAhead < n) {  // the slice kSliceAhead neurons on, a line at a time
         const char* next = reinterpret_cast<const char*>(v + neuron[k + kSliceAhead] * stride);
         for (size_t b = 0; b < kSliceCols * sizeof(W); b += 64) __builtin_prefetch(next + b);
       }
