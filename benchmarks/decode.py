@@ -151,10 +151,12 @@ def prefill_compare(cfgs, args) -> dict:
 
     Prefill is compute-bound and costs the same in every layer, so each model is built with
     its first ``n`` and ``2n`` layers only: the difference of the two times is ``n`` layers'
-    cost, and the rest (the embedding, the last position's logits) counts once in the
-    whole-depth estimate. One unrecorded pass compiles every program; then ``--prefill-rounds``
-    rounds each time the four variants in turn, and every figure is a median over the rounds
-    (the difference of two single timings moved by more than the ratio's margin).
+    cost, and the rest counts once in the whole-depth estimate: the embedding, the last
+    position's logits, and the last layer, whose work after its keys and values only the
+    last chunk does (the other chunks fill the cache). One unrecorded pass compiles every
+    program; then ``--prefill-rounds`` rounds each time the four variants in turn, and every
+    figure is a median over the rounds (the difference of two single timings moved by more
+    than the ratio's margin).
     """
     n = max(1, min(args.prefill_layers, min(c.num_layers for c in cfgs.values()) // 2))
     length = args.prefill_len
