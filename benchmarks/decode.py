@@ -9,7 +9,7 @@ by a prefill), batch 8 at 128 (Spark's masked, per-token and union FFN modes, an
 ``"auto"`` picks), one FFN block, one global attention layer's cache read at 32768, and the
 float32 prefill of a 2048-token prompt (compute-bound and the same in every layer, so it is
 timed on the first ``--prefill-layers`` layers and twice as many, and scaled to the whole
-depth; :func:`prefill_compare`). Every ratio is printed
+depth; :func:`benchmarks.prefill_timing.prefill_compare`). Every ratio is printed
 beside its bound: the bytes each variant must read per step (:mod:`sparse_jax.cost.decode_bytes`)
 over the read bandwidth measured in the same run. ``--quick`` keeps the widths (and the
 vocabulary) with 2 layers. ``--implementation`` picks the kernels (``auto``: the native CPU
@@ -34,11 +34,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from benchmarks.prefill_timing import prefill_compare
 from configs import get_model_config
 from pallas_kernels import _native
 from sparse_jax.cost.decode_bytes import attention_op_bytes, ffn_block_bytes, step_bytes
 from sparse_jax.decode.cache import KVCache, init_cache
-from sparse_jax.decode.step import DecodeOptions, decode_step_jit, ffn_mode, prefill
+from sparse_jax.decode.step import DecodeOptions, decode_step_jit, ffn_mode
 from sparse_jax.kernels import XLA_KERNELS, Kernels
 from sparse_jax.model.attention import attend_masked, attend_sparse
 from sparse_jax.model.attention_native import attend_decode_native
@@ -135,85 +136,6 @@ def ffn_ms(cfg, params, repeats, implementation) -> dict[str, float]:
         "ffn": timed(sparse, p, x, repeats=repeats),
         "ffn_masked": timed(masked, p, x, repeats=repeats),
     }
-
-
-def prefill_ms(cfg, params, tokens: np.ndarray, chunk: int, implementation: str) -> float:
-    """Wall ms to prefill ``tokens`` [1, T] into a fresh cache (compiled by an earlier call)."""
-    opts = DecodeOptions(prefill_chunk=chunk, implementation=implementation)
-    cache = init_cache(cfg, 1, tokens.shape[1] + 1)
-    start = time.perf_counter()
-    jax.block_until_ready(prefill(cfg, params, cache, tokens, None, opts)[0])
-    return (time.perf_counter() - start) * 1e3
-
-
-def prefill_compare(cfgs, args) -> dict:
-    """Prefill of a ``--prefill-len`` prompt, float32, dense and Spark alternated.
-
-    Prefill is compute-bound and costs the same in every layer, so each model is built with
-    its first ``n`` and ``2n`` layers only: the difference of the two times is ``n`` layers'
-    cost, and the rest counts once in the whole-depth estimate: the embedding, the last
-    position's logits, and the last layer, whose work after its keys and values only the
-    last chunk does (the other chunks fill the cache). One unrecorded pass compiles every
-    program; then ``--prefill-rounds`` rounds each time the four variants in turn, and every
-    figure is a median over the rounds (the difference of two single timings moved by more
-    than the ratio's margin).
-    """
-    n = max(1, min(args.prefill_layers, min(c.num_layers for c in cfgs.values()) // 2))
-    length = args.prefill_len
-    variants = {}
-    for name, cfg in cfgs.items():
-        full = dataclasses.replace(cfg, param_dtype="float32")
-        for layers in (n, 2 * n):
-            part = dataclasses.replace(
-                full,
-                num_layers=layers,
-                layer_types=None,
-                attn_sparse_layers=None,
-                ffn_sparse_layers=None,
-                max_seq_len=max(full.max_seq_len, length + 1),
-            )
-            variants[(name, layers)] = part
-    params = {name: random_params(variants[(name, 2 * n)], seed=0) for name in cfgs}
-    subs = {
-        (name, layers): {
-            k: v
-            for k, v in params[name].items()
-            if not k.startswith("layers_") or int(k.split("_")[1]) < layers
-        }
-        for (name, layers) in variants
-    }
-    tokens = np.asarray(
-        jax.random.randint(
-            jax.random.key(2), (1, length), 0, min(c.vocab_size for c in cfgs.values())
-        )
-    )
-    samples = {key: [] for key in variants}
-    for r in range(args.prefill_rounds + 1):
-        for key, part in variants.items():
-            ms = prefill_ms(part, subs[key], tokens, args.chunk, args.implementation)
-            if r:  # round 0 compiles
-                samples[key].append(ms)
-    out = {
-        "layers": n,
-        "length": length,
-        "samples_ms": {f"{k[0]}/{k[1]}": v for k, v in samples.items()},
-    }
-    for name, cfg in cfgs.items():
-        short = statistics.median(samples[(name, n)])
-        per_layer = (statistics.median(samples[(name, 2 * n)]) - short) / n
-        out[name] = short + (cfg.num_layers - n) * per_layer
-        out[name + "/per_layer"] = per_layer
-    # The same extrapolation round by round, for the spread of the ratio.
-    out["ratio_per_round"] = []
-    for r in range(args.prefill_rounds):
-        whole = {}
-        for name, cfg in cfgs.items():
-            short = samples[(name, n)][r]
-            whole[name] = short + (cfg.num_layers - n) * (samples[(name, 2 * n)][r] - short) / n
-        out["ratio_per_round"].append(whole[NAMES[0]] / whole[NAMES[1]])
-    del params, subs
-    gc.collect()
-    return out
 
 
 def attention_ms(base_cfgs, context: int, repeats: int, implementation: str) -> dict[str, float]:
@@ -490,7 +412,14 @@ def main() -> None:
     print("attention op", attn, flush=True)
     prefill = None
     if args.prefill_rounds > 0 and "float32" in args.dtypes.split(","):
-        prefill = prefill_compare(cfgs, args)
+        prefill = prefill_compare(
+            cfgs,
+            layers=args.prefill_layers,
+            length=args.prefill_len,
+            rounds=args.prefill_rounds,
+            chunk=args.chunk,
+            implementation=args.implementation,
+        )
     print("prefill", prefill, flush=True)
     report = {
         "mode": "quick (2 layers)" if args.quick else "full (26 layers)",

@@ -1,7 +1,7 @@
 """Prefill of a 2048-token prompt through the first 2 layers of ``gemma2_2b`` and
 ``spark_gemma2_2b`` (random weights), attention materialized against ``attn_impl="auto"``
 (blockwise in these chunks), alternated after one unrecorded call of each that compiles it;
-chunks of 256 tokens, ``benchmarks.decode.prefill_ms``.
+chunks of 256 tokens, ``benchmarks.prefill_timing.prefill_ms``.
 
     python -m benchmarks.prefill_forms [--rounds 2]
 
@@ -19,7 +19,7 @@ import statistics
 import jax
 import numpy as np
 
-from benchmarks.decode import prefill_ms
+from benchmarks.prefill_timing import prefill_ms
 from benchmarks.train_step import cpu_model
 from configs import get_model_config
 from sparse_jax.model.weights import random_params
