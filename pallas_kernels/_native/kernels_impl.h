@@ -309,6 +309,41 @@ static inline __attribute__((always_inline)) float dot(const W* row, const float
   return s;
 }
 
+// out[j] = dot(rows[j], qs[j], width) for j in [0, N), bit for bit, the N rows read side by
+// side; the lines of the n_ahead rows `ahead` are prefetched at the offsets read.
+template <int N, typename W>
+static inline __attribute__((always_inline)) void dot_rows(const W* const* rows,
+                                                          const float* const* qs,
+                                                          int64_t width, float* out,
+                                                          const W* const* ahead,
+                                                          int n_ahead) {
+  const int64_t body = width / kLanes * kLanes;
+  vf acc[N][4];
+#pragma GCC unroll 4
+  for (int j = 0; j < N; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = vf{};
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= body; i += 4 * kLanes) {
+    for (int j = 0; j < n_ahead; ++j) {
+      for (size_t b = 0; b < 4 * kLanes * sizeof(W); b += 64) {
+        __builtin_prefetch(reinterpret_cast<const char*>(ahead[j] + i) + b);
+      }
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) {
+#pragma GCC unroll 4
+      for (int u = 0; u < 4; ++u) acc[j][u] += load(rows[j] + i + u * kLanes) * load(qs[j] + i + u * kLanes);
+    }
+  }
+  for (; i < body; i += kLanes) {
+    for (int j = 0; j < N; ++j) acc[j][0] += load(rows[j] + i) * load(qs[j] + i);
+  }
+  for (int j = 0; j < N; ++j) {
+    float s = sum_lanes((acc[j][0] + acc[j][1]) + (acc[j][2] + acc[j][3]));
+    for (int64_t t = i; t < width; ++t) s += scalar(rows[j][t]) * qs[j][t];
+    out[j] = s;
+  }
+}
+
 // out[d] += w * row[d] for d in [0, width); `ahead` as in dot.
 template <typename W>
 static inline __attribute__((always_inline)) void add_scaled(float* out, float w, const W* row,
@@ -323,6 +358,31 @@ static inline __attribute__((always_inline)) void add_scaled(float* out, float w
     __builtin_memcpy(out + d, &o, sizeof(vf));
   }
   for (int64_t d = body; d < width; ++d) out[d] += w * scalar(row[d]);
+}
+
+// For j in [0, N): out[d] += w[j] * rows[j][d], d in [0, width): the same sums in the same
+// order as N add_scaled calls, but the N rows are read side by side (N streams in flight
+// rather than one, for gathered rows). The lines of the n_ahead rows `ahead` are prefetched
+// at the offsets read.
+template <int N, typename W>
+static inline __attribute__((always_inline)) void add_rows(float* out, const float* w,
+                                                          const W* const* rows, int64_t width,
+                                                          const W* const* ahead,
+                                                          int n_ahead) {
+  const int64_t body = width / kLanes * kLanes;
+  for (int64_t d = 0; d < body; d += kLanes) {
+    if ((d * sizeof(W)) % 64 == 0) {
+      for (int j = 0; j < n_ahead; ++j) __builtin_prefetch(ahead[j] + d);
+    }
+    vf o;
+    __builtin_memcpy(&o, out + d, sizeof(vf));
+#pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) o += w[j] * load(rows[j] + d);
+    __builtin_memcpy(out + d, &o, sizeof(vf));
+  }
+  for (int64_t d = body; d < width; ++d) {
+    for (int j = 0; j < N; ++j) out[d] += w[j] * scalar(rows[j][d]);
+  }
 }
 
 // Whether a cached key at position `pos` is valid for a query at `qpos` (causal, inside the
@@ -815,15 +875,6 @@ void weighted_values(const float* weights, int64_t groups, int64_t stride, const
   }
 }
 
-// coef[k] *= row . x[token[k]] for the n tokens of one neuron (row [width], x [*, width]);
-// the first dot prefetches the row `ahead` (nullptr: none).
-template <typename W>
-void token_dots(const W* row, const float* x, int64_t width, const int32_t* token, float* coef,
-                int64_t n, const W* ahead) {
-  for (int64_t k = 0; k < n; ++k) {
-    coef[k] *= dot(row, x + token[k] * width, width, k == 0 ? ahead : nullptr);
-  }
-}
 
 // The statistical top-k's soft threshold of one row x [n] (the Spark FFN's pre-activations):
 // theta = min(mean + z * std, max), population std; the sum in float32 lanes per block of
@@ -1012,18 +1063,39 @@ struct Kernels {
     return cap > 0.0f ? cap * tanh_lanes(splat(x * (1.0f / cap)))[0] : x;
   }
   template <typename W>
-  static void Dots(const W* row, const float* x, int64_t width, const int32_t* token,
-                   float* coef, int64_t n, const W* ahead) {
-    token_dots(row, x, width, token, coef, n, ahead);
-  }
-  template <typename W>
   static void GatherAddSlice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
                              const float* coef, int64_t n, float* out) {
     gather_add_slice(v, stride, width, neuron, coef, n, out);
   }
+  // dot_rows of n <= 4 rows.
   template <typename W>
-  static void AddRow(float* out, float w, const W* row, int64_t width, const W* ahead) {
-    add_scaled(out, w, row, width, ahead);
+  static void DotRows(const W* const* rows, const float* const* qs, int n, int64_t width,
+                      float* out, const W* const* ahead, int n_ahead) {
+    switch (n) {
+      case 1:
+        return dot_rows<1>(rows, qs, width, out, ahead, n_ahead);
+      case 2:
+        return dot_rows<2>(rows, qs, width, out, ahead, n_ahead);
+      case 3:
+        return dot_rows<3>(rows, qs, width, out, ahead, n_ahead);
+      default:
+        return dot_rows<4>(rows, qs, width, out, ahead, n_ahead);
+    }
+  }
+  // add_rows of n <= 4 rows.
+  template <typename W>
+  static void AddRows(float* out, const float* w, const W* const* rows, int n, int64_t width,
+                      const W* const* ahead, int n_ahead) {
+    switch (n) {
+      case 1:
+        return add_rows<1>(out, w, rows, width, ahead, n_ahead);
+      case 2:
+        return add_rows<2>(out, w, rows, width, ahead, n_ahead);
+      case 3:
+        return add_rows<3>(out, w, rows, width, ahead, n_ahead);
+      default:
+        return add_rows<4>(out, w, rows, width, ahead, n_ahead);
+    }
   }
   static constexpr int64_t SliceCols() { return kSliceCols; }
   static int64_t SoftThreshold(const float* x, int64_t n, double z, float* theta) {
