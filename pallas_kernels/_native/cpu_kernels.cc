@@ -396,8 +396,11 @@ constexpr int64_t kNeuronBlock = 512;  // neurons whose V rows phase 2 keeps in 
 static_assert(kNeuronBlock % kNeuronChunk == 0);
 // Up to this many tokens, phase 2 reads whole V rows into per-block partial sums.
 constexpr int64_t kRowPathTokens = 16;
-// The most gathered rows (K2 rows in phase 1, V rows in phase 2) read side by side.
+// For one token, the most gathered rows (K2 rows in phase 1, V rows in phase 2) read side
+// by side. More tokens take one neuron at a time: grouped the same way, 8 tokens measured
+// 5-10% slower in benchmarks/block_ffn (one token: 10-20% faster).
 constexpr int kRowGroup = 4;
+
 struct NeuronPairs {
   std::vector<int32_t> start;  // per neuron of the chunk, into token/coef (size n + 1)
   std::vector<int32_t> token;
@@ -447,38 +450,35 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
       }
       if (theta != nullptr) kk.GeluInPlace(p.coef.data(), static_cast<int64_t>(p.coef.size()));
     });
-    // Groups of up to kRowGroup active neurons: their (neuron, token) dots in order, up to
-    // kRowGroup at a time read side by side (each as a lone dot would sum it); each group
-    // prefetches the next group's K2 rows.
     WithIsa([&](auto kk) {
       const size_t n = p.active.size();
-      std::vector<const W*> rows;
-      std::vector<const float*> xs;
-      std::vector<float*> coefs;
-      const W* ahead[kRowGroup];
-      float dots[kRowGroup];
-      for (size_t a = 0; a < n; a += kRowGroup) {
-        const size_t g = std::min<size_t>(kRowGroup, n - a);
-        int n_ahead = 0;
-        for (size_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
-          ahead[n_ahead++] = k2 + p.active[j] * rest;
-        }
-        rows.clear();
-        xs.clear();
-        coefs.clear();
-        for (size_t j = 0; j < g; ++j) {
-          const int64_t i = p.active[a + j];
-          for (int32_t k = p.start[i - f0]; k < p.start[i - f0 + 1]; ++k) {
-            rows.push_back(k2 + i * rest);
-            xs.push_back(x + p.token[k] * rest);
-            coefs.push_back(&p.coef[k]);
+      if (tokens == 1) {
+        // One token (batch-1 decode): the K2 rows of its active neurons kRowGroup at a time,
+        // read side by side (each dot summed as a lone dot would be); each group prefetches
+        // the next group's rows.
+        const W* rows[kRowGroup];
+        const float* xs[kRowGroup];
+        const W* ahead[kRowGroup];
+        float dots[kRowGroup];
+        std::fill(xs, xs + kRowGroup, x);
+        for (size_t a = 0; a < n; a += kRowGroup) {
+          const int g = static_cast<int>(std::min<size_t>(kRowGroup, n - a));
+          int n_ahead = 0;
+          for (size_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
+            ahead[n_ahead++] = k2 + p.active[j] * rest;
           }
+          for (int j = 0; j < g; ++j) rows[j] = k2 + p.active[a + j] * rest;
+          kk.DotRows(rows, xs, g, rest, dots, ahead, n_ahead);
+          for (int j = 0; j < g; ++j) p.coef[p.start[p.active[a + j] - f0]] *= dots[j];
         }
-        for (size_t q = 0; q < rows.size(); q += kRowGroup) {
-          const int m = static_cast<int>(std::min<size_t>(kRowGroup, rows.size() - q));
-          kk.DotRows(rows.data() + q, xs.data() + q, m, rest, dots, ahead, q == 0 ? n_ahead : 0);
-          for (int j = 0; j < m; ++j) *coefs[q + j] *= dots[j];
-        }
+        return;
+      }
+      // Each active neuron's dots prefetch the next one's K2 row.
+      for (size_t a = 0; a < n; ++a) {
+        const int64_t i = p.active[a];
+        kk.Dots(k2 + i * rest, x, rest, p.token.data() + p.start[i - f0],
+                p.coef.data() + p.start[i - f0], p.start[i - f0 + 1] - p.start[i - f0],
+                a + 1 < n ? k2 + p.active[a + 1] * rest : nullptr);
       }
     });
   });
@@ -500,39 +500,41 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
       for (int64_t c = c0; c < c1; ++c) {
         active.insert(active.end(), pairs[c].active.begin(), pairs[c].active.end());
       }
-      // Groups of up to kRowGroup active neurons in order: per token, its neurons of the group
-      // in order, their V rows read side by side (add_rows sums them as one row at a time
-      // would); each group prefetches the next group's rows.
       WithIsa([&](auto kk) {
         const size_t n = active.size();
-        const W* rows[kRowPathTokens][kRowGroup];
-        float coefs[kRowPathTokens][kRowGroup];
-        int count[kRowPathTokens];
-        const W* ahead[kRowGroup];
-        for (size_t a = 0; a < n; a += kRowGroup) {
-          const size_t g = std::min<size_t>(kRowGroup, n - a);
-          int n_ahead = 0;
-          for (size_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
-            ahead[n_ahead++] = v + active[j] * width;
-          }
-          std::fill(count, count + tokens, 0);
-          for (size_t j = 0; j < g; ++j) {
-            const int64_t f = active[a + j];
-            const NeuronPairs& p = pairs[f / kNeuronChunk];
-            const int64_t i = f % kNeuronChunk;
-            for (int32_t k = p.start[i]; k < p.start[i + 1]; ++k) {
-              const int32_t t = p.token[k];
-              rows[t][count[t]] = v + f * width;
-              coefs[t][count[t]++] = p.coef[k];
+        if (tokens == 1) {
+          // One token: its active neurons' V rows kRowGroup at a time, read side by side
+          // (add_rows sums them as one row at a time would); each group prefetches the next.
+          const W* rows[kRowGroup];
+          const W* ahead[kRowGroup];
+          float coefs[kRowGroup];
+          for (size_t a = 0; a < n; a += kRowGroup) {
+            const int g = static_cast<int>(std::min<size_t>(kRowGroup, n - a));
+            int n_ahead = 0;
+            for (size_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
+              ahead[n_ahead++] = v + active[j] * width;
             }
+            for (int j = 0; j < g; ++j) {
+              const int64_t f = active[a + j];
+              const NeuronPairs& p = pairs[f / kNeuronChunk];
+              rows[j] = v + f * width;
+              coefs[j] = p.coef[p.start[f % kNeuronChunk]];
+            }
+            kk.AddRows(part, coefs, rows, g, width, ahead, n_ahead);
           }
-          bool first = true;
-          for (int64_t t = 0; t < tokens; ++t) {
-            if (count[t] == 0) continue;
-            used[nb * tokens + t] = 1;
-            kk.AddRows(part + t * width, coefs[t], rows[t], count[t], width, ahead,
-                       first ? n_ahead : 0);
-            first = false;
+          used[nb] = n > 0;
+          return;
+        }
+        // Each active neuron's row adds prefetch the next one's V row.
+        for (size_t a = 0; a < n; ++a) {
+          const int64_t f = active[a];
+          const NeuronPairs& p = pairs[f / kNeuronChunk];
+          const int64_t i = f % kNeuronChunk;
+          const W* ahead = a + 1 < n ? v + active[a + 1] * width : nullptr;
+          for (int32_t k = p.start[i]; k < p.start[i + 1]; ++k) {
+            used[nb * tokens + p.token[k]] = 1;
+            kk.AddRow(part + p.token[k] * width, p.coef[k], v + f * width, width,
+                      k == p.start[i] ? ahead : nullptr);
           }
         }
       });

@@ -876,6 +876,16 @@ void weighted_values(const float* weights, int64_t groups, int64_t stride, const
 }
 
 
+// coef[k] *= row . x[token[k]] for the n tokens of one neuron (row [width], x [*, width]);
+// the first dot prefetches the row `ahead` (nullptr: none).
+template <typename W>
+void token_dots(const W* row, const float* x, int64_t width, const int32_t* token, float* coef,
+                int64_t n, const W* ahead) {
+  for (int64_t k = 0; k < n; ++k) {
+    coef[k] *= dot(row, x + token[k] * width, width, k == 0 ? ahead : nullptr);
+  }
+}
+
 // The statistical top-k's soft threshold of one row x [n] (the Spark FFN's pre-activations):
 // theta = min(mean + z * std, max), population std; the sum in float32 lanes per block of
 // kMomentBlock entries (added in float64), the squared deviations in float64 lanes. Writes
@@ -1066,6 +1076,15 @@ struct Kernels {
   static void GatherAddSlice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
                              const float* coef, int64_t n, float* out) {
     gather_add_slice(v, stride, width, neuron, coef, n, out);
+  }
+  template <typename W>
+  static void Dots(const W* row, const float* x, int64_t width, const int32_t* token,
+                   float* coef, int64_t n, const W* ahead) {
+    token_dots(row, x, width, token, coef, n, ahead);
+  }
+  template <typename W>
+  static void AddRow(float* out, float w, const W* row, int64_t width, const W* ahead) {
+    add_scaled(out, w, row, width, ahead);
   }
   // dot_rows of n <= 4 rows.
   template <typename W>
