@@ -396,11 +396,6 @@ constexpr int64_t kNeuronBlock = 512;  // neurons whose V rows phase 2 keeps in 
 static_assert(kNeuronBlock % kNeuronChunk == 0);
 // Up to this many tokens, phase 2 reads whole V rows into per-block partial sums.
 constexpr int64_t kRowPathTokens = 16;
-// For one token, the most gathered rows (K2 rows in phase 1, V rows in phase 2) read side
-// by side. More tokens take one neuron at a time: grouped the same way, 8 tokens measured
-// 5-10% slower in benchmarks/block_ffn (one token: 10-20% faster).
-constexpr int kRowGroup = 4;
-
 struct NeuronPairs {
   std::vector<int32_t> start;  // per neuron of the chunk, into token/coef (size n + 1)
   std::vector<int32_t> token;
@@ -408,12 +403,83 @@ struct NeuronPairs {
   std::vector<int64_t> active;  // the neurons (of all F) that have pairs, ascending
 };
 
+// One token (batch-1 decode), the same sums as the paths below in one pass per block of
+// kNeuronBlock neurons: its active neurons and their coefficients, the dots with their K2
+// rows, then their V rows summed into the block's partial row; the partial rows added in block
+// order. The gathered rows are read kRowGroup at a time, side by side (dot_rows and add_rows
+// sum each as one row at a time would), each group prefetching the next group's rows. Taking
+// the token's neurons one at a time, as more tokens do, measured 25-30% slower in float32
+// (benchmarks/block_ffn); grouping so for 8 tokens measured 5-10% slower.
+constexpr int kRowGroup = 4;
+
+template <typename W>
+void SparseFfnOneToken(ffi::ThreadPool& pool, const float* act, const float* theta,
+                       const float* x, const W* k2, const W* v, float* y, int64_t neurons,
+                       int64_t rest, int64_t width) {
+  const int64_t blocks = (neurons + kNeuronBlock - 1) / kNeuronBlock;
+  std::unique_ptr<float[]> partial(new float[blocks * width]);
+  std::vector<char> used(blocks, 0);
+  ParallelFor(pool, blocks, [&](int64_t nb) {
+    const int64_t f0 = nb * kNeuronBlock, f1 = std::min(neurons, f0 + kNeuronBlock);
+    int64_t active[kNeuronBlock];
+    float coef[kNeuronBlock];
+    int64_t n = 0;
+    const float th = theta != nullptr ? theta[0] : 0.0f;
+    for (int64_t i = f0; i < f1; ++i) {
+      if (theta != nullptr ? !(act[i] > th) : act[i] == 0.0f) continue;
+      active[n] = i;
+      coef[n++] = theta != nullptr ? act[i] - th : act[i];
+    }
+    if (n == 0) return;
+    used[nb] = 1;
+    float* part = partial.get() + nb * width;
+    std::memset(part, 0, sizeof(float) * width);
+    WithIsa([&](auto kk) {
+      if (theta != nullptr) kk.GeluInPlace(coef, n);
+      const W* rows[kRowGroup];
+      const W* ahead[kRowGroup];
+      const float* xs[kRowGroup];
+      float dots[kRowGroup];
+      std::fill(xs, xs + kRowGroup, x);
+      for (int64_t a = 0; a < n; a += kRowGroup) {
+        const int g = static_cast<int>(std::min<int64_t>(kRowGroup, n - a));
+        int n_ahead = 0;
+        for (int64_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
+          ahead[n_ahead++] = k2 + active[j] * rest;
+        }
+        for (int j = 0; j < g; ++j) rows[j] = k2 + active[a + j] * rest;
+        kk.DotRows(rows, xs, g, rest, dots, ahead, n_ahead);
+        for (int j = 0; j < g; ++j) coef[a + j] *= dots[j];
+      }
+      for (int64_t a = 0; a < n; a += kRowGroup) {
+        const int g = static_cast<int>(std::min<int64_t>(kRowGroup, n - a));
+        int n_ahead = 0;
+        for (int64_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
+          ahead[n_ahead++] = v + active[j] * width;
+        }
+        for (int j = 0; j < g; ++j) rows[j] = v + active[a + j] * width;
+        kk.AddRows(part, coef + a, rows, g, width, ahead, n_ahead);
+      }
+    });
+  });
+  std::memset(y, 0, sizeof(float) * width);
+  for (int64_t nb = 0; nb < blocks; ++nb) {
+    if (!used[nb]) continue;
+    const float* part = partial.get() + nb * width;
+    for (int64_t d = 0; d < width; ++d) y[d] += part[d];
+  }
+}
+
 // act [M, F] holds the activations (zero: off), or with theta [M] the pre-activations, a
 // neuron on where above its token's theta with activation gelu(pre - theta).
 template <typename W>
 void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* theta,
                        const float* x, const W* k2, const W* v, float* y, int64_t tokens,
                        int64_t neurons, int64_t rest, int64_t width) {
+  if (tokens == 1) {
+    SparseFfnOneToken(pool, act, theta, x, k2, v, y, neurons, rest, width);
+    return;
+  }
   const int64_t chunks = (neurons + kNeuronChunk - 1) / kNeuronChunk;
   std::vector<NeuronPairs> pairs(chunks);
   ParallelFor(pool, chunks, [&](int64_t c) {
@@ -452,27 +518,6 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
     });
     WithIsa([&](auto kk) {
       const size_t n = p.active.size();
-      if (tokens == 1) {
-        // One token (batch-1 decode): the K2 rows of its active neurons kRowGroup at a time,
-        // read side by side (each dot summed as a lone dot would be); each group prefetches
-        // the next group's rows.
-        const W* rows[kRowGroup];
-        const float* xs[kRowGroup];
-        const W* ahead[kRowGroup];
-        float dots[kRowGroup];
-        std::fill(xs, xs + kRowGroup, x);
-        for (size_t a = 0; a < n; a += kRowGroup) {
-          const int g = static_cast<int>(std::min<size_t>(kRowGroup, n - a));
-          int n_ahead = 0;
-          for (size_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
-            ahead[n_ahead++] = k2 + p.active[j] * rest;
-          }
-          for (int j = 0; j < g; ++j) rows[j] = k2 + p.active[a + j] * rest;
-          kk.DotRows(rows, xs, g, rest, dots, ahead, n_ahead);
-          for (int j = 0; j < g; ++j) p.coef[p.start[p.active[a + j] - f0]] *= dots[j];
-        }
-        return;
-      }
       // Each active neuron's dots prefetch the next one's K2 row.
       for (size_t a = 0; a < n; ++a) {
         const int64_t i = p.active[a];
@@ -502,30 +547,6 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
       }
       WithIsa([&](auto kk) {
         const size_t n = active.size();
-        if (tokens == 1) {
-          // One token: its active neurons' V rows kRowGroup at a time, read side by side
-          // (add_rows sums them as one row at a time would); each group prefetches the next.
-          const W* rows[kRowGroup];
-          const W* ahead[kRowGroup];
-          float coefs[kRowGroup];
-          for (size_t a = 0; a < n; a += kRowGroup) {
-            const int g = static_cast<int>(std::min<size_t>(kRowGroup, n - a));
-            int n_ahead = 0;
-            for (size_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
-              ahead[n_ahead++] = v + active[j] * width;
-            }
-            for (int j = 0; j < g; ++j) {
-              const int64_t f = active[a + j];
-              const NeuronPairs& p = pairs[f / kNeuronChunk];
-              rows[j] = v + f * width;
-              coefs[j] = p.coef[p.start[f % kNeuronChunk]];
-            }
-            kk.AddRows(part, coefs, rows, g, width, ahead, n_ahead);
-          }
-          used[nb] = n > 0;
-          return;
-        }
-        // Each active neuron's row adds prefetch the next one's V row.
         for (size_t a = 0; a < n; ++a) {
           const int64_t f = active[a];
           const NeuronPairs& p = pairs[f / kNeuronChunk];

@@ -275,6 +275,8 @@ def test_sparse_ffn_block_degenerate_inputs_and_the_model_product():
     # No active neuron, a zero input, no tokens, no neurons: zeros of the right shapes.
     np.testing.assert_array_equal(run(np.zeros_like(act), x_rest, k2, v), np.zeros((6, 40)))
     np.testing.assert_array_equal(run(act, np.zeros_like(x_rest), k2, v), np.zeros((6, 40)))
+    for a, x in ((np.zeros_like(act[:1]), x_rest[:1]), (act[:1], np.zeros_like(x_rest[:1]))):
+        np.testing.assert_array_equal(run(a, x, k2, v), np.zeros((1, 40)))  # one token
     assert run(act[:0], x_rest[:0], k2, v).shape == (0, 40)
     np.testing.assert_array_equal(
         run(act[:, :0], x_rest, k2[:0], v[:0]), np.zeros((6, 40), np.float32)
@@ -284,6 +286,7 @@ def test_sparse_ffn_block_degenerate_inputs_and_the_model_product():
         scaled = act * np.float32(magnitude)
         want, scale = _block_oracle(scaled, x_rest, k2_64, v64)
         _assert_matches(run(scaled, x_rest, k2, v), want, scale)
+        _assert_matches(run(scaled[:1], x_rest[:1], k2, v), want[:1], scale[:1])  # one token
     # The masked form's product (XLA) over the same activations, within float32 reordering.
     masked = (act * (x_rest @ np.asarray(k2).T)) @ np.asarray(v)
     np.testing.assert_allclose(run(act, x_rest, k2, v), masked, rtol=2e-5, atol=2e-5)
@@ -338,6 +341,9 @@ def test_spark_ffn_block_degenerate_inputs():
         y, active = run(np.full((5, 150), value, np.float32), x_rest, k2, v)
         np.testing.assert_array_equal(y, np.zeros((5, 40)))
         np.testing.assert_array_equal(active, np.zeros(5))
+        y, active = run(np.full((1, 150), value, np.float32), x_rest[:1], k2, v)  # one token
+        np.testing.assert_array_equal(y, np.zeros((1, 40)))
+        np.testing.assert_array_equal(active, np.zeros(1))
     y, active = run(np.zeros((0, 150), np.float32), x_rest[:0], k2, v)
     assert y.shape == (0, 40) and active.shape == (0,)
     # Huge and tiny pre-activations (the squared deviations of 1e-30 underflow in float32:
@@ -349,6 +355,8 @@ def test_spark_ffn_block_degenerate_inputs():
         y, active = run(pre, x_rest, k2, v)
         _assert_matches(y, want, scale)
         np.testing.assert_array_equal(active, (act > 0).sum(-1))
+        for i in range(5):  # one token alone (its own path): the same bits
+            np.testing.assert_array_equal(run(pre[i : i + 1], x_rest[i : i + 1], k2, v)[0][0], y[i])
     for keep in (0, 150):
         with pytest.raises(ValueError, match="keep_count"):
             ffn_native.spark_ffn_block(
