@@ -331,7 +331,9 @@ static inline __attribute__((always_inline)) void dot_rows(const W* const* rows,
 #pragma GCC unroll 4
     for (int j = 0; j < N; ++j) {
 #pragma GCC unroll 4
-      for (int u = 0; u < 4; ++u) acc[j][u] += load(rows[j] + i + u * kLanes) * load(qs[j] + i + u * kLanes);
+      for (int u = 0; u < 4; ++u) {
+        acc[j][u] += load(rows[j] + i + u * kLanes) * load(qs[j] + i + u * kLanes);
+      }
     }
   }
   for (; i < body; i += kLanes) {
@@ -875,7 +877,6 @@ void weighted_values(const float* weights, int64_t groups, int64_t stride, const
   }
 }
 
-
 // coef[k] *= row . x[token[k]] for the n tokens of one neuron (row [width], x [*, width]);
 // the first dot prefetches the row `ahead` (nullptr: none).
 template <typename W>
@@ -1073,14 +1074,14 @@ struct Kernels {
     return cap > 0.0f ? cap * tanh_lanes(splat(x * (1.0f / cap)))[0] : x;
   }
   template <typename W>
-  static void GatherAddSlice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
-                             const float* coef, int64_t n, float* out) {
-    gather_add_slice(v, stride, width, neuron, coef, n, out);
-  }
-  template <typename W>
   static void Dots(const W* row, const float* x, int64_t width, const int32_t* token,
                    float* coef, int64_t n, const W* ahead) {
     token_dots(row, x, width, token, coef, n, ahead);
+  }
+  template <typename W>
+  static void GatherAddSlice(const W* v, int64_t stride, int64_t width, const int32_t* neuron,
+                             const float* coef, int64_t n, float* out) {
+    gather_add_slice(v, stride, width, neuron, coef, n, out);
   }
   template <typename W>
   static void AddRow(float* out, float w, const W* row, int64_t width, const W* ahead) {
