@@ -9,7 +9,7 @@ call reads its rows from memory rather than from the caches, as a decode step do
 as the yardstick of the same run, the native product (:func:`sparse_jax.model.products.linear`,
 one row) streams through the same sets' V matrices. Reported: median ms per call over
 ``--repeats`` passes, and GB/s: the bytes of the K2 and V rows of the neurons active for at
-least one token (thresholds recomputed here in float64), over the time. Results:
+least one token (the library's XLA statistical threshold), over the time. Results:
 ``benchmarks/results/block_ffn[_TAG].{json,md}``.
 """
 
@@ -29,6 +29,7 @@ from benchmarks.decode import cpu_model
 from configs import get_model_config
 from pallas_kernels import _native
 from pallas_kernels.sparse_ffn import native as ffn_native
+from pallas_kernels.stat_topk.xla import statistical_threshold
 from sparse_jax.model import products
 
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -90,8 +91,8 @@ def main() -> None:
             for pre, x, k2, v in sets:
                 _, active = block(pre, x, k2, v)
                 pairs += float(np.asarray(active).sum())
-                theta = _thresholds(np.asarray(pre), keep)
-                union += int(np.any(np.asarray(pre) > theta[:, None], axis=0).sum())
+                theta, _ = statistical_threshold(pre, keep)
+                union += int(jnp.any(pre > theta, axis=0).sum())
             union /= len(sets)
             gbs = union * (2 * d - r) * itemsize / ms / 1e6
             rows.append(
@@ -139,15 +140,6 @@ def main() -> None:
     (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=1))
     (RESULTS / f"{stem}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-
-
-def _thresholds(pre: np.ndarray, keep: int) -> np.ndarray:
-    """The statistical top-k's threshold per row, as the kernel takes it (here in float64)."""
-    from statistics import NormalDist
-
-    z = NormalDist().inv_cdf(1.0 - keep / pre.shape[-1])
-    x = pre.astype(np.float64)
-    return np.minimum(x.mean(-1) + z * x.std(-1), x.max(-1))
 
 
 if __name__ == "__main__":

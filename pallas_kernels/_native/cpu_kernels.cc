@@ -412,6 +412,36 @@ struct NeuronPairs {
 // (benchmarks/block_ffn); grouping so for 8 tokens measured 5-10% slower.
 constexpr int kRowGroup = 4;
 
+// y[t] = the sum over blocks nb in order of partial[nb, t] [width], the blocks where
+// used[nb * tokens + t] is 0 skipped (their partial rows were never written).
+void SumPartials(const float* partial, const char* used, int64_t blocks, int64_t tokens,
+                 int64_t width, float* y) {
+  for (int64_t t = 0; t < tokens; ++t) {
+    float* out = y + t * width;
+    std::memset(out, 0, sizeof(float) * width);
+    for (int64_t nb = 0; nb < blocks; ++nb) {
+      if (!used[nb * tokens + t]) continue;
+      const float* part = partial + (nb * tokens + t) * width;
+      for (int64_t d = 0; d < width; ++d) out[d] += part[d];
+    }
+  }
+}
+
+// The group of up to kRowGroup active neurons from active[a] on: their rows of `table`
+// ([*, stride]) in rows, and the rows of the group after it in ahead (n_ahead of them).
+// Returns the group's size.
+template <typename W>
+int RowGroup(const W* table, int64_t stride, const int64_t* active, int64_t n, int64_t a,
+             const W** rows, const W** ahead, int& n_ahead) {
+  const int g = static_cast<int>(std::min<int64_t>(kRowGroup, n - a));
+  for (int j = 0; j < g; ++j) rows[j] = table + active[a + j] * stride;
+  n_ahead = 0;
+  for (int64_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
+    ahead[n_ahead++] = table + active[j] * stride;
+  }
+  return g;
+}
+
 template <typename W>
 void SparseFfnOneToken(ffi::ThreadPool& pool, const float* act, const float* theta,
                        const float* x, const W* k2, const W* v, float* y, int64_t neurons,
@@ -441,33 +471,19 @@ void SparseFfnOneToken(ffi::ThreadPool& pool, const float* act, const float* the
       const float* xs[kRowGroup];
       float dots[kRowGroup];
       std::fill(xs, xs + kRowGroup, x);
+      int n_ahead = 0;
       for (int64_t a = 0; a < n; a += kRowGroup) {
-        const int g = static_cast<int>(std::min<int64_t>(kRowGroup, n - a));
-        int n_ahead = 0;
-        for (int64_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
-          ahead[n_ahead++] = k2 + active[j] * rest;
-        }
-        for (int j = 0; j < g; ++j) rows[j] = k2 + active[a + j] * rest;
+        const int g = RowGroup(k2, rest, active, n, a, rows, ahead, n_ahead);
         kk.DotRows(rows, xs, g, rest, dots, ahead, n_ahead);
         for (int j = 0; j < g; ++j) coef[a + j] *= dots[j];
       }
       for (int64_t a = 0; a < n; a += kRowGroup) {
-        const int g = static_cast<int>(std::min<int64_t>(kRowGroup, n - a));
-        int n_ahead = 0;
-        for (int64_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
-          ahead[n_ahead++] = v + active[j] * width;
-        }
-        for (int j = 0; j < g; ++j) rows[j] = v + active[a + j] * width;
+        const int g = RowGroup(v, width, active, n, a, rows, ahead, n_ahead);
         kk.AddRows(part, coef + a, rows, g, width, ahead, n_ahead);
       }
     });
   });
-  std::memset(y, 0, sizeof(float) * width);
-  for (int64_t nb = 0; nb < blocks; ++nb) {
-    if (!used[nb]) continue;
-    const float* part = partial.get() + nb * width;
-    for (int64_t d = 0; d < width; ++d) y[d] += part[d];
-  }
+  SumPartials(partial.get(), used.data(), blocks, 1, width, y);
 }
 
 // act [M, F] holds the activations (zero: off), or with theta [M] the pre-activations, a
@@ -560,15 +576,7 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
         }
       });
     });
-    for (int64_t t = 0; t < tokens; ++t) {
-      float* out = y + t * width;
-      std::memset(out, 0, sizeof(float) * width);
-      for (int64_t nb = 0; nb < blocks; ++nb) {
-        if (!used[nb * tokens + t]) continue;
-        const float* part = partial.get() + (nb * tokens + t) * width;
-        for (int64_t d = 0; d < width; ++d) out[d] += part[d];
-      }
-    }
+    SumPartials(partial.get(), used.data(), blocks, tokens, width, y);
     return;
   }
   // The same pairs block-major: per block of neurons, tokens ascending, and each token's

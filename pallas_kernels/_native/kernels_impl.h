@@ -387,6 +387,22 @@ static inline __attribute__((always_inline)) void add_rows(float* out, const flo
   }
 }
 
+// f(std::integral_constant<int, n>{}) for n in [1, 4] (4 for anything larger): the row count
+// of dot_rows and add_rows as a compile-time constant.
+template <typename F>
+static inline void with_row_count(int n, const F& f) {
+  switch (n) {
+    case 1:
+      return f(std::integral_constant<int, 1>{});
+    case 2:
+      return f(std::integral_constant<int, 2>{});
+    case 3:
+      return f(std::integral_constant<int, 3>{});
+    default:
+      return f(std::integral_constant<int, 4>{});
+  }
+}
+
 // Whether a cached key at position `pos` is valid for a query at `qpos` (causal, inside the
 // window, slot filled).
 static inline __attribute__((always_inline)) bool key_valid(int32_t pos, int32_t qpos,
@@ -1087,35 +1103,20 @@ struct Kernels {
   static void AddRow(float* out, float w, const W* row, int64_t width, const W* ahead) {
     add_scaled(out, w, row, width, ahead);
   }
-  // dot_rows of n <= 4 rows.
+  // dot_rows and add_rows of n <= 4 rows.
   template <typename W>
   static void DotRows(const W* const* rows, const float* const* qs, int n, int64_t width,
                       float* out, const W* const* ahead, int n_ahead) {
-    switch (n) {
-      case 1:
-        return dot_rows<1>(rows, qs, width, out, ahead, n_ahead);
-      case 2:
-        return dot_rows<2>(rows, qs, width, out, ahead, n_ahead);
-      case 3:
-        return dot_rows<3>(rows, qs, width, out, ahead, n_ahead);
-      default:
-        return dot_rows<4>(rows, qs, width, out, ahead, n_ahead);
-    }
+    with_row_count(n, [&](auto count) {
+      dot_rows<decltype(count)::value>(rows, qs, width, out, ahead, n_ahead);
+    });
   }
-  // add_rows of n <= 4 rows.
   template <typename W>
   static void AddRows(float* out, const float* w, const W* const* rows, int n, int64_t width,
                       const W* const* ahead, int n_ahead) {
-    switch (n) {
-      case 1:
-        return add_rows<1>(out, w, rows, width, ahead, n_ahead);
-      case 2:
-        return add_rows<2>(out, w, rows, width, ahead, n_ahead);
-      case 3:
-        return add_rows<3>(out, w, rows, width, ahead, n_ahead);
-      default:
-        return add_rows<4>(out, w, rows, width, ahead, n_ahead);
-    }
+    with_row_count(n, [&](auto count) {
+      add_rows<decltype(count)::value>(out, w, rows, width, ahead, n_ahead);
+    });
   }
   static constexpr int64_t SliceCols() { return kSliceCols; }
   static int64_t SoftThreshold(const float* x, int64_t n, double z, float* theta) {
