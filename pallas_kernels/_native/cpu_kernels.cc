@@ -389,12 +389,12 @@ ffi::Error TopkAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q_rest,
 // (token, h) per neuron from act [M, F], then coef = h * (x_rest[token] . K2[neuron]).
 // Phase 2: y[token] += coef * V[neuron], per block of neurons in order and within a block in
 // neuron order, so each output element sums its terms in the same order whatever the thread
-// count, the instruction set and the number of tokens: by slices of output columns, or for a
-// few tokens by whole V rows.
+// count, the instruction set and the number of tokens, by slices of output columns. A few
+// tokens (decode) take one pass per block instead, with the same sums.
 constexpr int64_t kNeuronChunk = 128;
 constexpr int64_t kNeuronBlock = 512;  // neurons whose V rows phase 2 keeps in cache at once
 static_assert(kNeuronBlock % kNeuronChunk == 0);
-// Up to this many tokens, phase 2 reads whole V rows into per-block partial sums.
+// Up to this many tokens, one pass per block of neurons (SparseFfnFewTokens).
 constexpr int64_t kRowPathTokens = 16;
 struct NeuronPairs {
   std::vector<int32_t> start;  // per neuron of the chunk, into token/coef (size n + 1)
@@ -403,13 +403,16 @@ struct NeuronPairs {
   std::vector<int64_t> active;  // the neurons (of all F) that have pairs, ascending
 };
 
-// One token (batch-1 decode), the same sums as the paths below in one pass per block of
-// kNeuronBlock neurons: its active neurons and their coefficients, the dots with their K2
-// rows, then their V rows summed into the block's partial row; the partial rows added in block
-// order. The gathered rows are read kRowGroup at a time, side by side (dot_rows and add_rows
-// sum each as one row at a time would), each group prefetching the next group's rows. Taking
-// the token's neurons one at a time, as more tokens do, measured 25-30% slower in float32
-// (benchmarks/block_ffn); grouping so for 8 tokens measured 5-10% slower.
+// Up to kRowPathTokens tokens (decode), the same sums as the many-token path below in one
+// pass per block of kNeuronBlock neurons: the block's (neuron, token) pairs, neurons ascending
+// and each neuron's tokens ascending, with their coefficients; the dots with their K2 rows;
+// then their V rows added into the tokens' partial rows of the block. The partial rows are
+// added in block order. The gathered rows are read kRowGroup pairs at a time, side by side
+// (dot_rows, add_rows and add_rows_to sum each as one row at a time would), each group
+// prefetching the next group's rows. Against one row at a time, grouping measured 25-30%
+// faster for one token (float32, AVX2); for 8 tokens, against phase 1 and 2 below with whole V
+// rows one pair at a time, this pass measured about 12% faster (float32, AVX-512;
+// benchmarks/block_ffn).
 constexpr int kRowGroup = 4;
 
 // y[t] = the sum over blocks nb in order of partial[nb, t] [width], the blocks where
@@ -427,63 +430,68 @@ void SumPartials(const float* partial, const char* used, int64_t blocks, int64_t
   }
 }
 
-// The group of up to kRowGroup active neurons from active[a] on: their rows of `table`
-// ([*, stride]) in rows, and the rows of the group after it in ahead (n_ahead of them).
-// Returns the group's size.
 template <typename W>
-int RowGroup(const W* table, int64_t stride, const int64_t* active, int64_t n, int64_t a,
-             const W** rows, const W** ahead, int& n_ahead) {
-  const int g = static_cast<int>(std::min<int64_t>(kRowGroup, n - a));
-  for (int j = 0; j < g; ++j) rows[j] = table + active[a + j] * stride;
-  n_ahead = 0;
-  for (int64_t j = a + g; j < std::min(n, a + g + kRowGroup); ++j) {
-    ahead[n_ahead++] = table + active[j] * stride;
-  }
-  return g;
-}
-
-template <typename W>
-void SparseFfnOneToken(ffi::ThreadPool& pool, const float* act, const float* theta,
-                       const float* x, const W* k2, const W* v, float* y, int64_t neurons,
-                       int64_t rest, int64_t width) {
+void SparseFfnFewTokens(ffi::ThreadPool& pool, const float* act, const float* theta,
+                        const float* x, const W* k2, const W* v, float* y, int64_t tokens,
+                        int64_t neurons, int64_t rest, int64_t width) {
   const int64_t blocks = (neurons + kNeuronBlock - 1) / kNeuronBlock;
-  std::unique_ptr<float[]> partial(new float[blocks * width]);
-  std::vector<char> used(blocks, 0);
+  std::unique_ptr<float[]> partial(new float[blocks * tokens * width]);
+  std::vector<char> used(blocks * tokens, 0);
   ParallelFor(pool, blocks, [&](int64_t nb) {
     const int64_t f0 = nb * kNeuronBlock, f1 = std::min(neurons, f0 + kNeuronBlock);
-    int64_t active[kNeuronBlock];
-    float coef[kNeuronBlock];
+    thread_local std::vector<int32_t> neuron_buffer, token_buffer;
+    thread_local std::vector<float> coef_buffer;
+    int32_t* neuron = Scratch(neuron_buffer, kNeuronBlock * tokens);
+    int32_t* token = Scratch(token_buffer, kNeuronBlock * tokens);
+    float* coef = Scratch(coef_buffer, kNeuronBlock * tokens);
+    char* on = used.data() + nb * tokens;
     int64_t n = 0;
-    const float th = theta != nullptr ? theta[0] : 0.0f;
     for (int64_t i = f0; i < f1; ++i) {
-      if (theta != nullptr ? !(act[i] > th) : act[i] == 0.0f) continue;
-      active[n] = i;
-      coef[n++] = theta != nullptr ? act[i] - th : act[i];
+      for (int64_t t = 0; t < tokens; ++t) {
+        const float a = act[t * neurons + i];
+        if (theta != nullptr ? !(a > theta[t]) : a == 0.0f) continue;
+        neuron[n] = static_cast<int32_t>(i);
+        token[n] = static_cast<int32_t>(t);
+        coef[n++] = theta != nullptr ? a - theta[t] : a;
+        on[t] = 1;
+      }
     }
     if (n == 0) return;
-    used[nb] = 1;
-    float* part = partial.get() + nb * width;
-    std::memset(part, 0, sizeof(float) * width);
+    float* part = partial.get() + nb * tokens * width;
+    std::memset(part, 0, sizeof(float) * tokens * width);
     WithIsa([&](auto kk) {
       if (theta != nullptr) kk.GeluInPlace(coef, n);
       const W* rows[kRowGroup];
       const W* ahead[kRowGroup];
       const float* xs[kRowGroup];
+      float* outs[kRowGroup];
       float dots[kRowGroup];
-      std::fill(xs, xs + kRowGroup, x);
-      int n_ahead = 0;
+      // Pairs [a, a + g) and the rows of the g_ahead pairs after them, of `table`.
+      int g = 0, g_ahead = 0;
+      auto group = [&](const W* table, int64_t stride, int64_t a) {
+        g = static_cast<int>(std::min<int64_t>(kRowGroup, n - a));
+        g_ahead = static_cast<int>(std::min<int64_t>(kRowGroup, n - a - g));
+        for (int j = 0; j < g; ++j) rows[j] = table + neuron[a + j] * stride;
+        for (int j = 0; j < g_ahead; ++j) ahead[j] = table + neuron[a + g + j] * stride;
+      };
       for (int64_t a = 0; a < n; a += kRowGroup) {
-        const int g = RowGroup(k2, rest, active, n, a, rows, ahead, n_ahead);
-        kk.DotRows(rows, xs, g, rest, dots, ahead, n_ahead);
+        group(k2, rest, a);
+        for (int j = 0; j < g; ++j) xs[j] = x + token[a + j] * rest;
+        kk.DotRows(rows, xs, g, rest, dots, ahead, g_ahead);
         for (int j = 0; j < g; ++j) coef[a + j] *= dots[j];
       }
       for (int64_t a = 0; a < n; a += kRowGroup) {
-        const int g = RowGroup(v, width, active, n, a, rows, ahead, n_ahead);
-        kk.AddRows(part, coef + a, rows, g, width, ahead, n_ahead);
+        group(v, width, a);
+        if (tokens == 1) {
+          kk.AddRows(part, coef + a, rows, g, width, ahead, g_ahead);
+        } else {
+          for (int j = 0; j < g; ++j) outs[j] = part + token[a + j] * width;
+          kk.AddRowsTo(outs, coef + a, rows, g, width, ahead, g_ahead);
+        }
       }
     });
   });
-  SumPartials(partial.get(), used.data(), blocks, 1, width, y);
+  SumPartials(partial.get(), used.data(), blocks, tokens, width, y);
 }
 
 // act [M, F] holds the activations (zero: off), or with theta [M] the pre-activations, a
@@ -492,8 +500,8 @@ template <typename W>
 void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* theta,
                        const float* x, const W* k2, const W* v, float* y, int64_t tokens,
                        int64_t neurons, int64_t rest, int64_t width) {
-  if (tokens == 1) {
-    SparseFfnOneToken(pool, act, theta, x, k2, v, y, neurons, rest, width);
+  if (tokens <= kRowPathTokens) {
+    SparseFfnFewTokens(pool, act, theta, x, k2, v, y, tokens, neurons, rest, width);
     return;
   }
   const int64_t chunks = (neurons + kNeuronChunk - 1) / kNeuronChunk;
@@ -545,40 +553,6 @@ void SparseFfnBlockRun(ffi::ThreadPool& pool, const float* act, const float* the
   });
   const int64_t blocks = (neurons + kNeuronBlock - 1) / kNeuronBlock;
   constexpr int64_t kChunksPerBlock = kNeuronBlock / kNeuronChunk;
-  if (tokens <= kRowPathTokens) {
-    // Few tokens (decode): the same sums, each V row read once, whole and in order. Per block
-    // of neurons, each token's sum over its neurons of the block (neurons ascending, from 0)
-    // goes to a partial row; then each token adds its partials in block order, skipping the
-    // blocks where it has none. A slice of those partial rows is exactly what the sliced path
-    // below sums in registers, so a token's output does not depend on which path it took.
-    std::unique_ptr<float[]> partial(new float[blocks * tokens * width]);
-    std::vector<char> used(blocks * tokens, 0);
-    ParallelFor(pool, blocks, [&](int64_t nb) {
-      float* part = partial.get() + nb * tokens * width;
-      std::memset(part, 0, sizeof(float) * tokens * width);
-      const int64_t c0 = nb * kChunksPerBlock, c1 = std::min(chunks, c0 + kChunksPerBlock);
-      std::vector<int64_t> active;  // the block's, each row add prefetching the next one's V row
-      for (int64_t c = c0; c < c1; ++c) {
-        active.insert(active.end(), pairs[c].active.begin(), pairs[c].active.end());
-      }
-      WithIsa([&](auto kk) {
-        const size_t n = active.size();
-        for (size_t a = 0; a < n; ++a) {
-          const int64_t f = active[a];
-          const NeuronPairs& p = pairs[f / kNeuronChunk];
-          const int64_t i = f % kNeuronChunk;
-          const W* ahead = a + 1 < n ? v + active[a + 1] * width : nullptr;
-          for (int32_t k = p.start[i]; k < p.start[i + 1]; ++k) {
-            used[nb * tokens + p.token[k]] = 1;
-            kk.AddRow(part + p.token[k] * width, p.coef[k], v + f * width, width,
-                      k == p.start[i] ? ahead : nullptr);
-          }
-        }
-      });
-    });
-    SumPartials(partial.get(), used.data(), blocks, tokens, width, y);
-    return;
-  }
   // The same pairs block-major: per block of neurons, tokens ascending, and each token's
   // neurons of the block ascending, so that a pass over one block reads its pairs in order.
   const int64_t stride = tokens + 1;

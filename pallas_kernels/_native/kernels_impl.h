@@ -387,6 +387,34 @@ static inline __attribute__((always_inline)) void add_rows(float* out, const flo
   }
 }
 
+// For j in [0, N): outs[j][d] += w[j] * rows[j][d], d in [0, width), in order of j at each
+// d: the same sums as N add_scaled calls in turn, also when outs repeat, with the N rows read
+// side by side. The lines of the n_ahead rows `ahead` are prefetched at the offsets read.
+template <int N, typename W>
+static inline __attribute__((always_inline)) void add_rows_to(float* const* outs,
+                                                             const float* w,
+                                                             const W* const* rows,
+                                                             int64_t width,
+                                                             const W* const* ahead,
+                                                             int n_ahead) {
+  const int64_t body = width / kLanes * kLanes;
+  for (int64_t d = 0; d < body; d += kLanes) {
+    if ((d * sizeof(W)) % 64 == 0) {
+      for (int j = 0; j < n_ahead; ++j) __builtin_prefetch(ahead[j] + d);
+    }
+#pragma GCC unroll 4
+    for (int j = 0; j < N; ++j) {
+      vf o;
+      __builtin_memcpy(&o, outs[j] + d, sizeof(vf));
+      o += w[j] * load(rows[j] + d);
+      __builtin_memcpy(outs[j] + d, &o, sizeof(vf));
+    }
+  }
+  for (int64_t d = body; d < width; ++d) {
+    for (int j = 0; j < N; ++j) outs[j][d] += w[j] * scalar(rows[j][d]);
+  }
+}
+
 // f(std::integral_constant<int, n>{}) for n in [1, 4] (4 for anything larger): the row count
 // of dot_rows and add_rows as a compile-time constant.
 template <typename F>
@@ -1116,6 +1144,13 @@ struct Kernels {
                       const W* const* ahead, int n_ahead) {
     with_row_count(n, [&](auto count) {
       add_rows<decltype(count)::value>(out, w, rows, width, ahead, n_ahead);
+    });
+  }
+  template <typename W>
+  static void AddRowsTo(float* const* outs, const float* w, const W* const* rows, int n,
+                        int64_t width, const W* const* ahead, int n_ahead) {
+    with_row_count(n, [&](auto count) {
+      add_rows_to<decltype(count)::value>(outs, w, rows, width, ahead, n_ahead);
     });
   }
   static constexpr int64_t SliceCols() { return kSliceCols; }
