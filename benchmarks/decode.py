@@ -45,6 +45,7 @@ from sparse_jax.model.attention import attend_masked, attend_sparse
 from sparse_jax.model.attention_native import attend_decode_native
 from sparse_jax.model.ffn import make_ffn
 from sparse_jax.model.weights import random_params
+from sparse_jax.policy import policy_for
 
 NAMES = ("gemma2_2b", "spark_gemma2_2b")
 RESULTS = pathlib.Path(__file__).parent / "results"
@@ -365,7 +366,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="2 layers, same widths")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--contexts", default="128,2048,8192")
-    parser.add_argument("--steps", type=int, default=5, help="timed decode steps per point")
+    parser.add_argument("--steps", type=int, default=10, help="timed decode steps per point")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls per op")
     parser.add_argument("--rounds", type=int, default=1, help="dense/Spark alternations")
     parser.add_argument("--chunk", type=int, default=256, help="prefill chunk")
@@ -386,9 +387,11 @@ def main() -> None:
     resolved = Kernels(args.implementation).resolved()
     kernels = resolved
     if resolved == "native":
+        pol = policy_for()
         kernels = (
-            f"native ({_native.isa()}) products, gathered FFN and fused decode attention "
-            "(dense and Spark); XLA FFN predictor and threshold"
+            f"native ({_native.isa()}): products of up to {pol.native_max_rows} float32 or "
+            f"{pol.native_max_rows_narrow} bfloat16 rows (XLA's dot above), the block FFN "
+            "with its threshold inside, the fused decode attention (dense and Spark)"
         )
     args.contexts = [int(c) for c in args.contexts.split(",")]
     wall = time.perf_counter()
