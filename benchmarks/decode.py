@@ -224,13 +224,23 @@ def median_rounds(rounds: list[dict]) -> dict:
     return out
 
 
-def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn, prefill=None) -> list[dict]:
-    """Rows of (measurement, dense ms, Spark ms, measured ratio, bound ratio, Spark bound ms)."""
+def _fastest_b8(measured: dict) -> float:
+    return min(v for k, v in measured.items() if k.startswith("decode_b8_p128/"))
+
+
+def bounds_and_ratios(
+    cfgs, res, bandwidth, contexts, attn, prefill=None, rounds=None
+) -> list[dict]:
+    """Rows of (measurement, dense ms, Spark ms, measured ratio, bound ratio, Spark bound ms).
+
+    ``rounds`` (optional): each model's measurements per round, whose medians ``res`` holds;
+    a row then also lists its dense/Spark ratio in each round (``ratio_per_round``).
+    """
     dense_cfg, spark_cfg = (cfgs[n] for n in NAMES)
     dense, spark = (res[n] for n in NAMES)
     rows = []
 
-    def row(label, d_ms, s_ms, d_bytes, s_bytes):
+    def row(label, d_ms, s_ms, d_bytes, s_bytes, d_of=None, s_of=None):
         rows.append(
             {
                 "measurement": label,
@@ -243,15 +253,24 @@ def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn, prefill=None) -> lis
                 "spark_bound_ms": s_bytes / bandwidth * 1e3,
             }
         )
+        if rounds is not None and d_of is not None and len(rounds[NAMES[0]]) > 1:
+            rows[-1]["ratio_per_round"] = [
+                d_of(d) / s_of(s) for d, s in zip(*(rounds[n] for n in NAMES), strict=True)
+            ]
+
+    def key(k):
+        return lambda measured: measured[k]
 
     for p in contexts:
         long_d = dataclasses.replace(dense_cfg, max_seq_len=max(dense_cfg.max_seq_len, p))
         long_s = dataclasses.replace(spark_cfg, max_seq_len=max(spark_cfg.max_seq_len, p))
         d_bytes, s_bytes = step_bytes(long_d, 1, p)["total"], step_bytes(long_s, 1, p)["total"]
-        key = f"decode_b1_p{p}"
-        row(f"batch 1, prompt {p}", dense[key], spark[key], d_bytes, s_bytes)
+        name = f"decode_b1_p{p}"
+        row(
+            f"batch 1, prompt {p}", dense[name], spark[name], d_bytes, s_bytes, key(name), key(name)
+        )
     if "decode_b8_p128/masked" in dense:
-        best = min(v for k, v in spark.items() if k.startswith("decode_b8_p128/"))
+        best = _fastest_b8(spark)
         auto = spark["decode_b8_p128/auto"]
         d_bytes, s_bytes = step_bytes(dense_cfg, 8, 128)["total"], step_bytes(spark_cfg, 8, 128)
         row(
@@ -260,6 +279,8 @@ def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn, prefill=None) -> lis
             auto,
             d_bytes,
             s_bytes["total"],
+            key("decode_b8_p128/masked"),
+            key("decode_b8_p128/auto"),
         )
         row(
             "batch 8, prompt 128 (fastest mode)",
@@ -267,6 +288,8 @@ def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn, prefill=None) -> lis
             best,
             d_bytes,
             s_bytes["total"],
+            key("decode_b8_p128/masked"),
+            _fastest_b8,
         )
     row(
         "FFN block, batch 1",
@@ -274,6 +297,8 @@ def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn, prefill=None) -> lis
         spark["ffn"],
         ffn_block_bytes(dense_cfg),
         ffn_block_bytes(spark_cfg),
+        key("ffn"),
+        key("ffn"),
     )
     if attn.get("context"):
         ctx = attn["context"]
@@ -311,7 +336,8 @@ def markdown(report: dict) -> str:
         f"{report['bandwidth_gb_s']:.1f} GB/s; load average at start/end: "
         f"{report['load_start']} / {report['load_end']}; wall {report['wall_s']:.0f} s.",
         "Bound ratio: bytes each variant must read per step (dense / Spark). Bound ms: those "
-        "bytes over the measured bandwidth. `of bound`: measured ratio / bound ratio.",
+        "bytes over the measured bandwidth. `of bound`: measured ratio / bound ratio. `x per "
+        "round`: the measured ratio in each alternation (medians above).",
         "",
     ]
     for dtype, rows in report["rows"].items():
@@ -319,21 +345,22 @@ def markdown(report: dict) -> str:
             f"## {dtype} weights",
             "",
             "| measurement | dense ms | Spark ms | measured x | bound x | of bound "
-            "| dense bound ms | Spark bound ms | Spark ms / bound |",
-            "|---|---|---|---|---|---|---|---|---|",
+            "| dense bound ms | Spark bound ms | Spark ms / bound | x per round |",
+            "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in rows:
+            spread = " / ".join(f"{x:.2f}" for x in r.get("ratio_per_round", ())) or "-"
             if "bound_ratio" in r:
                 lines.append(
                     f"| {r['measurement']} | {r['dense_ms']:.2f} | {r['spark_ms']:.2f} "
                     f"| {r['ratio']:.2f} | {r['bound_ratio']:.2f} | {r['of_bound']:.0%} "
                     f"| {r['dense_bound_ms']:.2f} | {r['spark_bound_ms']:.2f} "
-                    f"| {r['spark_ms'] / r['spark_bound_ms']:.2f} |"
+                    f"| {r['spark_ms'] / r['spark_bound_ms']:.2f} | {spread} |"
                 )
             else:
                 lines.append(
                     f"| {r['measurement']} | {r['dense_ms']:.0f} | {r['spark_ms']:.0f} "
-                    f"| {r['ratio']:.2f} | - | - | - | - | - |"
+                    f"| {r['ratio']:.2f} | - | - | - | - | - | - |"
                 )
         lines.append("")
     return "\n".join(lines)
@@ -448,7 +475,13 @@ def main() -> None:
         typed = {n: dataclasses.replace(cfgs[n], param_dtype=dtype) for n in NAMES}
         f32 = dtype == "float32"
         report["rows"][dtype] = bounds_and_ratios(
-            typed, res, bandwidth, args.contexts, attn if f32 else {}, prefill if f32 else None
+            typed,
+            res,
+            bandwidth,
+            args.contexts,
+            attn if f32 else {},
+            prefill if f32 else None,
+            rounds,
         )
     report["load_start"], report["load_end"] = load_start, [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = time.perf_counter() - wall
