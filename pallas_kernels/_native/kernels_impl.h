@@ -804,19 +804,35 @@ int64_t spark_head(const float* scores, int64_t slots, int64_t top_k, const floa
                    float* gates) {
   for (int64_t d = 0; d < width; ++d) out[d] = 0.0f;
   const int64_t count = spark_select(scores, slots + 1, top_k, kept, weights);
-  for (int64_t a = 0; a < count; ++a) {
-    const int64_t j = kept[a];
-    gates[a] = j == slots ? dot(new_k_rest, q_rest, rest) : dot(k_rest + j * rest, q_rest, rest);
+  // The kept cached keys' rows are read four at a time, side by side (dot_rows and add_rows
+  // give each row's sums as one row at a time would), each group prefetching the next
+  // group's; the current token's key, the last kept index when kept, comes after them.
+  const int64_t cached = count > 0 && kept[count - 1] == slots ? count - 1 : count;
+  const W* rows[4];
+  const W* ahead[4];
+  const float* const qs[4] = {q_rest, q_rest, q_rest, q_rest};
+  int g = 0, g_ahead = 0;
+  auto group = [&](const W* table, int64_t stride, int64_t a) {
+    g = static_cast<int>(std::min<int64_t>(4, cached - a));
+    g_ahead = static_cast<int>(std::min<int64_t>(4, cached - a - g));
+    for (int i = 0; i < g; ++i) rows[i] = table + kept[a + i] * stride;
+    for (int i = 0; i < g_ahead; ++i) ahead[i] = table + kept[a + g + i] * stride;
+  };
+  for (int64_t a = 0; a < cached; a += 4) {
+    group(k_rest, rest, a);
+    with_row_count(g, [&](auto n) {
+      dot_rows<decltype(n)::value>(rows, qs, rest, gates + a, ahead, g_ahead);
+    });
   }
+  if (cached < count) gates[cached] = dot(new_k_rest, q_rest, rest);
   apply_gates(weights, gates, count);
-  for (int64_t a = 0; a < count; ++a) {
-    const int64_t j = kept[a];
-    if (j == slots) {
-      add_scaled(out, weights[a], new_v, width);
-    } else {
-      add_scaled(out, weights[a], v + j * width, width);
-    }
+  for (int64_t a = 0; a < cached; a += 4) {
+    group(v, width, a);
+    with_row_count(g, [&](auto n) {
+      add_rows<decltype(n)::value>(out, weights + a, rows, width, ahead, g_ahead);
+    });
   }
+  if (cached < count) add_scaled(out, weights[cached], new_v, width);
   return count;
 }
 
