@@ -224,23 +224,13 @@ def median_rounds(rounds: list[dict]) -> dict:
     return out
 
 
-def _fastest_b8(measured: dict) -> float:
-    return min(v for k, v in measured.items() if k.startswith("decode_b8_p128/"))
-
-
-def bounds_and_ratios(
-    cfgs, res, bandwidth, contexts, attn, prefill=None, rounds=None
-) -> list[dict]:
-    """Rows of (measurement, dense ms, Spark ms, measured ratio, bound ratio, Spark bound ms).
-
-    ``rounds`` (optional): each model's measurements per round, whose medians ``res`` holds;
-    a row then also lists its dense/Spark ratio in each round (``ratio_per_round``).
-    """
+def bounds_and_ratios(cfgs, res, bandwidth, contexts, attn, prefill=None) -> list[dict]:
+    """Rows of (measurement, dense ms, Spark ms, measured ratio, bound ratio, Spark bound ms)."""
     dense_cfg, spark_cfg = (cfgs[n] for n in NAMES)
     dense, spark = (res[n] for n in NAMES)
     rows = []
 
-    def row(label, d_ms, s_ms, d_bytes, s_bytes, d_of=None, s_of=None):
+    def row(label, d_ms, s_ms, d_bytes, s_bytes):
         rows.append(
             {
                 "measurement": label,
@@ -253,24 +243,15 @@ def bounds_and_ratios(
                 "spark_bound_ms": s_bytes / bandwidth * 1e3,
             }
         )
-        if rounds is not None and d_of is not None and len(rounds[NAMES[0]]) > 1:
-            rows[-1]["ratio_per_round"] = [
-                d_of(d) / s_of(s) for d, s in zip(*(rounds[n] for n in NAMES), strict=True)
-            ]
-
-    def key(k):
-        return lambda measured: measured[k]
 
     for p in contexts:
         long_d = dataclasses.replace(dense_cfg, max_seq_len=max(dense_cfg.max_seq_len, p))
         long_s = dataclasses.replace(spark_cfg, max_seq_len=max(spark_cfg.max_seq_len, p))
         d_bytes, s_bytes = step_bytes(long_d, 1, p)["total"], step_bytes(long_s, 1, p)["total"]
-        name = f"decode_b1_p{p}"
-        row(
-            f"batch 1, prompt {p}", dense[name], spark[name], d_bytes, s_bytes, key(name), key(name)
-        )
+        key = f"decode_b1_p{p}"
+        row(f"batch 1, prompt {p}", dense[key], spark[key], d_bytes, s_bytes)
     if "decode_b8_p128/masked" in dense:
-        best = _fastest_b8(spark)
+        best = min(v for k, v in spark.items() if k.startswith("decode_b8_p128/"))
         auto = spark["decode_b8_p128/auto"]
         d_bytes, s_bytes = step_bytes(dense_cfg, 8, 128)["total"], step_bytes(spark_cfg, 8, 128)
         row(
@@ -279,8 +260,6 @@ def bounds_and_ratios(
             auto,
             d_bytes,
             s_bytes["total"],
-            key("decode_b8_p128/masked"),
-            key("decode_b8_p128/auto"),
         )
         row(
             "batch 8, prompt 128 (fastest mode)",
@@ -288,8 +267,6 @@ def bounds_and_ratios(
             best,
             d_bytes,
             s_bytes["total"],
-            key("decode_b8_p128/masked"),
-            _fastest_b8,
         )
     row(
         "FFN block, batch 1",
@@ -297,8 +274,6 @@ def bounds_and_ratios(
         spark["ffn"],
         ffn_block_bytes(dense_cfg),
         ffn_block_bytes(spark_cfg),
-        key("ffn"),
-        key("ffn"),
     )
     if attn.get("context"):
         ctx = attn["context"]
@@ -325,6 +300,17 @@ def bounds_and_ratios(
             }
         )
     return rows
+
+
+def add_round_ratios(rows: list[dict], per_round: list[list[dict]]) -> None:
+    """Gives each of ``rows`` (from the medians) its ratio in every round (``ratio_per_round``),
+    from each round's own rows, where every round has that measurement."""
+    for row in rows:
+        ratios = [
+            r["ratio"] for rnd in per_round for r in rnd if r["measurement"] == row["measurement"]
+        ]
+        if len(ratios) == len(per_round):
+            row["ratio_per_round"] = ratios
 
 
 def markdown(report: dict) -> str:
@@ -474,15 +460,15 @@ def main() -> None:
         report["models"][dtype] = res
         typed = {n: dataclasses.replace(cfgs[n], param_dtype=dtype) for n in NAMES}
         f32 = dtype == "float32"
-        report["rows"][dtype] = bounds_and_ratios(
-            typed,
-            res,
-            bandwidth,
-            args.contexts,
-            attn if f32 else {},
-            prefill if f32 else None,
-            rounds,
+        rows = bounds_and_ratios(
+            typed, res, bandwidth, args.contexts, attn if f32 else {}, prefill if f32 else None
         )
+        if args.rounds > 1:
+            each = [{n: rounds[n][i] for n in NAMES} for i in range(args.rounds)]
+            add_round_ratios(
+                rows, [bounds_and_ratios(typed, r, bandwidth, args.contexts, {}) for r in each]
+            )
+        report["rows"][dtype] = rows
     report["load_start"], report["load_end"] = load_start, [round(x, 2) for x in os.getloadavg()]
     report["wall_s"] = time.perf_counter() - wall
     stem = "decode_quick" if args.quick else "decode"
