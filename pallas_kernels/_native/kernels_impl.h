@@ -362,6 +362,15 @@ static inline __attribute__((always_inline)) void add_scaled(float* out, float w
   for (int64_t d = body; d < width; ++d) out[d] += w * scalar(row[d]);
 }
 
+// Prefetches the cache line at column d of each of the n rows, once per line (at the first
+// vector of each 64-byte line).
+template <typename W>
+static inline __attribute__((always_inline)) void prefetch_line_at(const W* const* rows, int n,
+                                                                  int64_t d) {
+  if ((d * sizeof(W)) % 64 != 0) return;
+  for (int j = 0; j < n; ++j) __builtin_prefetch(rows[j] + d);
+}
+
 // For j in [0, N): out[d] += w[j] * rows[j][d], d in [0, width): the same sums in the same
 // order as N add_scaled calls, but the N rows are read side by side (N streams in flight
 // rather than one, for gathered rows). The lines of the n_ahead rows `ahead` are prefetched
@@ -373,9 +382,7 @@ static inline __attribute__((always_inline)) void add_rows(float* out, const flo
                                                           int n_ahead) {
   const int64_t body = width / kLanes * kLanes;
   for (int64_t d = 0; d < body; d += kLanes) {
-    if ((d * sizeof(W)) % 64 == 0) {
-      for (int j = 0; j < n_ahead; ++j) __builtin_prefetch(ahead[j] + d);
-    }
+    prefetch_line_at(ahead, n_ahead, d);
     vf o;
     __builtin_memcpy(&o, out + d, sizeof(vf));
 #pragma GCC unroll 4
@@ -399,9 +406,7 @@ static inline __attribute__((always_inline)) void add_rows_to(float* const* outs
                                                              int n_ahead) {
   const int64_t body = width / kLanes * kLanes;
   for (int64_t d = 0; d < body; d += kLanes) {
-    if ((d * sizeof(W)) % 64 == 0) {
-      for (int j = 0; j < n_ahead; ++j) __builtin_prefetch(ahead[j] + d);
-    }
+    prefetch_line_at(ahead, n_ahead, d);
 #pragma GCC unroll 4
     for (int j = 0; j < N; ++j) {
       vf o;
