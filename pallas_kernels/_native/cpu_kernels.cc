@@ -41,6 +41,23 @@
 
 namespace ffi = xla::ffi;
 
+// Gathered rows read side by side (the most kernels_impl.h's with_row_count dispatches). These
+// two are plain code, defined before the per-instruction-set bodies that use them too.
+constexpr int kSideBySide = 4;
+
+// The group of gathered rows from index a on: rows[j] = table + idx[a + j] * stride for
+// j < g = min(kSideBySide, n - a), and the next group's rows in ahead (n_ahead of them), for
+// dot_rows, add_rows and add_rows_to to prefetch. Returns g.
+template <typename W>
+inline int row_group(const W* table, int64_t stride, const int32_t* idx, int64_t n, int64_t a,
+                     const W** rows, const W** ahead, int* n_ahead) {
+  const int g = static_cast<int>(std::min<int64_t>(kSideBySide, n - a));
+  *n_ahead = static_cast<int>(std::min<int64_t>(kSideBySide, n - a - g));
+  for (int j = 0; j < g; ++j) rows[j] = table + idx[a + j] * stride;
+  for (int j = 0; j < *n_ahead; ++j) ahead[j] = table + idx[a + g + j] * stride;
+  return g;
+}
+
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,fma")
 #define SPARSE_JAX_VECTOR_BYTES 64
@@ -407,14 +424,12 @@ struct NeuronPairs {
 // pass per block of kNeuronBlock neurons: the block's (neuron, token) pairs, neurons ascending
 // and each neuron's tokens ascending, with their coefficients; the dots with their K2 rows;
 // then their V rows added into the tokens' partial rows of the block. The partial rows are
-// added in block order. The gathered rows are read kRowGroup pairs at a time, side by side
+// added in block order. The gathered rows are read kSideBySide pairs at a time, side by side
 // (dot_rows, add_rows and add_rows_to sum each as one row at a time would), each group
 // prefetching the next group's rows. Against one row at a time, grouping measured 25-30%
 // faster for one token (float32, AVX2); for 8 tokens, against phase 1 and 2 below with whole V
 // rows one pair at a time, this pass measured about 12% faster (float32, AVX-512;
 // benchmarks/block_ffn).
-constexpr int kRowGroup = 4;
-
 // y[t] = the sum over blocks nb in order of partial[nb, t] [width], the blocks where
 // used[nb * tokens + t] is 0 skipped (their partial rows were never written).
 void SumPartials(const float* partial, const char* used, int64_t blocks, int64_t tokens,
@@ -461,27 +476,20 @@ void SparseFfnFewTokens(ffi::ThreadPool& pool, const float* act, const float* th
     std::memset(part, 0, sizeof(float) * tokens * width);
     WithIsa([&](auto kk) {
       if (theta != nullptr) kk.GeluInPlace(coef, n);
-      const W* rows[kRowGroup];
-      const W* ahead[kRowGroup];
-      const float* xs[kRowGroup];
-      float* outs[kRowGroup];
-      float dots[kRowGroup];
-      // Pairs [a, a + g) and the rows of the g_ahead pairs after them, of `table`.
-      int g = 0, g_ahead = 0;
-      auto group = [&](const W* table, int64_t stride, int64_t a) {
-        g = static_cast<int>(std::min<int64_t>(kRowGroup, n - a));
-        g_ahead = static_cast<int>(std::min<int64_t>(kRowGroup, n - a - g));
-        for (int j = 0; j < g; ++j) rows[j] = table + neuron[a + j] * stride;
-        for (int j = 0; j < g_ahead; ++j) ahead[j] = table + neuron[a + g + j] * stride;
-      };
-      for (int64_t a = 0; a < n; a += kRowGroup) {
-        group(k2, rest, a);
+      const W* rows[kSideBySide];
+      const W* ahead[kSideBySide];
+      const float* xs[kSideBySide];
+      float* outs[kSideBySide];
+      float dots[kSideBySide];
+      int g_ahead = 0;
+      for (int64_t a = 0; a < n; a += kSideBySide) {
+        const int g = row_group(k2, rest, neuron, n, a, rows, ahead, &g_ahead);
         for (int j = 0; j < g; ++j) xs[j] = x + token[a + j] * rest;
         kk.DotRows(rows, xs, g, rest, dots, ahead, g_ahead);
         for (int j = 0; j < g; ++j) coef[a + j] *= dots[j];
       }
-      for (int64_t a = 0; a < n; a += kRowGroup) {
-        group(v, width, a);
+      for (int64_t a = 0; a < n; a += kSideBySide) {
+        const int g = row_group(v, width, neuron, n, a, rows, ahead, &g_ahead);
         if (tokens == 1) {
           kk.AddRows(part, coef + a, rows, g, width, ahead, g_ahead);
         } else {

@@ -5,7 +5,8 @@
 // stack: 16-float vectors ran the AVX2 build at half the speed of the SSE2 one.)
 //
 // Weights are float32 (`float`) or bfloat16 (`uint16_t`, the high half of a float32);
-// activations and accumulators are float32.
+// activations and accumulators are float32. kSideBySide and row_group (plain code, shared
+// with cpu_kernels.cc's own loops) are defined before the includes.
 
 #ifndef SPARSE_JAX_VECTOR_BYTES
 #error "define SPARSE_JAX_VECTOR_BYTES before including kernels_impl.h"
@@ -813,26 +814,21 @@ int64_t spark_head(const float* scores, int64_t slots, int64_t top_k, const floa
   // give each row's sums as one row at a time would), each group prefetching the next
   // group's; the current token's key, the last kept index when kept, comes after them.
   const int64_t cached = count > 0 && kept[count - 1] == slots ? count - 1 : count;
-  const W* rows[4];
-  const W* ahead[4];
-  const float* const qs[4] = {q_rest, q_rest, q_rest, q_rest};
-  int g = 0, g_ahead = 0;
-  auto group = [&](const W* table, int64_t stride, int64_t a) {
-    g = static_cast<int>(std::min<int64_t>(4, cached - a));
-    g_ahead = static_cast<int>(std::min<int64_t>(4, cached - a - g));
-    for (int i = 0; i < g; ++i) rows[i] = table + kept[a + i] * stride;
-    for (int i = 0; i < g_ahead; ++i) ahead[i] = table + kept[a + g + i] * stride;
-  };
-  for (int64_t a = 0; a < cached; a += 4) {
-    group(k_rest, rest, a);
+  const W* rows[kSideBySide];
+  const W* ahead[kSideBySide];
+  const float* qs[kSideBySide];
+  std::fill(qs, qs + kSideBySide, q_rest);
+  int g_ahead = 0;
+  for (int64_t a = 0; a < cached; a += kSideBySide) {
+    const int g = row_group(k_rest, rest, kept, cached, a, rows, ahead, &g_ahead);
     with_row_count(g, [&](auto n) {
       dot_rows<decltype(n)::value>(rows, qs, rest, gates + a, ahead, g_ahead);
     });
   }
   if (cached < count) gates[cached] = dot(new_k_rest, q_rest, rest);
   apply_gates(weights, gates, count);
-  for (int64_t a = 0; a < cached; a += 4) {
-    group(v, width, a);
+  for (int64_t a = 0; a < cached; a += kSideBySide) {
+    const int g = row_group(v, width, kept, cached, a, rows, ahead, &g_ahead);
     with_row_count(g, [&](auto n) {
       add_rows<decltype(n)::value>(out, weights + a, rows, width, ahead, g_ahead);
     });
